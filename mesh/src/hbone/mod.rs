@@ -1,0 +1,219 @@
+//! HBONE: TCP tunnelled in HTTP/2 `CONNECT` streams over mutual TLS 1.3, wire-compatible with
+//! Istio's ztunnel.
+//!
+//! [`server`] terminates tunnels and hands each request (peer identity, authority, headers) to
+//! the caller, which decides the status. [`client`] opens tunnels over pooled, multiplexed
+//! connections. [`stream::H2Stream`] is one tunnel as a byte stream. The HTTP/2 settings both
+//! sides use are in [`H2Settings`]; the numbers are backed by `benches/hbone.rs`.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::HeaderMap;
+
+pub mod client;
+pub mod server;
+pub mod stream;
+
+pub use client::{ClientConfig, ConnectRequest, HboneClient, HboneError};
+pub use server::{HboneServer, InboundTunnel, ServerConfig};
+pub use stream::H2Stream;
+
+/// The HBONE port.
+pub const HBONE_PORT: u16 = 15008;
+
+/// HTTP/2 flow-control and framing settings.
+///
+/// The default window of HTTP/2 (64 KiB) caps one tunnel at one window per round trip; the
+/// benchmark (`cargo bench -p mesh --bench hbone`) shows one tunnel's bulk rate rising steeply
+/// up to a 4 MiB stream window and flattening after, so that is the default, with the connection
+/// window large enough for several such streams. Frames stay at 16 KiB... larger frames do not
+/// help because TLS records are 16 KiB anyway, and small frames keep interactive tunnels sharing
+/// a connection responsive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct H2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// Largest header block accepted; bigger requests are refused.
+    pub max_header_list_size: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        Self {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 16 * 1024,
+            max_header_list_size: 16 * 1024,
+        }
+    }
+}
+
+/// Handshake deadline for TLS and the HTTP/2 preface, on both sides: a peer that stalls is cut off
+/// and does not hold a task forever.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `:authority` of an HBONE `CONNECT`: where the tunnel's bytes should go.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct HboneAuthority(pub SocketAddr);
+
+impl fmt::Display for HboneAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Header names HBONE uses.
+pub mod headers {
+    pub const FORWARDED: &str = "forwarded";
+    pub const BAGGAGE: &str = "baggage";
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// Builds `forwarded: for="<ip:port>"[;host=<hostname>]` (RFC 7239; IPv6 in brackets).
+pub fn forwarded_header(client: SocketAddr, host: Option<&str>) -> String {
+    match host {
+        Some(h) => format!("for=\"{client}\";host={h}"),
+        None => format!("for=\"{client}\""),
+    }
+}
+
+/// Reads the client address from a `forwarded` header: `for=` as `ip:port`, `[v6]:port` or a
+/// bare IP. Returns `None` when absent or malformed.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let value = headers.get(headers::FORWARDED)?.to_str().ok()?;
+    // Several proxies may append elements; the first is the original client.
+    let first = value.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        if !k.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let v = v.trim().trim_matches('"');
+        v.parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .ok()
+            .or_else(|| v.trim_start_matches('[').trim_end_matches(']').parse().ok())
+    })
+}
+
+/// The peer's workload metadata carried in `baggage`, as Istio's ztunnel sends it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baggage {
+    pub cluster: Option<String>,
+    pub namespace: Option<String>,
+    /// (workload kind, e.g. "deployment", workload name)
+    pub workload: Option<(String, String)>,
+    pub service: Option<String>,
+    pub version: Option<String>,
+}
+
+impl Baggage {
+    pub fn to_header(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(c) = &self.cluster {
+            parts.push(format!("k8s.cluster.name={c}"));
+        }
+        if let Some(n) = &self.namespace {
+            parts.push(format!("k8s.namespace.name={n}"));
+        }
+        if let Some((kind, name)) = &self.workload {
+            parts.push(format!("k8s.{kind}.name={name}"));
+        }
+        if let Some(s) = &self.service {
+            parts.push(format!("service.name={s}"));
+        }
+        if let Some(v) = &self.version {
+            parts.push(format!("service.version={v}"));
+        }
+        parts.join(",")
+    }
+
+    pub fn parse(value: &str) -> Self {
+        let mut b = Baggage::default();
+        for item in value.split(',') {
+            let Some((k, v)) = item.split_once('=') else {
+                continue;
+            };
+            let (k, v) = (k.trim(), v.trim().to_owned());
+            match k {
+                "k8s.cluster.name" => b.cluster = Some(v),
+                "k8s.namespace.name" => b.namespace = Some(v),
+                "service.name" => b.service = Some(v),
+                "service.version" => b.version = Some(v),
+                other => {
+                    if let Some(kind) = other
+                        .strip_prefix("k8s.")
+                        .and_then(|r| r.strip_suffix(".name"))
+                    {
+                        b.workload = Some((kind.to_owned(), v));
+                    }
+                }
+            }
+        }
+        b
+    }
+}
+
+/// A new W3C `traceparent` with random trace and span ids, not sampled.
+pub fn new_traceparent() -> String {
+    format!(
+        "00-{:032x}-{:016x}-00",
+        fastrand::u128(1..),
+        fastrand::u64(1..)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_round_trip_v4_and_v6() {
+        for addr in ["10.1.2.3:4567", "[fd00::1]:80"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(
+                headers::FORWARDED,
+                forwarded_header(addr, Some("echo.default.svc.cluster.local"))
+                    .parse()
+                    .unwrap(),
+            );
+            assert_eq!(forwarded_for(&h), Some(addr.ip()));
+        }
+        let mut h = HeaderMap::new();
+        h.insert(headers::FORWARDED, "for=192.0.2.60;proto=http".parse().unwrap());
+        assert_eq!(forwarded_for(&h), Some("192.0.2.60".parse().unwrap()));
+        h.insert(headers::FORWARDED, "for=nonsense".parse().unwrap());
+        assert_eq!(forwarded_for(&h), None);
+    }
+
+    #[test]
+    fn baggage_round_trip() {
+        let b = Baggage {
+            cluster: Some("Kubernetes".into()),
+            namespace: Some("demo".into()),
+            workload: Some(("deployment".into(), "reviews-v2".into())),
+            service: Some("reviews".into()),
+            version: Some("v2".into()),
+        };
+        let h = b.to_header();
+        assert_eq!(
+            h,
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.deployment.name=reviews-v2,\
+             service.name=reviews,service.version=v2"
+        );
+        assert_eq!(Baggage::parse(&h), b);
+    }
+
+    #[test]
+    fn traceparent_shape() {
+        let t = new_traceparent();
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!((parts[0], parts[1].len(), parts[2].len()), ("00", 32, 16));
+        assert_ne!(new_traceparent(), t);
+    }
+}
