@@ -25,9 +25,7 @@ use crate::tls::{TlsError, WorkloadCertificate};
 pub enum CertError {
     #[error("no certificate for {identity}: {reason}")]
     Unavailable { identity: Identity, reason: String },
-    #[error(
-        "certificate for {identity} expired at {expired_at} and renewal is failing: {reason}"
-    )]
+    #[error("certificate for {identity} expired at {expired_at} and renewal is failing: {reason}")]
     Expired {
         identity: Identity,
         expired_at: String,
@@ -291,7 +289,7 @@ async fn refresh_loop(
                         identity: identity.to_string(),
                     })
                     .set(not_after_secs as i64);
-                let wait = renew_delay(info.not_before, info.not_after, SystemTime::now());
+                let wait = renew_delay(info.not_after, SystemTime::now());
                 tracing::info!(
                     %identity,
                     serial = %info.serial,
@@ -335,7 +333,10 @@ async fn refresh_loop(
     }
 }
 
-async fn fetch_once(inner: &Inner, identity: &Identity) -> Result<Arc<WorkloadCertificate>, String> {
+async fn fetch_once(
+    inner: &Inner,
+    identity: &Identity,
+) -> Result<Arc<WorkloadCertificate>, String> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| format!("generating a key: {e}"))?;
     let mut params = rcgen::CertificateParams::default();
@@ -360,14 +361,18 @@ async fn fetch_once(inner: &Inner, identity: &Identity) -> Result<Arc<WorkloadCe
     Ok(Arc::new(cert))
 }
 
-/// Time until renewal: half the lifetime, from the certificate's own notBefore, with up to 5% of
-/// the lifetime of jitter either way. Never negative.
-fn renew_delay(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> Duration {
-    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    let jitter = lifetime.mul_f64(0.1 * fastrand::f64());
-    let renew_at = not_before + lifetime / 2 + jitter - lifetime / 20;
-    renew_at.duration_since(now).unwrap_or_default()
+/// Time until renewal: half of the validity left when the certificate arrived, with 5% of it as
+/// jitter either way. Measured from arrival rather than notBefore because CAs backdate notBefore
+/// (ours by a minute), which would make short-lived certificates renew at once.
+fn renew_delay(not_after: SystemTime, now: SystemTime) -> Duration {
+    let remaining = not_after.duration_since(now).unwrap_or_default();
+    let jittered = remaining.mul_f64(0.45 + 0.1 * fastrand::f64());
+    jittered.max(MIN_RENEW_DELAY)
 }
+
+/// Floor on the renewal delay, so a CA handing out nearly expired certificates cannot make the
+/// loop spin.
+const MIN_RENEW_DELAY: Duration = Duration::from_millis(500);
 
 fn humantime(t: SystemTime) -> String {
     let secs = t
@@ -376,7 +381,10 @@ fn humantime(t: SystemTime) -> String {
         .unwrap_or(0);
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("{secs}"))
 }
 

@@ -197,14 +197,26 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("http://cluster.local/ns/a/sa/b", "does not start with"),
             ("spiffe://cluster.local/ns/a", "does not have the form"),
-            ("spiffe://cluster.local/ns/a/sa/b/extra", "does not have the form"),
-            ("spiffe://cluster.local/namespace/a/sa/b", "does not have the form"),
-            ("spiffe:///ns/a/sa/b", "trust domain \"\" is invalid: it is empty"),
+            (
+                "spiffe://cluster.local/ns/a/sa/b/extra",
+                "does not have the form",
+            ),
+            (
+                "spiffe://cluster.local/namespace/a/sa/b",
+                "does not have the form",
+            ),
+            (
+                "spiffe:///ns/a/sa/b",
+                "trust domain \"\" is invalid: it is empty",
+            ),
             ("spiffe://Cluster.Local/ns/a/sa/b", "only lowercase"),
             ("spiffe://cluster.local/ns//sa/b", "namespace \"\""),
             ("spiffe://cluster.local/ns/a/sa/B", "service account \"B\""),
             ("spiffe://cluster.local/ns/-a/sa/b", "start and end"),
-            ("spiffe://cluster.local/ns/a b/sa/b", "only lowercase letters"),
+            (
+                "spiffe://cluster.local/ns/a b/sa/b",
+                "only lowercase letters",
+            ),
         ];
         for (input, expected) in cases {
             let err = input.parse::<Identity>().unwrap_err().to_string();
@@ -212,7 +224,10 @@ mod tests {
                 err.contains(expected),
                 "{input}: error {err:?} should contain {expected:?}"
             );
-            assert!(err.contains(input), "{input}: error {err:?} should quote the input");
+            assert!(
+                err.contains(input),
+                "{input}: error {err:?} should quote the input"
+            );
         }
     }
 }

@@ -179,13 +179,10 @@ impl WorkloadCertificate {
         for pem in chain_pem {
             certs.extend(parse_pem_certs(pem, &what)?);
         }
-        let root = if certs.len() > 1 {
-            certs.pop()
-        } else {
-            None
-        }
-        .ok_or_else(|| TlsError::NoCertificate {
-            what: format!("{what}: chain has no root after the leaf"),
+        let root = if certs.len() > 1 { certs.pop() } else { None }.ok_or_else(|| {
+            TlsError::NoCertificate {
+                what: format!("{what}: chain has no root after the leaf"),
+            }
         })?;
         let mut roots = RootCertStore::empty();
         roots.add(root).map_err(|source| TlsError::Rustls {
@@ -203,9 +200,9 @@ impl WorkloadCertificate {
         roots: Arc<RootCertStore>,
     ) -> Result<Self, TlsError> {
         let what = format!("certificate for {identity}");
-        let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
-            what: what.clone(),
-        })?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| TlsError::NoCertificate { what: what.clone() })?;
         let info = cert_info(leaf, &what)?;
         if !info.identities.contains(&identity) {
             return match info.identities.first() {
@@ -219,26 +216,23 @@ impl WorkloadCertificate {
         }
         let provider = provider();
         let key_der = PrivateKeyDer::Pkcs8(key_pkcs8_der.into());
-        let signing_key =
-            provider
-                .key_provider
-                .load_private_key(key_der)
-                .map_err(|source| TlsError::Rustls {
-                    what: format!("{what}: private key"),
-                    source,
-                })?;
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|source| TlsError::Rustls {
+                what: format!("{what}: private key"),
+                source,
+            })?;
         if signing_key.public_key().as_deref() != Some(&info.subject_public_key_info[..]) {
             return Err(TlsError::KeyMismatch { what });
         }
         let key = Arc::new(rustls::sign::CertifiedKey::new(chain.clone(), signing_key));
-        let client_verifier = TrustDomainClientVerifier::new(
-            roots.clone(),
-            identity.trust_domain().to_owned(),
-        )
-        .map_err(|source| TlsError::Rustls {
-            what: format!("{what}: client verifier"),
-            source,
-        })?;
+        let client_verifier =
+            TrustDomainClientVerifier::new(roots.clone(), identity.trust_domain().to_owned())
+                .map_err(|source| TlsError::Rustls {
+                    what: format!("{what}: client verifier"),
+                    source,
+                })?;
         let mut server_config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
@@ -373,8 +367,7 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = peer_identity(end_entity)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let id = peer_identity(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         if id.trust_domain() != self.trust_domain {
             return Err(rustls::Error::General(format!(
                 "client identity {id} is not in trust domain {:?}",
@@ -435,8 +428,8 @@ impl ServerCertVerifier for IdentityServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let info =
-            cert_info(end_entity, "server certificate").map_err(|e| rustls::Error::General(e.to_string()))?;
+        let info = cert_info(end_entity, "server certificate")
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         if info.identities.iter().any(|id| self.expected.contains(id)) {
             return Ok(ServerCertVerified::assertion());
         }

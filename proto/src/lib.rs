@@ -8,7 +8,12 @@
 #![forbid(unsafe_code)]
 
 /// Istio's certificate service: `istio.v1.auth.IstioCertificateService/CreateCertificate`.
-#[allow(unreachable_pub, missing_docs, clippy::all, missing_debug_implementations)]
+#[allow(
+    unreachable_pub,
+    missing_docs,
+    clippy::all,
+    missing_debug_implementations
+)]
 pub mod istio_ca {
     include!("generated/istio.v1.auth.rs");
 }

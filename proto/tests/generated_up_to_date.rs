@@ -8,8 +8,11 @@ use std::path::Path;
 #[test]
 fn generated_code_matches_proto_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let fds = protox::compile([root.join("proto/istio/v1/auth/ca.proto")], [root.join("proto")])
-        .expect("compile .proto files");
+    let fds = protox::compile(
+        [root.join("proto/istio/v1/auth/ca.proto")],
+        [root.join("proto")],
+    )
+    .expect("compile .proto files");
     let out = tempfile::tempdir().expect("temp dir");
     tonic_prost_build::configure()
         .build_client(true)

@@ -1,1 +1,399 @@
-//! placeholder
+//! Shared test support: a throw-away PKI backed by the real CA code, certificate sources,
+//! an in-process gRPC CA, HBONE servers that forward like ztunnel's inbound does, and TCP echo
+//! and checksum servers. Integration tests in `tests/` and the demo use these.
+
+#![allow(missing_debug_implementations)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use mesh::ca::{
+    Authenticator, CaMetrics, CaServer, CaService, CaServingNames, CertificateAuthority,
+};
+use mesh::cert_manager::{CertError, CertificateSource};
+use mesh::hbone::{HboneServer, InboundTunnel, ServerConfig};
+use mesh::identity::Identity;
+use mesh::tls::WorkloadCertificate;
+use sha2::Digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
+pub fn id(trust_domain: &str, ns: &str, sa: &str) -> Identity {
+    Identity::new(trust_domain, ns, sa).expect("valid test identity")
+}
+
+/// A CA root in a temporary directory, used through the real [`CertificateAuthority`].
+pub struct TestPki {
+    _dir: tempfile::TempDir,
+    pub ca: Arc<CertificateAuthority>,
+    pub trust_domain: String,
+    root_key_pem: String,
+    root_cert_pem: String,
+}
+
+impl TestPki {
+    pub fn new(trust_domain: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = CertificateAuthority::load(
+            &mesh::ca::CaKeySource::Directory(dir.path().to_owned()),
+            trust_domain,
+        )
+        .expect("generate CA");
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).expect("read CA file");
+        Self {
+            root_key_pem: read(mesh::ca::authority::ROOT_KEY_FILE),
+            root_cert_pem: read(mesh::ca::authority::ROOT_CERT_FILE),
+            ca: Arc::new(ca),
+            trust_domain: trust_domain.to_owned(),
+            _dir: dir,
+        }
+    }
+
+    pub fn root_pem(&self) -> &str {
+        &self.root_cert_pem
+    }
+
+    pub fn id(&self, ns: &str, sa: &str) -> Identity {
+        id(&self.trust_domain, ns, sa)
+    }
+
+    /// A certificate for `identity`, issued through the CA's CSR path.
+    pub fn cert(&self, identity: &Identity) -> Arc<WorkloadCertificate> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = csr_for(identity, &key);
+        let valid = self.ca.validate_csr(&csr).expect("valid CSR");
+        let chain = self.ca.sign(&valid, None).expect("sign");
+        Arc::new(
+            WorkloadCertificate::new(identity.clone(), key.serialize_der(), &chain)
+                .expect("usable certificate"),
+        )
+    }
+
+    /// A certificate signed by this root with chosen validity (for expired certificates), which
+    /// the CA itself would never issue.
+    pub fn cert_with_validity(
+        &self,
+        identity: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Arc<WorkloadCertificate> {
+        self.cert_trusting(identity, not_before, not_after, self)
+    }
+
+    /// Like [`TestPki::cert_with_validity`], but the holder trusts `trust`'s root instead of this
+    /// one: a client from a foreign PKI that still accepts our servers.
+    pub fn cert_trusting(
+        &self,
+        identity: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        trust: &TestPki,
+    ) -> Arc<WorkloadCertificate> {
+        let root_key = rcgen::KeyPair::from_pem(&self.root_key_pem).expect("root key");
+        let issuer =
+            rcgen::Issuer::from_ca_cert_pem(&self.root_cert_pem, root_key).expect("issuer");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            identity.to_string().try_into().expect("uri"),
+        )];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        let chain = vec![cert.pem(), trust.root_cert_pem.clone()];
+        Arc::new(
+            WorkloadCertificate::new(identity.clone(), key.serialize_der(), &chain)
+                .expect("usable certificate"),
+        )
+    }
+}
+
+/// A PEM CSR asking for `identity`, signed by `key`.
+pub fn csr_for(identity: &Identity, key: &rcgen::KeyPair) -> String {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        identity.to_string().try_into().expect("uri"),
+    )];
+    params
+        .serialize_request(key)
+        .and_then(|c| c.pem())
+        .expect("CSR")
+}
+
+/// A fixed set of certificates, by identity.
+#[derive(Default, Clone)]
+pub struct StaticCerts(HashMap<Identity, Arc<WorkloadCertificate>>);
+
+impl StaticCerts {
+    pub fn with(mut self, cert: Arc<WorkloadCertificate>) -> Self {
+        self.0.insert(cert.identity().clone(), cert);
+        self
+    }
+}
+
+impl CertificateSource for StaticCerts {
+    fn certificate<'a>(
+        &'a self,
+        identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<Arc<WorkloadCertificate>, CertError>> {
+        let found = self.0.get(identity).cloned();
+        Box::pin(async move {
+            found.ok_or_else(|| CertError::Unavailable {
+                identity: identity.clone(),
+                reason: "not in the test's certificate set".into(),
+            })
+        })
+    }
+}
+
+/// A running in-process CA over TLS gRPC.
+pub struct RunningCa {
+    pub addr: SocketAddr,
+    pub root_pem: String,
+    pub metrics: prometheus_client::registry::Registry,
+    stop: CancellationToken,
+}
+
+impl Drop for RunningCa {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl RunningCa {
+    pub fn client_config(&self) -> mesh::ca::CaClientConfig {
+        mesh::ca::CaClientConfig {
+            address: self.addr.to_string(),
+            root_cert_pem: self.root_pem.clone(),
+            server_name: Some("localhost".into()),
+            token: mesh::ca::TokenSource::None,
+            impersonate: false,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts the CA's gRPC server on `addr` (port 0 for any).
+pub async fn start_ca(
+    pki: &TestPki,
+    authenticator: Arc<dyn Authenticator>,
+    addr: SocketAddr,
+) -> RunningCa {
+    let mut metrics = prometheus_client::registry::Registry::default();
+    let service = CaService::new(pki.ca.clone(), authenticator, CaMetrics::new(&mut metrics));
+    let server = CaServer::bind(addr, service, &CaServingNames::default())
+        .await
+        .expect("bind CA");
+    let addr = server.local_addr();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { server.run(s.cancelled_owned()).await });
+    RunningCa {
+        addr,
+        root_pem: pki.root_pem().to_owned(),
+        metrics,
+        stop,
+    }
+}
+
+/// What an HBONE server saw of one tunnel request.
+#[derive(Debug, Clone)]
+pub struct SeenTunnel {
+    pub peer_identity: Identity,
+    pub authority: SocketAddr,
+    pub headers: http::HeaderMap,
+}
+
+/// An HBONE server on loopback that forwards each tunnel to its `:authority`, answering 503 when
+/// nothing listens there, the way ztunnel's inbound does. Every request is reported on the
+/// returned channel.
+pub async fn start_forwarding_hbone(
+    cert: Arc<WorkloadCertificate>,
+    config: ServerConfig,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<SeenTunnel>,
+    CancellationToken,
+) {
+    let server = HboneServer::bind("127.0.0.1:0".parse().expect("addr"), config, Arc::new(cert))
+        .await
+        .expect("bind HBONE");
+    let addr = server.local_addr();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run(stop.clone(), move |tunnel: InboundTunnel| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(SeenTunnel {
+                peer_identity: tunnel.peer_identity.clone(),
+                authority: tunnel.authority.0,
+                headers: tunnel.headers.clone(),
+            });
+            forward(tunnel).await;
+        }
+    }));
+    (addr, rx, stop)
+}
+
+/// Connects a tunnel to its authority and copies until both sides end.
+pub async fn forward(tunnel: InboundTunnel) {
+    let upstream = match TcpStream::connect(tunnel.authority.0).await {
+        Ok(s) => s,
+        Err(_) => {
+            tunnel.reject(http::StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let Ok(stream) = tunnel.accept() else {
+        return;
+    };
+    let counts = mesh::copy::ByteCounts::default();
+    let _ = mesh::copy::copy_bidirectional(stream, upstream, &counts).await;
+}
+
+/// A TCP echo server on loopback: writes back what it reads, then half-closes after EOF.
+pub async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Deterministic pseudo-random bytes (xorshift), cheap enough to generate at GiB/s.
+pub struct PatternSource(u64);
+
+impl PatternSource {
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            let bytes = x.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` pattern bytes from `seed` and half-closes; returns their SHA-256.
+pub async fn send_pattern<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    len: u64,
+    seed: u64,
+) -> std::io::Result<[u8; 32]> {
+    let mut src = PatternSource::new(seed);
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        src.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    w.shutdown().await?;
+    Ok(hash.finalize().into())
+}
+
+/// Reads to EOF; returns (bytes read, SHA-256).
+pub async fn receive_hash<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<(u64, [u8; 32])> {
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((total, hash.finalize().into()));
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// A TCP server that, per connection, reads to EOF while sending `len` pattern bytes from
+/// `seed`, then reports (received count, received hash, sent hash).
+pub async fn start_checksum_server(
+    len: u64,
+    seed: u64,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, [u8; 32], [u8; 32])>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.into_split();
+                let (recv, sent) =
+                    tokio::join!(receive_hash(&mut r), send_pattern(&mut w, len, seed));
+                if let (Ok((n, rh)), Ok(sh)) = (recv, sent) {
+                    let _ = tx.send((n, rh, sh));
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Waits until `check` is true, polling every 20 ms, for at most `limit`.
+pub async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -201,8 +201,8 @@ impl CertificateAuthority {
         })?;
 
         let mut chain_above_leaf = vec![pem_of(&certs[0])];
-        let self_signed = signing.subject() == signing.issuer()
-            && signing.verify_signature(None).is_ok();
+        let self_signed =
+            signing.subject() == signing.issuer() && signing.verify_signature(None).is_ok();
         match (chain_path, self_signed) {
             (None, true) => {}
             (None, false) => {
@@ -244,7 +244,10 @@ impl CertificateAuthority {
                 if root.verify_signature(None).is_err() {
                     return Err(bad(
                         path,
-                        format!("the last certificate ({}) is not a self-signed root", root.subject()),
+                        format!(
+                            "the last certificate ({}) is not a self-signed root",
+                            root.subject()
+                        ),
                     ));
                 }
             }
@@ -285,9 +288,8 @@ impl CertificateAuthority {
     pub fn validate_csr(&self, csr_pem: &str) -> Result<ValidCsr, CaError> {
         let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
             .map_err(|e| CaError::BadCsr(format!("not a PEM CERTIFICATE REQUEST: {e}")))?;
-        let (_, csr) =
-            x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-                .map_err(|e| CaError::BadCsr(format!("not a PKCS#10 request: {e}")))?;
+        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+            .map_err(|e| CaError::BadCsr(format!("not a PKCS#10 request: {e}")))?;
         csr.verify_signature()
             .map_err(|_| CaError::BadCsr("its signature does not verify".into()))?;
         let mut identities = Vec::new();
@@ -354,15 +356,13 @@ impl CertificateAuthority {
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
-        params.subject_alt_names = vec![SanType::URI(
-            csr.identity
-                .to_string()
-                .try_into()
-                .map_err(|source| CaError::Sign {
+        params.subject_alt_names =
+            vec![SanType::URI(csr.identity.to_string().try_into().map_err(
+                |source| CaError::Sign {
                     identity: csr.identity.clone(),
                     source,
-                })?,
-        )];
+                },
+            )?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -495,4 +495,259 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     file.write_all(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TD: &str = "cluster.local";
+
+    fn csr(sans: Vec<SanType>) -> (KeyPair, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = sans;
+        let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, pem)
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.to_string().try_into().unwrap())
+    }
+
+    fn ca(dir: &Path) -> CertificateAuthority {
+        CertificateAuthority::load(&CaKeySource::Directory(dir.to_owned()), TD).unwrap()
+    }
+
+    #[test]
+    fn root_is_generated_once_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ca(dir.path()).root_pem().to_owned();
+        let second = ca(dir.path()).root_pem().to_owned();
+        assert_eq!(first, second, "second start reuses the persisted root");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(ROOT_KEY_FILE))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "root key is private to its owner");
+        let info = crate::tls::cert_info(
+            &crate::tls::parse_pem_certs(&first, "root").unwrap()[0],
+            "root",
+        )
+        .unwrap();
+        assert!(info.not_after > SystemTime::now() + Duration::from_secs(365 * 24 * 3600));
+    }
+
+    #[test]
+    fn half_present_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        ca(dir.path());
+        std::fs::remove_file(dir.path().join(ROOT_KEY_FILE)).unwrap();
+        let err = CertificateAuthority::load(&CaKeySource::Directory(dir.path().into()), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only one of"), "{err}");
+    }
+
+    #[test]
+    fn signs_a_workload_chain_that_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let id: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
+        let (key, pem) = csr(vec![uri(&id.to_string())]);
+        let valid = ca.validate_csr(&pem).unwrap();
+        assert_eq!(valid.identity, id);
+        let chain = ca.sign(&valid, Some(Duration::from_secs(3600))).unwrap();
+        assert_eq!(chain.len(), 2, "leaf and root");
+        assert_eq!(chain[1], ca.root_pem());
+        let cert = crate::tls::WorkloadCertificate::new(id.clone(), key.serialize_der(), &chain)
+            .expect("chain, key and identity fit together");
+        let info = cert.info();
+        let lifetime = info.not_after.duration_since(info.not_before).unwrap();
+        assert_eq!(lifetime, Duration::from_secs(3600) + BACKDATE);
+        // The leaf verifies against the root with rustls' own verifier.
+        let leaf = &cert.chain()[0];
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf).unwrap();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            cert.roots(),
+            &[],
+            rustls_pki_types::UnixTime::now(),
+            crate::tls::provider().signature_verification_algorithms.all,
+        )
+        .expect("leaf chains to the root");
+    }
+
+    #[test]
+    fn default_ttl_and_max_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path()).with_max_ttl(Duration::from_secs(48 * 3600));
+        let (_, pem) = csr(vec![uri("spiffe://cluster.local/ns/a/sa/b")]);
+        let valid = ca.validate_csr(&pem).unwrap();
+        let chain = ca.sign(&valid, None).unwrap();
+        let leaf = crate::tls::parse_pem_certs(&chain[0], "leaf").unwrap();
+        let info = crate::tls::cert_info(&leaf[0], "leaf").unwrap();
+        let lifetime = info.not_after.duration_since(info.not_before).unwrap();
+        assert_eq!(lifetime, DEFAULT_WORKLOAD_TTL + BACKDATE);
+        let err = ca
+            .sign(&valid, Some(Duration::from_secs(49 * 3600)))
+            .unwrap_err();
+        assert!(matches!(err, CaError::TtlTooLong { .. }), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_csrs_with_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let cases: Vec<(String, &str)> = vec![
+            ("not a pem".into(), "not a PEM CERTIFICATE REQUEST"),
+            (
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+                "not a PKCS#10 request",
+            ),
+            (csr(vec![]).1, "no spiffe:// URI SAN"),
+            (
+                csr(vec![SanType::DnsName("evil.example".try_into().unwrap())]).1,
+                "only a spiffe:// URI",
+            ),
+            (
+                csr(vec![
+                    uri("spiffe://cluster.local/ns/a/sa/b"),
+                    uri("spiffe://cluster.local/ns/a/sa/c"),
+                ])
+                .1,
+                "asks for 2 identities",
+            ),
+            (
+                csr(vec![uri("spiffe://other.domain/ns/a/sa/b")]).1,
+                "trust domain is \"cluster.local\"",
+            ),
+            (
+                csr(vec![uri("spiffe://cluster.local/namespace/a")]).1,
+                "does not have the form",
+            ),
+        ];
+        for (pem, expected) in cases {
+            let err = ca.validate_csr(&pem).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_csr_with_bad_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let (_, pem) = csr(vec![uri("spiffe://cluster.local/ns/a/sa/b")]);
+        let mut der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 0x55; // corrupt the signature
+        let bad = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+        let err = ca.validate_csr(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("signature does not verify") || err.contains("PKCS#10"),
+            "{err}"
+        );
+    }
+
+    /// Writes a root, an intermediate signed by it, and returns their paths.
+    fn plug_in_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, String) {
+        let (root_pem, root_key_pem) = generate_root(TD).unwrap();
+        let root_key = KeyPair::from_pem(&root_key_pem).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + Duration::from_secs(86400 * 30)).into();
+        let inter = params.signed_by(&key, &issuer).unwrap();
+        let cert = dir.join("ca-cert.pem");
+        let keyp = dir.join("ca-key.pem");
+        let chain = dir.join("cert-chain.pem");
+        std::fs::write(&cert, inter.pem()).unwrap();
+        std::fs::write(&keyp, key.serialize_pem()).unwrap();
+        std::fs::write(&chain, format!("{}{}", inter.pem(), root_pem)).unwrap();
+        (cert, keyp, chain, root_pem)
+    }
+
+    #[test]
+    fn plugged_in_intermediate_signs_full_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, chain, root_pem) = plug_in_pki(dir.path());
+        let ca = CertificateAuthority::load(
+            &CaKeySource::Files {
+                cert,
+                key,
+                chain: Some(chain),
+            },
+            TD,
+        )
+        .unwrap();
+        assert_eq!(
+            ca.root_pem(),
+            pem_of(&crate::tls::parse_pem_certs(&root_pem, "r").unwrap()[0])
+        );
+        let id: Identity = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
+        let (k, pem) = csr(vec![uri(&id.to_string())]);
+        let out = ca.sign(&ca.validate_csr(&pem).unwrap(), None).unwrap();
+        assert_eq!(out.len(), 3, "leaf, intermediate, root");
+        crate::tls::WorkloadCertificate::new(id, k.serialize_der(), &out)
+            .expect("three-level chain is usable");
+    }
+
+    #[test]
+    fn plugged_in_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, chain, _) = plug_in_pki(dir.path());
+        let load = |cert: &Path, key: &Path, chain: Option<&Path>| {
+            CertificateAuthority::from_files(cert, key, chain, TD)
+                .unwrap_err()
+                .to_string()
+        };
+        // Intermediate without its chain.
+        assert!(load(&cert, &key, None).contains("give the chain file"));
+        // Key of another certificate.
+        let other = dir.path().join("other-key.pem");
+        std::fs::write(
+            &other,
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .unwrap()
+                .serialize_pem(),
+        )
+        .unwrap();
+        assert!(load(&cert, &other, Some(&chain)).contains("does not belong"));
+        // Garbage key.
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a key").unwrap();
+        assert!(load(&cert, &junk, Some(&chain)).contains("PKCS#8"));
+        // A chain that does not link.
+        let (unrelated_root, _) = generate_root(TD).unwrap();
+        let bad_chain = dir.path().join("bad-chain.pem");
+        std::fs::write(&bad_chain, unrelated_root).unwrap();
+        assert!(load(&cert, &key, Some(&bad_chain)).contains("is not signed by"));
+        // A leaf is not a CA.
+        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf = CertificateParams::new(vec!["x.example".to_string()])
+            .unwrap()
+            .self_signed(&leaf_key)
+            .unwrap();
+        let leaf_path = dir.path().join("leaf.pem");
+        let leaf_key_path = dir.path().join("leaf-key.pem");
+        std::fs::write(&leaf_path, leaf.pem()).unwrap();
+        std::fs::write(&leaf_key_path, leaf_key.serialize_pem()).unwrap();
+        assert!(load(&leaf_path, &leaf_key_path, None).contains("CA:TRUE"));
+        // Missing file.
+        assert!(load(&dir.path().join("nope.pem"), &key, None).contains("nope.pem"));
+    }
 }

@@ -148,12 +148,14 @@ impl CertificateSigner for GrpcCaClient {
                     .then(|| super::server::impersonation_metadata(identity)),
             });
             if let Some(token) = self.token.token().await? {
-                let value = format!("Bearer {token}").parse().map_err(|_| SignError::Refused {
-                    address: self.address.clone(),
-                    identity: identity.clone(),
-                    code: tonic::Code::InvalidArgument,
-                    message: "token holds characters not allowed in a header".into(),
-                })?;
+                let value = format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| SignError::Refused {
+                        address: self.address.clone(),
+                        identity: identity.clone(),
+                        code: tonic::Code::InvalidArgument,
+                        message: "token holds characters not allowed in a header".into(),
+                    })?;
                 request.metadata_mut().insert("authorization", value);
             }
             let response = self
@@ -162,7 +164,9 @@ impl CertificateSigner for GrpcCaClient {
                 .create_certificate(request)
                 .await
                 .map_err(|status| match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unknown
                         if status.message().contains("transport")
                             || status.code() != tonic::Code::Unknown =>
                     {

@@ -60,7 +60,11 @@ pub trait Authenticator: Send + Sync + 'static {
 pub struct AllowAny;
 
 impl Authenticator for AllowAny {
-    fn authorize<'a>(&'a self, _: &'a Caller, _: &'a Identity) -> BoxFuture<'a, Result<(), AuthError>> {
+    fn authorize<'a>(
+        &'a self,
+        _: &'a Caller,
+        _: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), AuthError>> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -169,17 +173,24 @@ impl CaService {
         IstioCertificateServiceServer::new(self)
     }
 
-    async fn create(&self, request: Request<IstioCertificateRequest>) -> Result<Vec<String>, Status> {
+    async fn create(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Vec<String>, Status> {
         let remote_addr = request.remote_addr();
         let bearer_token = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(|t| t.trim().to_owned());
         let body = request.into_inner();
-        let impersonated = impersonated_identity(body.metadata.as_ref())
-            .map_err(|e| Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY_KEY}: {e}")))?;
+        let impersonated = impersonated_identity(body.metadata.as_ref()).map_err(|e| {
+            Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY_KEY}: {e}"))
+        })?;
         let csr = self
             .authority
             .validate_csr(&body.csr)
@@ -258,13 +269,18 @@ impl IstioCertificateService for CaService {
     }
 }
 
-fn impersonated_identity(metadata: Option<&prost_types::Struct>) -> Result<Option<Identity>, String> {
+fn impersonated_identity(
+    metadata: Option<&prost_types::Struct>,
+) -> Result<Option<Identity>, String> {
     use prost_types::value::Kind;
     let Some(value) = metadata.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY_KEY)) else {
         return Ok(None);
     };
     match &value.kind {
-        Some(Kind::StringValue(s)) => s.parse().map(Some).map_err(|e: crate::identity::IdentityError| e.to_string()),
+        Some(Kind::StringValue(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|e: crate::identity::IdentityError| e.to_string()),
         _ => Err("must be a string".into()),
     }
 }

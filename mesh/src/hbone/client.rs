@@ -71,7 +71,9 @@ pub enum HboneError {
     },
     #[error("connect to {addr} timed out after {after:?} (is a firewall dropping port 15008?)")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("TLS with {addr} failed: {source} (does it hold a certificate for {expected} from our root?)")]
+    #[error(
+        "TLS with {addr} failed: {source} (does it hold a certificate for {expected} from our root?)"
+    )]
     Tls {
         addr: SocketAddr,
         expected: Identity,
@@ -148,7 +150,9 @@ impl PooledConn {
             return None;
         }
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()
             .map(|_| StreamReservation(self.clone()))
     }
@@ -217,9 +221,10 @@ impl HboneClient {
                     reservation.0.closed.store(true, Ordering::Release);
                     continue;
                 }
-                other => return other.map(|(send, recv)| {
-                    H2Stream::new(send, recv, Some(Box::new(reservation)))
-                }),
+                other => {
+                    return other
+                        .map(|(send, recv)| H2Stream::new(send, recv, Some(Box::new(reservation))));
+                }
             }
         }
     }
@@ -364,7 +369,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Closes connections idle past the timeout and forgets dead ones.
 async fn reap_idle(pool: Weak<Pool>) {
     let period = match pool.upgrade() {
-        Some(p) => (p.config.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(10)),
+        Some(p) => {
+            (p.config.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(10))
+        }
         None => return,
     };
     loop {

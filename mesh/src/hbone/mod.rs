@@ -184,7 +184,10 @@ mod tests {
             assert_eq!(forwarded_for(&h), Some(addr.ip()));
         }
         let mut h = HeaderMap::new();
-        h.insert(headers::FORWARDED, "for=192.0.2.60;proto=http".parse().unwrap());
+        h.insert(
+            headers::FORWARDED,
+            "for=192.0.2.60;proto=http".parse().unwrap(),
+        );
         assert_eq!(forwarded_for(&h), Some("192.0.2.60".parse().unwrap()));
         h.insert(headers::FORWARDED, "for=nonsense".parse().unwrap());
         assert_eq!(forwarded_for(&h), None);

@@ -95,7 +95,9 @@ impl InboundTunnel {
     /// Answers 200 and returns the tunnel. Call only once the upstream is connected and the
     /// request authorised.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self.respond.send_response(status_response(StatusCode::OK), false)?;
+        let send = self
+            .respond
+            .send_response(status_response(StatusCode::OK), false)?;
         Ok(H2Stream::new(send, self.recv, None))
     }
 

@@ -53,12 +53,14 @@ impl H2Stream {
 
 fn h2_to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
     }
     match e.reason() {
-        Some(h2::Reason::CANCEL) | Some(h2::Reason::NO_ERROR) | Some(h2::Reason::REFUSED_STREAM) => {
-            io::Error::new(io::ErrorKind::ConnectionReset, e)
-        }
+        Some(h2::Reason::CANCEL)
+        | Some(h2::Reason::NO_ERROR)
+        | Some(h2::Reason::REFUSED_STREAM) => io::Error::new(io::ErrorKind::ConnectionReset, e),
         _ => io::Error::other(e),
     }
 }
@@ -130,9 +132,7 @@ impl AsyncWrite for H2Stream {
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.send_done {
             self.send_done = true;
-            self.send
-                .send_data(Bytes::new(), true)
-                .map_err(h2_to_io)?;
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         }
         Poll::Ready(Ok(()))
     }

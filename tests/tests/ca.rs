@@ -1,0 +1,327 @@
+//! The CA over its real gRPC/TLS transport, the certificate manager against it, and HBONE
+//! running on managed certificates while they rotate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::ca::{
+    AllowAny, CaClientConfig, CertificateSigner, GrpcCaClient, SignError, StaticTokens, TokenSource,
+};
+use mesh::cert_manager::{CertManager, CertManagerConfig};
+use mesh::hbone::server::ManagedCertificate;
+use mesh::hbone::{
+    ClientConfig, ConnectRequest, HboneAuthority, HboneClient, HboneServer, ServerConfig,
+};
+use mesh_tests::*;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn client(ca: &RunningCa, token: Option<&str>, impersonate: bool) -> GrpcCaClient {
+    GrpcCaClient::new(CaClientConfig {
+        token: token.map_or(TokenSource::None, |t| TokenSource::Static(t.into())),
+        impersonate,
+        ..ca.client_config()
+    })
+    .unwrap()
+}
+
+fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
+#[tokio::test]
+async fn grpc_ca_issues_a_usable_chain() {
+    init_tracing();
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let ca = start_ca(&pki, Arc::new(AllowAny), any_port()).await;
+    let mut registry = Registry::default();
+    let manager = CertManager::new(
+        Arc::new(client(&ca, None, true)),
+        CertManagerConfig::default(),
+        &mut registry,
+    );
+    let identity = pki.id("demo", "web");
+    let cert = manager
+        .fetch_certificate(&identity)
+        .await
+        .expect("certificate");
+    assert_eq!(cert.identity(), &identity);
+    assert_eq!(cert.info().identities, vec![identity.clone()]);
+    let lifetime = cert
+        .info()
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        lifetime > Duration::from_secs(23 * 3600) && lifetime <= Duration::from_secs(24 * 3600),
+        "24 h default lifetime, got {lifetime:?}"
+    );
+    assert!(encode(&ca.metrics).contains(r#"mesh_ca_csr_requests_total{result="granted"} 1"#));
+}
+
+#[tokio::test]
+async fn forbidden_identity_is_refused() {
+    init_tracing();
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let web = pki.id("demo", "web");
+    let db = pki.id("demo", "db");
+    let auth = StaticTokens::new().allow("web-token", web.clone());
+    let ca = start_ca(&pki, Arc::new(auth), any_port()).await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let hour = Duration::from_secs(3600);
+
+    // The token's own identity is granted.
+    let ok = client(&ca, Some("web-token"), false)
+        .sign(&web, csr_for(&web, &key), hour)
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    // Another identity with the same token is refused.
+    let denied = client(&ca, Some("web-token"), false)
+        .sign(&db, csr_for(&db, &key), hour)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &denied,
+            SignError::Refused {
+                code: tonic::Code::PermissionDenied,
+                ..
+            }
+        ),
+        "{denied}"
+    );
+    assert!(
+        denied.to_string().contains("db"),
+        "names the identity: {denied}"
+    );
+    // No token, or an unknown one: unauthenticated.
+    for token in [None, Some("stolen")] {
+        let err = client(&ca, token, false)
+            .sign(&web, csr_for(&web, &key), hour)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                SignError::Refused {
+                    code: tonic::Code::Unauthenticated,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    // Impersonating one identity while the CSR asks for another is invalid.
+    let mismatched = client(&ca, Some("web-token"), true)
+        .sign(&web, csr_for(&db, &key), hour)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &mismatched,
+            SignError::Refused {
+                code: tonic::Code::InvalidArgument,
+                ..
+            }
+        ),
+        "{mismatched}"
+    );
+    // A lifetime beyond the maximum is refused.
+    let too_long = client(&ca, Some("web-token"), false)
+        .sign(
+            &web,
+            csr_for(&web, &key),
+            Duration::from_secs(365 * 24 * 3600),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        too_long.to_string().contains("exceeds the maximum"),
+        "{too_long}"
+    );
+    let text = encode(&ca.metrics);
+    assert!(
+        text.contains(r#"mesh_ca_csr_requests_total{result="denied"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"mesh_ca_csr_requests_total{result="invalid"} 2"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_csr_is_invalid_argument() {
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let ca = start_ca(&pki, Arc::new(AllowAny), any_port()).await;
+    let web = pki.id("demo", "web");
+    let err = client(&ca, None, false)
+        .sign(
+            &web,
+            "-----BEGIN CERTIFICATE REQUEST-----\nzz\n-----END CERTIFICATE REQUEST-----".into(),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            SignError::Refused {
+                code: tonic::Code::InvalidArgument,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn manager_recovers_when_ca_starts_late() {
+    init_tracing();
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = CaClientConfig {
+        address: port.to_string(),
+        root_cert_pem: pki.root_pem().to_owned(),
+        server_name: Some("localhost".into()),
+        token: TokenSource::None,
+        impersonate: false,
+        timeout: Duration::from_secs(2),
+    };
+    let mut registry = Registry::default();
+    let manager = CertManager::new(
+        Arc::new(GrpcCaClient::new(config).unwrap()),
+        CertManagerConfig {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(300),
+            ..CertManagerConfig::default()
+        },
+        &mut registry,
+    );
+    let web = pki.id("demo", "web");
+    let err = manager.fetch_certificate(&web).await.unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    let _ca = start_ca(&pki, Arc::new(AllowAny), port).await;
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(c) = manager.fetch_certificate(&web).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("certificate once the CA is up");
+    assert_eq!(got.identity(), &web);
+}
+
+/// Both ends on certificates that live 3 s: a tunnel carries data across several rotations
+/// (and past the expiry of the certificates it was opened with), and new tunnels keep working.
+#[tokio::test]
+async fn rotation_under_traffic_keeps_tunnels_working() {
+    init_tracing();
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let ca = start_ca(&pki, Arc::new(AllowAny), any_port()).await;
+    let mut registry = Registry::default();
+    let manager = CertManager::new(
+        Arc::new(client(&ca, None, true)),
+        CertManagerConfig {
+            ttl: Duration::from_secs(3),
+            ..CertManagerConfig::default()
+        },
+        &mut registry,
+    );
+    let client_id = pki.id("client-ns", "client");
+    let server_id = pki.id("server-ns", "server");
+    let server = HboneServer::bind(
+        any_port(),
+        ServerConfig::default(),
+        Arc::new(ManagedCertificate {
+            manager: manager.clone(),
+            identity: server_id.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    let hbone = server.local_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server.run(stop.clone(), forward));
+    let _stop = stop.drop_guard();
+    let hbone_client = HboneClient::new(ClientConfig::default(), Arc::new(manager.clone()));
+    let echo = start_echo().await;
+    let request = || ConnectRequest {
+        source: client_id.clone(),
+        destination: server_id.clone(),
+        hbone_addr: hbone,
+        authority: HboneAuthority(echo),
+        headers: http::HeaderMap::new(),
+    };
+
+    let first_serial = manager
+        .fetch_certificate(&server_id)
+        .await
+        .unwrap()
+        .info()
+        .serial
+        .clone();
+    let mut long_lived = hbone_client.connect(request()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut round = 0u32;
+    let mut serials = std::collections::HashSet::new();
+    while started.elapsed() < Duration::from_secs(7) {
+        let msg = format!("round {round}");
+        long_lived.write_all(msg.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        long_lived.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            buf,
+            msg.as_bytes(),
+            "long-lived tunnel intact in round {round}"
+        );
+        // A fresh tunnel (and, once the idle pool is gone, a fresh handshake) each round.
+        let mut fresh = hbone_client
+            .connect(request())
+            .await
+            .expect("new tunnel after rotation");
+        fresh.write_all(b"new").await.unwrap();
+        let mut b = [0u8; 3];
+        fresh.read_exact(&mut b).await.unwrap();
+        serials.insert(
+            manager
+                .fetch_certificate(&server_id)
+                .await
+                .unwrap()
+                .info()
+                .serial
+                .clone(),
+        );
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    serials.insert(first_serial);
+    assert!(
+        serials.len() >= 3,
+        "the server certificate rotated at least twice during the test ({} serials)",
+        serials.len()
+    );
+    // A brand-new connection after the original certificates expired.
+    let fresh_client = HboneClient::new(ClientConfig::default(), Arc::new(manager.clone()));
+    let mut t = fresh_client
+        .connect(request())
+        .await
+        .expect("handshake with rotated certs");
+    t.write_all(b"after").await.unwrap();
+    let mut b = [0u8; 5];
+    t.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"after");
+}
