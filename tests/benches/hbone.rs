@@ -76,10 +76,7 @@ async fn rtt<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> (f64, f64) {
     }
     samples.sort();
     let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    (
-        pct(0.50).as_secs_f64() * 1e6,
-        pct(0.99).as_secs_f64() * 1e6,
-    )
+    (pct(0.50).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6)
 }
 
 /// Median of three bulk runs on fresh tunnels from `h`, after a warm-up.
@@ -172,7 +169,10 @@ async fn run() {
     println!(
         "HBONE vs plain TCP on loopback ({mib} MiB bulk, median of 3; {RTT_SAMPLES} x 1 KiB round trips)"
     );
-    println!("{:<28}{:>14}{:>14}{:>10}", "", "plain TCP", "HBONE", "ratio");
+    println!(
+        "{:<28}{:>14}{:>14}{:>10}",
+        "", "plain TCP", "HBONE", "ratio"
+    );
     println!(
         "{:<28}{:>14.2}{:>14.2}{:>10.2}",
         "bulk, one stream (Gbit/s)",
@@ -197,7 +197,10 @@ async fn run() {
     println!("added p50 round trip: {:.1} us", h_p50 - tcp_p50);
 
     println!();
-    println!("HTTP/2 stream window sweep (one tunnel, {} MiB, median of 3)", mib / 2);
+    println!(
+        "HTTP/2 stream window sweep (one tunnel, {} MiB, median of 3)",
+        mib / 2
+    );
     println!("{:<24}{:>14}", "stream window", "Gbit/s");
     for window in [64 * 1024, 256 * 1024, 1 << 20, 4 << 20, 16 << 20] {
         let settings = H2Settings {
@@ -211,12 +214,19 @@ async fn run() {
         } else {
             ""
         };
-        println!("{:<24}{:>14.2}{marker}", format!("{} KiB", window / 1024), g);
+        println!(
+            "{:<24}{:>14.2}{marker}",
+            format!("{} KiB", window / 1024),
+            g
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     println!();
-    println!("HTTP/2 max frame size sweep (default window, one tunnel, {} MiB, median of 3)", mib / 2);
+    println!(
+        "HTTP/2 max frame size sweep (default window, one tunnel, {} MiB, median of 3)",
+        mib / 2
+    );
     println!("{:<24}{:>14}", "max frame size", "Gbit/s");
     for frame in [16 * 1024, 64 * 1024, 256 * 1024, 1 << 20] {
         let settings = H2Settings {

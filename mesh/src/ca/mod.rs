@@ -12,5 +12,5 @@ pub use authority::{CaError, CaKeySource, CertificateAuthority};
 pub use client::{CaClientConfig, CertificateSigner, GrpcCaClient, SignError, TokenSource};
 pub use server::{
     AllowAny, AuthError, Authenticator, CaMetrics, CaServer, CaServerError, CaService,
-    CaServingNames, Caller, StaticTokens,
+    CaServingNames, Caller, StaticTokens, TokenFileError,
 };

@@ -87,6 +87,62 @@ impl StaticTokens {
     }
 }
 
+/// Why a token file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("token file {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token file {path}, line {line}: {why}")]
+    Line {
+        path: std::path::PathBuf,
+        line: usize,
+        why: String,
+    },
+}
+
+impl StaticTokens {
+    /// Reads `<token> <identity>` lines; blank lines and lines starting with `#` are skipped.
+    /// A token may appear on several lines to hold several identities.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, TokenFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut tokens = StaticTokens::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let err = |why: String| TokenFileError::Line {
+                path: path.to_owned(),
+                line: n + 1,
+                why,
+            };
+            let mut fields = line.split_whitespace();
+            let (Some(token), Some(identity), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(err("expected `<token> <spiffe identity>`".into()));
+            };
+            let identity = identity
+                .parse()
+                .map_err(|e: crate::identity::IdentityError| err(e.to_string()))?;
+            tokens = tokens.allow(token, identity);
+        }
+        if tokens.tokens.is_empty() {
+            return Err(TokenFileError::Line {
+                path: path.to_owned(),
+                line: 0,
+                why: "no tokens: every caller would be refused".into(),
+            });
+        }
+        Ok(tokens)
+    }
+}
+
 impl Authenticator for StaticTokens {
     fn authorize<'a>(
         &'a self,

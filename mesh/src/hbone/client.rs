@@ -222,8 +222,9 @@ impl HboneClient {
                     continue;
                 }
                 other => {
-                    return other
-                        .map(|(send, recv)| H2Stream::new(send, recv, Some(Box::new(reservation))));
+                    return other.map(|(send, recv)| {
+                        H2Stream::new(send, recv, Some(Box::new(reservation)))
+                    });
                 }
             }
         }
