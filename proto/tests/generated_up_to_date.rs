@@ -3,6 +3,8 @@
 //! checked-in copy differs. To refresh after editing a .proto file:
 //! `UPDATE_GENERATED=1 cargo test -p proto --test generated_up_to_date`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 #[test]

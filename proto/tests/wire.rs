@@ -1,6 +1,8 @@
 //! The wire format must be Istio's: field numbers and the gRPC method path are checked against
 //! the values Istio's `security/v1alpha1/ca.proto` uses.
 
+#![allow(clippy::unwrap_used)]
+
 use prost::Message;
 use proto::{IstioCertificateRequest, IstioCertificateResponse};
 

@@ -5,6 +5,8 @@
 //! Run: `cargo bench -p mesh-tests --bench hbone` (set `BENCH_BULK_MIB` to change the bulk size).
 //! It prints figures; it never fails on a timing.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! The CA over its real gRPC/TLS transport, the certificate manager against it, and HBONE
 //! running on managed certificates while they rotate.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! HBONE on real loopback sockets: bytes intact, identities checked both ways, pooling, and
 //! every kind of bad peer refused without harming the others.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -1,6 +1,8 @@
 //! `ztunnel ca` as a user runs it: starts, issues a certificate over gRPC/TLS, stops cleanly on
 //! SIGTERM, and refuses an unsafe configuration.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -17,7 +17,7 @@ pub mod server;
 pub mod stream;
 
 pub use client::{ClientConfig, ConnectRequest, HboneClient, HboneError};
-pub use server::{HboneServer, InboundTunnel, ServerConfig};
+pub use server::{HboneServer, InboundTunnel, ServerConfig, TlsSummary};
 pub use stream::H2Stream;
 
 /// The HBONE port.

@@ -77,6 +77,8 @@ pub struct InboundTunnel {
     /// Where the client wants its bytes to go.
     pub authority: HboneAuthority,
     pub headers: HeaderMap,
+    /// How the HBONE connection is protected.
+    pub tls: Arc<TlsSummary>,
     respond: h2::server::SendResponse<Bytes>,
     recv: h2::RecvStream,
 }
@@ -112,6 +114,15 @@ impl InboundTunnel {
     pub fn forwarded_for(&self) -> Option<std::net::IpAddr> {
         super::forwarded_for(&self.headers)
     }
+}
+
+/// The negotiated TLS parameters of an HBONE connection, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TlsSummary {
+    /// For example `TLSv1_3`.
+    pub protocol: String,
+    /// For example `TLS13_AES_256_GCM_SHA384`.
+    pub cipher_suite: String,
 }
 
 fn status_response(status: StatusCode) -> Response<()> {
@@ -259,6 +270,17 @@ impl Connection {
                 .and_then(|c| c.first().cloned())
                 .ok_or("client presented no certificate")?;
             let peer_identity = crate::tls::peer_identity(&leaf).map_err(|e| e.to_string())?;
+            let conn = tls.get_ref().1;
+            let summary = Arc::new(TlsSummary {
+                protocol: conn
+                    .protocol_version()
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_default(),
+                cipher_suite: conn
+                    .negotiated_cipher_suite()
+                    .map(|c| format!("{:?}", c.suite()))
+                    .unwrap_or_default(),
+            });
             let h2 = h2::server::Builder::new()
                 .initial_window_size(config.h2.stream_window)
                 .initial_connection_window_size(config.h2.connection_window)
@@ -269,9 +291,9 @@ impl Connection {
                 .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-            Ok::<_, String>((peer_identity, h2))
+            Ok::<_, String>((peer_identity, summary, h2))
         };
-        let (peer_identity, mut h2) = tokio::time::timeout(timeout, handshake)
+        let (peer_identity, tls_summary, mut h2) = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| format!("handshake did not finish within {timeout:?}"))??;
         tracing::debug!(%peer_identity, "HBONE connection established");
@@ -300,6 +322,7 @@ impl Connection {
                         peer_addr: peer,
                         authority,
                         headers: parts.headers,
+                        tls: tls_summary.clone(),
                         respond,
                         recv,
                     };
