@@ -514,3 +514,43 @@ async fn idle_connections_are_closed() {
         "idle connection dropped"
     );
 }
+
+#[tokio::test]
+async fn client_gives_up_on_a_stalled_server() {
+    init_tracing();
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let client_id = pki.id("client-ns", "client-sa");
+    // Accepts TCP and then never speaks TLS.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let client = HboneClient::new(
+        ClientConfig {
+            handshake_timeout: Duration::from_millis(300),
+            ..ClientConfig::default()
+        },
+        Arc::new(StaticCerts::default().with(pki.cert(&client_id))),
+    );
+    let started = std::time::Instant::now();
+    let err = client
+        .connect(ConnectRequest {
+            source: client_id,
+            destination: pki.id("server-ns", "server-sa"),
+            hbone_addr: addr,
+            authority: HboneAuthority("127.0.0.1:80".parse().unwrap()),
+            headers: http::HeaderMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, mesh::hbone::HboneError::HandshakeTimeout { .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up promptly");
+    assert_eq!(client.connection_count(), 0, "nothing half-open left in the pool");
+}
