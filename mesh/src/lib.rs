@@ -10,8 +10,11 @@
 pub mod ca;
 pub mod cert_manager;
 pub mod copy;
+pub mod discovery;
 pub mod hbone;
 pub mod identity;
+pub mod metrics;
+pub mod model;
 pub mod tls;
 
 pub use identity::Identity;

@@ -1,9 +1,18 @@
 //! ztunnel: the per-node proxy of the ambient mesh.
 //!
-//! Today the binary runs the mesh's certificate authority (`ztunnel ca`); capture, the
-//! outbound/inbound proxies and L4 policy arrive with the ztunnel issue and will live beside it
-//! (`app`, `capture`, `proxy`, `authz`, `dns`), all built on the shared `mesh` library.
+//! `ztunnel run` serves the enrolled pods of one node: [`app`] composes the state source,
+//! certificates, [`pods`] (each enrolled pod's network and listeners, with [`capture`] for
+//! in-pod redirection), the [`proxy`] handlers, L4 [`authz`] and the [`admin`] ports.
+//! `ztunnel ca` runs the mesh's certificate authority ([`ca_cmd`]).
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod authz;
 pub mod ca_cmd;
+pub mod capture;
+pub mod config;
+pub mod netns_pods;
+pub mod pods;
+pub mod proxy;

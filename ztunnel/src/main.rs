@@ -1,11 +1,16 @@
-//! The `ztunnel` command.
+//! The `ztunnel` command: `run` serves this node's pods, `ca` runs the certificate authority.
+
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
 
 #[derive(Debug, Parser)]
 #[command(name = "ztunnel", version, about = "Ambient mesh node proxy")]
 struct Cli {
-    /// Log filter, as RUST_LOG (e.g. `info`, `mesh=debug`).
+    /// Log filter, as RUST_LOG (e.g. `info`, `mesh=debug`, `access=off`).
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     log: String,
     #[command(subcommand)]
@@ -14,21 +19,43 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve this node's enrolled pods. Configured by environment variables: NODE_NAME,
+    /// MESH_CONFIG_PATH, CA_ADDRESS, CA_ROOT_CERT (required); TRUST_DOMAIN, CLUSTER_DOMAIN,
+    /// ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, CAPTURE_MODE (`none` | `netns:<prefix>`),
+    /// ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, SOCKS5_ADDR (`off` to disable),
+    /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS.
+    Run,
     /// Run the mesh's certificate authority (Istio's certificate service over gRPC/TLS).
-    Ca(ztunnel::ca_cmd::CaArgs),
+    Ca(Box<ztunnel::ca_cmd::CaArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
+    let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&cli.log)?);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
         .init();
+    let log: ztunnel::admin::LogControl = Arc::new(move |f: &str| {
+        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Ca(args) => ztunnel::ca_cmd::run(args).await,
+            Command::Ca(args) => ztunnel::ca_cmd::run(*args).await,
+            Command::Run => {
+                let config = ztunnel::config::Config::from_env(&ztunnel::config::ProcessEnv)?;
+                let bound = ztunnel::app::build(config, Some(log)).await?;
+                let trigger = bound.shutdown_trigger();
+                tokio::spawn(async move {
+                    ztunnel::ca_cmd::shutdown_signal().await;
+                    trigger.cancel();
+                });
+                bound.wait().await
+            }
         }
     })
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{Request, StatusCode};
 use tokio::net::TcpStream;
 
@@ -105,6 +106,22 @@ impl HboneError {
 
 type PoolKey = (Identity, Identity, SocketAddr);
 
+/// Opens the TCP connection under an HBONE connection. ztunnel supplies one that dials from
+/// inside the source pod's network namespace; the default dials from wherever the process is.
+pub trait TcpConnector: Send + Sync + 'static {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>>;
+}
+
+/// Dials from the process' own network namespace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DirectConnector;
+
+impl TcpConnector for DirectConnector {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> {
+        Box::pin(TcpStream::connect(addr))
+    }
+}
+
 /// Opens HBONE tunnels. Cheap to clone; clones share the pool.
 #[derive(Clone)]
 pub struct HboneClient {
@@ -123,6 +140,7 @@ impl std::fmt::Debug for HboneClient {
 struct Pool {
     config: ClientConfig,
     certs: Arc<dyn CertificateSource>,
+    connector: Arc<dyn TcpConnector>,
     keys: Mutex<HashMap<PoolKey, Arc<KeyPool>>>,
     next_id: AtomicU64,
 }
@@ -182,9 +200,19 @@ impl HboneClient {
     /// A client presenting certificates from `certs`. Starts the idle reaper; needs a Tokio
     /// runtime.
     pub fn new(config: ClientConfig, certs: Arc<dyn CertificateSource>) -> Self {
+        Self::with_connector(config, certs, Arc::new(DirectConnector))
+    }
+
+    /// A client whose connections are dialled by `connector`.
+    pub fn with_connector(
+        config: ClientConfig,
+        certs: Arc<dyn CertificateSource>,
+        connector: Arc<dyn TcpConnector>,
+    ) -> Self {
         let inner = Arc::new(Pool {
             config,
             certs,
+            connector,
             keys: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         });
@@ -258,7 +286,7 @@ impl HboneClient {
         let cfg = &self.inner.config;
         let addr = request.hbone_addr;
         let cert = self.inner.certs.certificate(&request.source).await?;
-        let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(cfg.connect_timeout, self.inner.connector.connect(addr))
             .await
             .map_err(|_| HboneError::ConnectTimeout {
                 addr,

@@ -16,7 +16,9 @@ pub mod client;
 pub mod server;
 pub mod stream;
 
-pub use client::{ClientConfig, ConnectRequest, HboneClient, HboneError};
+pub use client::{
+    ClientConfig, ConnectRequest, DirectConnector, HboneClient, HboneError, TcpConnector,
+};
 pub use server::{HboneServer, InboundTunnel, ServerConfig, TlsSummary};
 pub use stream::H2Stream;
 

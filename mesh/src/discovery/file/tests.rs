@@ -1,0 +1,537 @@
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::discovery::Store;
+use crate::model::{PolicyAction, State};
+
+/// Every wait in these tests is bounded by this.
+const WAIT: Duration = Duration::from_secs(10);
+
+const NAMESPACE_AND_POD: &str = "
+# The demo namespace, enrolled.
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, labels: {app: client}}
+spec: {nodeName: node-a, serviceAccountName: client, containers: [{name: main}]}
+status: {phase: Running, podIP: 10.0.0.1}
+";
+
+const SERVICE_AND_POLICY: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.2]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-policy, namespace: demo}
+spec: {action: DENY, rules: [{}]}
+";
+
+const OVERRIDE_POLICY: &str = "
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: web-policy, namespace: demo}
+spec: {rules: [{from: [{source: {namespaces: [demo]}}]}]}
+";
+
+fn pod(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: demo}}
+spec: {{nodeName: node-a, containers: [{{name: main}}]}}
+status: {{phase: Running, podIP: {ip}}}
+---
+"
+    )
+}
+
+fn deny_policy(ports: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-web, namespace: demo}}
+spec:
+  action: DENY
+  rules: [{{to: [{{operation: {{ports: [{ports}]}}}}]}}]
+---
+"
+    )
+}
+
+fn source(path: &Path, registry: &mut Registry) -> FileSource {
+    let config = FileSourceConfig {
+        poll_interval: Duration::from_millis(20),
+        ..FileSourceConfig::new(path)
+    };
+    FileSource::new(config, registry)
+}
+
+/// The value of one sample in the text exposition, e.g.
+/// `mesh_config_rejected_total{kind="Pod"}`.
+fn metric(registry: &Registry, sample: &str) -> Option<f64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
+}
+
+async fn wait_for(store: &Store, what: &str, condition: impl Fn(&State) -> bool) {
+    let mut versions = store.subscribe();
+    let waited = tokio::time::timeout(WAIT, async {
+        loop {
+            if condition(&store.snapshot()) {
+                return;
+            }
+            versions.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting for {what}");
+}
+
+/// Writes a file so that polling sees a change even on a filesystem with coarse timestamps:
+/// the size differs from any earlier version in these tests, or the content is appended.
+fn write(path: &Path, content: &str) {
+    std::fs::write(path, content).unwrap();
+}
+
+#[tokio::test]
+async fn initial_load_reads_the_yaml_files_of_a_directory_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("10-namespace.yaml"), NAMESPACE_AND_POD);
+    write(&dir.path().join("20-service.yml"), SERVICE_AND_POLICY);
+    // Sorted after 20-service.yml, so its definition of web-policy wins.
+    write(&dir.path().join("30-override.yaml"), OVERRIDE_POLICY);
+    // Not read: other extensions, dot-files (ConfigMap mount internals), subdirectories.
+    write(&dir.path().join("README.md"), "not: [yaml");
+    write(&dir.path().join(".hidden.yaml"), "not: [yaml");
+    std::fs::create_dir(dir.path().join("nested")).unwrap();
+    write(&dir.path().join("nested/x.yaml"), "not: [yaml");
+
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    assert!(!store.has_synced());
+
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(
+        (report.files, report.objects, report.ignored, report.version),
+        (3, 5, 0, 1)
+    );
+    assert!(store.has_synced());
+
+    let state = store.snapshot();
+    assert!(state.workloads["demo/client"].enrolled);
+    assert_eq!(state.services["demo/web"].endpoints.len(), 1);
+    assert_eq!(state.authorization_policies.len(), 1);
+    assert_eq!(state.authorization_policies[0].action, PolicyAction::Allow);
+
+    assert_eq!(
+        metric(&registry, r#"mesh_config_objects{kind="Pod"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_objects{kind="AuthorizationPolicy"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_objects{kind="PeerAuthentication"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&registry, r#"mesh_config_reloads_total{result="success"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn edits_deletions_and_new_files_are_picked_up_by_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let pods = dir.path().join("pods.yaml");
+    write(&pods, &pod("a", "10.0.0.1"));
+
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+    assert!(store.snapshot().workloads.contains_key("demo/a"));
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(writer, shutdown.clone()));
+
+    write(&pods, &(pod("a", "10.0.0.1") + &pod("b", "10.0.0.2")));
+    wait_for(&store, "pod b", |s| s.workloads.contains_key("demo/b")).await;
+
+    write(&dir.path().join("more.yml"), &pod("c", "10.0.0.3"));
+    wait_for(&store, "pod c from a new file", |s| s.workloads.len() == 3).await;
+
+    std::fs::remove_file(&pods).unwrap();
+    wait_for(&store, "pods a and b gone", |s| {
+        s.workloads.keys().collect::<Vec<_>>() == ["demo/c"]
+    })
+    .await;
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    assert!(metric(&registry, r#"mesh_config_reloads_total{result="success"}"#).unwrap() >= 4.0);
+}
+
+#[tokio::test]
+async fn unchanged_files_are_not_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("pods.yaml"), &pod("a", "10.0.0.1"));
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(writer, shutdown.clone()));
+    // Ten polls' worth of time: nothing changed, so nothing is published.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.version(), 1);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn broken_yaml_keeps_the_files_last_good_contents_while_other_files_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.yaml");
+    let pods = dir.path().join("pods.yaml");
+    write(&policies, &deny_policy("'80'"));
+    write(&pods, &pod("a", "10.0.0.1"));
+
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+
+    // The second document of policies.yaml is broken; pods.yaml changes too.
+    write(&policies, &(deny_policy("'8080'") + "kind: [unclosed\n"));
+    write(&pods, &(pod("a", "10.0.0.1") + &pod("b", "10.0.0.2")));
+    let report = source.load_once(&writer).await.unwrap();
+
+    assert_eq!(report.rejected.len(), 1);
+    let message = report.rejected[0].to_string();
+    assert!(
+        message.starts_with(&format!(
+            "{}: document 2: invalid YAML: ",
+            policies.display()
+        )),
+        "{message}"
+    );
+    let state = store.snapshot();
+    // The whole file's last good contents stay (port 80, not the new 8080)...
+    assert_eq!(
+        state.authorization_policies[0].rules[0].to[0].ports,
+        vec![80]
+    );
+    // ...and the other file applied.
+    assert!(state.workloads.contains_key("demo/b"));
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="unknown"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&registry, r#"mesh_config_reloads_total{result="partial"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_objects{kind="AuthorizationPolicy"}"#
+        ),
+        Some(1.0)
+    );
+
+    // Fixing the file applies it.
+    write(&policies, &deny_policy("'8080'"));
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty());
+    assert_eq!(
+        store.snapshot().authorization_policies[0].rules[0].to[0].ports,
+        vec![8080]
+    );
+}
+
+#[tokio::test]
+async fn broken_yaml_in_a_file_never_loaded_before_applies_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = pod("a", "10.0.0.1") + "apiVersion: v1\nkind: [broken\n";
+    write(&dir.path().join("a.yaml"), &broken);
+    write(&dir.path().join("b.yaml"), &pod("b", "10.0.0.2"));
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let report = source.load_once(&writer).await.unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert!(writer.store().has_synced());
+    // The other file, and the documents of the broken file before the error, apply.
+    let state = writer.store().snapshot();
+    assert_eq!(
+        state.workloads.keys().collect::<Vec<_>>(),
+        ["demo/a", "demo/b"]
+    );
+}
+
+#[tokio::test]
+async fn a_bad_object_keeps_its_last_good_version_and_names_file_and_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("demo.yaml");
+    write(&file, &(deny_policy("'80'") + &pod("a", "10.0.0.1")));
+
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+
+    write(&file, &(deny_policy("'80', http") + &pod("a", "10.0.0.9")));
+    let report = source.load_once(&writer).await.unwrap();
+    let messages: Vec<_> = report.rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        vec![format!(
+            r#"{}: document 1: AuthorizationPolicy demo/deny-web: spec.rules[0].to[0].operation.ports[1]: "http" is not a port number"#,
+            file.display()
+        )]
+    );
+    let state = store.snapshot();
+    assert_eq!(
+        state.authorization_policies[0].rules[0].to[0].ports,
+        vec![80]
+    );
+    assert_eq!(
+        state.workloads["demo/a"].ips,
+        vec!["10.0.0.9".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_rejected_total{kind="AuthorizationPolicy"}"#
+        ),
+        Some(1.0)
+    );
+
+    // A schema error (wrong type) is pinned to its object too.
+    write(
+        &file,
+        &(deny_policy("'80'").replace("rules: [", "rulez: [") + &pod("a", "10.0.0.9")),
+    );
+    let report = source.load_once(&writer).await.unwrap();
+    let message = report.rejected[0].to_string();
+    assert!(
+        message.contains(
+            "document 1: AuthorizationPolicy demo/deny-web: spec.rulez: unknown field `rulez`"
+        ),
+        "{message}"
+    );
+    assert_eq!(
+        store.snapshot().authorization_policies[0].rules[0].to[0].ports,
+        vec![80]
+    );
+}
+
+#[tokio::test]
+async fn unknown_kinds_are_counted_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: demo}
+spec: {}
+---
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: knative, namespace: demo}
+---
+"
+    .to_owned()
+        + &pod("a", "10.0.0.1");
+    write(&dir.path().join("mixed.yaml"), &yaml);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(report.ignored, 2);
+    assert!(writer.store().snapshot().workloads.contains_key("demo/a"));
+    assert!(writer.store().snapshot().services.is_empty());
+    assert_eq!(
+        metric(&registry, r#"mesh_config_ignored_total{kind="Deployment"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&registry, r#"mesh_config_ignored_total{kind="Service"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&registry, r#"mesh_config_reloads_total{result="success"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_document_without_a_name_rejects_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pods.yaml");
+    write(&file, &pod("a", "10.0.0.1"));
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    source.load_once(&writer).await.unwrap();
+
+    let nameless = "apiVersion: v1\nkind: Pod\nmetadata: {namespace: demo}\n---\n";
+    write(&file, &(pod("b", "10.0.0.2") + nameless));
+    let report = source.load_once(&writer).await.unwrap();
+    assert_eq!(
+        report
+            .rejected
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec![format!(
+            "{}: document 2: Pod without metadata.name",
+            file.display()
+        )]
+    );
+    let state = writer.store().snapshot();
+    assert_eq!(state.workloads.keys().collect::<Vec<_>>(), ["demo/a"]);
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="Pod"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_single_file_path_and_a_path_that_appears_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.txt");
+    let mut registry = Registry::default();
+    let mut source = source(&file, &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+
+    let error = source.load_once(&writer).await.unwrap_err();
+    assert!(matches!(error, FileSourceError::Scan { .. }), "{error}");
+    assert!(error.to_string().contains("does it exist"), "{error}");
+    assert!(!store.has_synced());
+    assert_eq!(
+        metric(&registry, r#"mesh_config_reloads_total{result="failure"}"#),
+        Some(1.0)
+    );
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(writer, shutdown.clone()));
+    // A file path is read whatever its extension.
+    write(&file, &pod("a", "10.0.0.1"));
+    wait_for(&store, "the file to appear", |s| {
+        s.workloads.contains_key("demo/a")
+    })
+    .await;
+    assert!(store.has_synced());
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    // The missing file was reported once, not once per poll.
+    assert_eq!(
+        metric(&registry, r#"mesh_config_reloads_total{result="failure"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn list_documents_are_expanded() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a, namespace: demo}
+  spec: {nodeName: node-a, containers: [{name: main}]}
+  status: {phase: Running, podIP: 10.0.0.1}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: demo}
+  spec: {clusterIP: bogus}
+";
+    let file = dir.path().join("list.yaml");
+    write(&file, yaml);
+    let mut registry = Registry::default();
+    let mut source = source(&file, &mut registry);
+    let writer = StoreWriter::new();
+    let report = source.load_once(&writer).await.unwrap();
+    assert_eq!(
+        report
+            .rejected
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec![format!(
+            r#"{}: document 1, items[1]: Service demo/web: spec.clusterIP: "bogus" is not an IP address"#,
+            file.display()
+        )]
+    );
+    assert!(writer.store().snapshot().workloads.contains_key("demo/a"));
+}
+
+#[test]
+fn empty_and_comment_only_documents_are_skipped() {
+    let parsed = parse_file(
+        Path::new("x.yaml"),
+        "# nothing\n---\n---\n# still nothing\n",
+    );
+    assert!(parsed.objects.is_empty() && parsed.errors.is_empty() && parsed.ignored.is_empty());
+    let parsed = parse_file(Path::new("x.yaml"), "");
+    assert!(parsed.objects.is_empty() && parsed.errors.is_empty());
+    let parsed = parse_file(Path::new("x.yaml"), "just a string\n");
+    assert_eq!(parsed.errors.len(), 1);
+    let parsed = parse_file(Path::new("x.yaml"), "kind: Pod\nmetadata: {name: a}\n");
+    assert_eq!(
+        parsed.errors[0].to_string(),
+        "x.yaml: document 1: not a Kubernetes object: apiVersion and kind are required"
+    );
+}
+
+#[test]
+fn the_store_handle_is_shared() {
+    let writer = StoreWriter::new();
+    let a = writer.store();
+    let b = a.clone();
+    writer.apply(State::default());
+    assert!(Arc::ptr_eq(&a.snapshot(), &b.snapshot()));
+}

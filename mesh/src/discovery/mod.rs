@@ -1,0 +1,135 @@
+//! Discovery: the sources that feed Kubernetes and Istio objects into the translation, and the
+//! snapshot store through which everything else reads the resulting state.
+//!
+//! A source owns the store's only writer; readers hold [`Store`] handles. Today the source is
+//! the file source ([`file`]); the Kubernetes watcher will use the same translation, store and
+//! metrics.
+
+use std::collections::BTreeMap;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::model::translate::Kind;
+
+pub mod file;
+pub mod store;
+
+pub use store::{Store, StoreWriter};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+/// How a reload went, the `result` label of `mesh_config_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// Every object applied.
+    Success,
+    /// A new state applied, but some objects were rejected (their last good versions stay).
+    Partial,
+    /// Nothing could be read; the previous state stays.
+    Failure,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Partial => "partial",
+            ReloadResult::Failure => "failure",
+        }
+    }
+}
+
+/// Metrics of a configuration source, so a rejected document is visible on a dashboard and
+/// not only in a log line.
+#[derive(Clone, Debug)]
+pub struct ConfigMetrics {
+    rejected: Family<KindLabels, Counter>,
+    ignored: Family<KindLabels, Counter>,
+    objects: Family<KindLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
+}
+
+impl ConfigMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let rejected = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "mesh_config_rejected",
+            "Configuration objects rejected (invalid), by kind; the last good version stays in force",
+            rejected.clone(),
+        );
+        let ignored = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "mesh_config_ignored",
+            "Configuration documents of a kind this proxy does not read, by kind; skipped",
+            ignored.clone(),
+        );
+        let objects = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "mesh_config_objects",
+            "Configuration objects in force, by kind",
+            objects.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "mesh_config_reloads",
+            "Configuration reloads, by result (success, partial, failure)",
+            reloads.clone(),
+        );
+        Self {
+            rejected,
+            ignored,
+            objects,
+            reloads,
+        }
+    }
+
+    /// Counts a rejected object; `kind` is the document's kind, or `unknown` when even that
+    /// could not be read.
+    pub fn rejected(&self, kind: &str) {
+        self.rejected
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a document of a kind nobody here reads.
+    pub fn ignored(&self, kind: &str) {
+        self.ignored
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the objects-in-force gauges from a translation's counts.
+    pub fn set_in_force(&self, counts: &BTreeMap<Kind, usize>) {
+        for (kind, count) in counts {
+            self.objects
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str().to_owned(),
+                })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn reload(&self, result: ReloadResult) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: result.as_str(),
+            })
+            .inc();
+    }
+}

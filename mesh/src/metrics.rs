@@ -1,0 +1,261 @@
+//! Istio's standard TCP metrics, with Istio's names and labels so existing dashboards work, and
+//! the guard that records one connection's metrics and access-log line when it ends.
+//!
+//! A [`ConnectionGuard`] is created when a proxied connection starts and records on drop, so an
+//! early return or an error cannot forget to count the close, the bytes or the log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::copy::ByteCounts;
+use crate::identity::Identity;
+
+/// Who is reporting: the client side's proxy or the server side's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+    Waypoint,
+}
+
+impl Reporter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
+        }
+    }
+}
+
+/// One side of a connection, as the metrics label it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: Option<Identity>,
+    pub app: String,
+    pub version: String,
+    pub cluster: String,
+}
+
+/// Istio's standard label set for TCP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_cluster: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+const UNKNOWN: &str = "unknown";
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        UNKNOWN.to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// What is known about a connection when it starts.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    /// (hostname, name, namespace) of the service the client dialled, when it dialled one.
+    pub service: Option<(String, String, String)>,
+    pub mutual_tls: bool,
+    /// Client and server addresses, for the access log.
+    pub source_addr: std::net::SocketAddr,
+    pub destination_addr: std::net::SocketAddr,
+}
+
+impl ConnectionInfo {
+    fn labels(&self, response_flags: &'static str) -> TcpLabels {
+        let principal = |p: &Option<Identity>| {
+            p.as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| UNKNOWN.to_owned())
+        };
+        let (svc, svc_name, svc_ns) = self
+            .service
+            .clone()
+            .unwrap_or_else(|| (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()));
+        TcpLabels {
+            reporter: self.reporter.as_str(),
+            source_workload: or_unknown(&self.source.workload),
+            source_workload_namespace: or_unknown(&self.source.namespace),
+            source_principal: principal(&self.source.principal),
+            source_app: or_unknown(&self.source.app),
+            source_version: or_unknown(&self.source.version),
+            source_canonical_service: or_unknown(&self.source.app),
+            source_canonical_revision: or_unknown(&self.source.version),
+            source_cluster: or_unknown(&self.source.cluster),
+            destination_workload: or_unknown(&self.destination.workload),
+            destination_workload_namespace: or_unknown(&self.destination.namespace),
+            destination_principal: principal(&self.destination.principal),
+            destination_app: or_unknown(&self.destination.app),
+            destination_version: or_unknown(&self.destination.version),
+            destination_service: svc,
+            destination_service_name: svc_name,
+            destination_service_namespace: svc_ns,
+            destination_canonical_service: or_unknown(&self.destination.app),
+            destination_canonical_revision: or_unknown(&self.destination.version),
+            destination_cluster: or_unknown(&self.destination.cluster),
+            request_protocol: "tcp",
+            response_flags,
+            connection_security_policy: if self.mutual_tls {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+        }
+    }
+}
+
+/// `istio_tcp_*` counters.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    failed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+}
+
+impl TcpMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            failed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+        };
+        registry.register(
+            "istio_tcp_connections_opened",
+            "Connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "Connections closed",
+            m.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_failed",
+            "Connections that failed (denied, upstream unreachable, reset), by response_flags",
+            m.failed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (server to client direction)",
+            m.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (client to server direction)",
+            m.received.clone(),
+        );
+        m
+    }
+}
+
+/// Records one connection: `opened` now; `closed` (or `failed`), bytes and one access-log line
+/// when dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    metrics: TcpMetrics,
+    info: ConnectionInfo,
+    /// Client-to-server is `a_to_b`, server-to-client `b_to_a`.
+    pub bytes: Arc<ByteCounts>,
+    started: Instant,
+    failure: Option<(&'static str, String)>,
+}
+
+impl ConnectionGuard {
+    pub fn new(metrics: &TcpMetrics, info: ConnectionInfo) -> Self {
+        metrics.opened.get_or_create(&info.labels("-")).inc();
+        Self {
+            metrics: metrics.clone(),
+            info,
+            bytes: Arc::new(ByteCounts::default()),
+            started: Instant::now(),
+            failure: None,
+        }
+    }
+
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// Marks the connection failed with an Envoy-style response flag (`UF` upstream failure,
+    /// `UAEX`/`RBAC` denied, `UR` reset, ...) and the reason for the access log.
+    pub fn fail(&mut self, response_flag: &'static str, reason: impl Into<String>) {
+        self.failure = Some((response_flag, reason.into()));
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let flag = self.failure.as_ref().map_or("-", |(f, _)| *f);
+        let labels = self.info.labels(flag);
+        let received = self.bytes.a_to_b();
+        let sent = self.bytes.b_to_a();
+        self.metrics.closed.get_or_create(&labels).inc();
+        if self.failure.is_some() {
+            self.metrics.failed.get_or_create(&labels).inc();
+        }
+        self.metrics
+            .received
+            .get_or_create(&labels)
+            .inc_by(received);
+        self.metrics.sent.get_or_create(&labels).inc_by(sent);
+        let info = &self.info;
+        let ident = |p: &Peer| p.principal.as_ref().map(|i| i.to_string());
+        tracing::info!(
+            target: "access",
+            reporter = info.reporter.as_str(),
+            src.addr = %info.source_addr,
+            src.workload = %info.source.workload,
+            src.identity = ident(&info.source).as_deref().unwrap_or("-"),
+            dst.addr = %info.destination_addr,
+            dst.service = info.service.as_ref().map_or("-", |s| s.0.as_str()),
+            dst.workload = %info.destination.workload,
+            dst.identity = ident(&info.destination).as_deref().unwrap_or("-"),
+            mtls = info.mutual_tls,
+            bytes_sent = sent,
+            bytes_recv = received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            flags = flag,
+            error = self.failure.as_ref().map_or("-", |(_, r)| r.as_str()),
+            "connection complete"
+        );
+    }
+}

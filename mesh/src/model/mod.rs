@@ -1,0 +1,11 @@
+//! The domain model and the translation that builds it.
+//!
+//! [`translate`] turns Kubernetes and Istio objects (from whichever source) into one validated
+//! [`State`]; [`istio_crd`] holds the serde shapes of the Istio resources it reads. Nothing in
+//! here does I/O: the sources in [`crate::discovery`] feed objects in and publish the result.
+
+pub mod istio_crd;
+pub mod translate;
+mod types;
+
+pub use types::*;

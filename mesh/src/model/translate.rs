@@ -1,0 +1,1220 @@
+//! The pure translation from Kubernetes and Istio objects to a [`State`].
+//!
+//! Both transports (the file source today, the Kubernetes watcher later) hand the full set of
+//! objects they currently see to one [`Translator`]; it validates each object on its own, keeps
+//! the last good version of any object that fails, and assembles the cross-object view
+//! (enrolment from namespace labels, endpoints from slices, policy scopes). No I/O happens here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::Resource as _;
+use k8s_openapi::api::core::v1 as corev1;
+use k8s_openapi::api::discovery::v1 as discoveryv1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use tracing::{debug, warn};
+
+use super::istio_crd as crd;
+use super::types::*;
+use crate::identity::{Identity, IdentityError};
+
+#[cfg(test)]
+mod tests;
+
+/// The namespace `kubectl apply` uses for an object that names none; files follow it.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Kubernetes' default cluster domain (`<svc>.<ns>.svc.cluster.local`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The EndpointSlice label naming the Service a slice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Cluster-wide facts the objects themselves do not carry. They must match the cluster's (and
+/// istiod's, when talking to Istio proxies), or identities and hostnames will not line up.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TranslateConfig {
+    /// The SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
+    /// The Kubernetes cluster domain in service hostnames.
+    pub cluster_domain: String,
+    /// Istio's root namespace: policies there without a selector apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for TranslateConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+        }
+    }
+}
+
+/// The kinds of object the translation reads. Also the `kind` label of the config metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl Kind {
+    /// Every kind, so metrics can report zero for kinds that have no objects.
+    pub const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
+
+    /// The `kind` as Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => corev1::Namespace::KIND,
+            Kind::Pod => corev1::Pod::KIND,
+            Kind::Service => corev1::Service::KIND,
+            Kind::EndpointSlice => discoveryv1::EndpointSlice::KIND,
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    /// Cluster-scoped kinds have no namespace in their key.
+    pub fn is_namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
+
+    /// Recognises a document by its API group and kind, whatever the version: an object of a
+    /// kind we read in a version we do not is an error ([`Object::from_value`] reports it),
+    /// while a kind we do not read at all (`None`) is somebody else's business.
+    pub fn from_type(api_version: &str, kind: &str) -> Option<Kind> {
+        let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind && k.group() == group)
+    }
+
+    fn group(self) -> &'static str {
+        match self {
+            Kind::Namespace | Kind::Pod | Kind::Service => corev1::Pod::GROUP,
+            Kind::EndpointSlice => discoveryv1::EndpointSlice::GROUP,
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => crd::SECURITY_GROUP,
+        }
+    }
+
+    /// The apiVersions accepted for this kind.
+    pub fn api_versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::Namespace | Kind::Pod | Kind::Service => &[corev1::Pod::API_VERSION],
+            Kind::EndpointSlice => &[discoveryv1::EndpointSlice::API_VERSION],
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => &crd::SECURITY_API_VERSIONS,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which object: the unit of rejection and of "last good version".
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// A key as Kubernetes would file the object: a namespaced object that names no namespace
+    /// lands in `default` (as with `kubectl apply`); a cluster-scoped one has none.
+    pub fn new(kind: Kind, namespace: Option<&str>, name: &str) -> Self {
+        let namespace = if kind.is_namespaced() {
+            namespace
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or(DEFAULT_NAMESPACE)
+                .to_owned()
+        } else {
+            String::new()
+        };
+        Self {
+            kind,
+            namespace,
+            name: name.to_owned(),
+        }
+    }
+
+    fn from_meta(kind: Kind, meta: &ObjectMeta) -> Self {
+        Self::new(
+            kind,
+            meta.namespace.as_deref(),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One parsed input object. Sources build these from YAML or from the API server; the
+/// translation never sees the transport.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Namespace(Box<corev1::Namespace>),
+    Pod(Box<corev1::Pod>),
+    Service(Box<corev1::Service>),
+    EndpointSlice(Box<discoveryv1::EndpointSlice>),
+    AuthorizationPolicy(Box<crd::AuthorizationPolicy>),
+    PeerAuthentication(Box<crd::PeerAuthentication>),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+        }
+    }
+
+    fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::PeerAuthentication(o) => &o.metadata,
+        }
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::from_meta(self.kind(), self.metadata())
+    }
+
+    /// Deserializes a JSON document already recognised as `kind` (see [`Kind::from_type`]).
+    /// Schema errors name the key (from the caller, who read it from the document's header)
+    /// and the exact field path, so they can be reported and the last good version kept.
+    pub fn from_value(key: &ObjectKey, value: serde_json::Value) -> Result<Object, TranslateError> {
+        let kind = key.kind;
+        let api_version = value
+            .get("apiVersion")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
+        if !kind.api_versions().contains(&api_version) {
+            return Err(TranslateError::NotOneOf {
+                object: Box::new(key.clone()),
+                field: "apiVersion".to_owned(),
+                value: api_version.to_owned(),
+                expected: kind.api_versions().join(", "),
+            });
+        }
+        fn parse<T: serde::de::DeserializeOwned>(
+            key: &ObjectKey,
+            value: serde_json::Value,
+        ) -> Result<Box<T>, TranslateError> {
+            serde_path_to_error::deserialize(value)
+                .map(Box::new)
+                .map_err(|e| TranslateError::Schema {
+                    object: Box::new(key.clone()),
+                    field: e.path().to_string(),
+                    message: e.inner().to_string(),
+                })
+        }
+        Ok(match kind {
+            Kind::Namespace => Object::Namespace(parse(key, value)?),
+            Kind::Pod => Object::Pod(parse(key, value)?),
+            Kind::Service => Object::Service(parse(key, value)?),
+            Kind::EndpointSlice => Object::EndpointSlice(parse(key, value)?),
+            Kind::AuthorizationPolicy => Object::AuthorizationPolicy(parse(key, value)?),
+            Kind::PeerAuthentication => Object::PeerAuthentication(parse(key, value)?),
+        })
+    }
+}
+
+/// Why an object was rejected. Every message starts with the object (`Kind namespace/name`)
+/// and the field path, so the operator knows exactly what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    #[error("{object}: {field}: {value:?} is not a port number")]
+    NotAPort {
+        object: Box<ObjectKey>,
+        field: String,
+        value: String,
+    },
+    #[error("{object}: {field}: {value:?} is not an IP address")]
+    NotAnIp {
+        object: Box<ObjectKey>,
+        field: String,
+        value: String,
+    },
+    #[error("{object}: {field}: {value:?} is not an IP address or CIDR: {why}")]
+    NotAnIpBlock {
+        object: Box<ObjectKey>,
+        field: String,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{object}: {field}: {value:?} is not one of {expected}")]
+    NotOneOf {
+        object: Box<ObjectKey>,
+        field: String,
+        value: String,
+        expected: String,
+    },
+    #[error("{object}: {field}: {error}")]
+    Identity {
+        object: Box<ObjectKey>,
+        field: String,
+        error: IdentityError,
+    },
+    /// A rule about the object's shape, e.g. a required field missing.
+    #[error("{object}: {field}: {why}")]
+    Invalid {
+        object: Box<ObjectKey>,
+        field: String,
+        why: String,
+    },
+    /// The document does not match the kind's schema (wrong type, unknown field).
+    #[error("{object}: {field}: {message}")]
+    Schema {
+        object: Box<ObjectKey>,
+        field: String,
+        message: String,
+    },
+}
+
+impl TranslateError {
+    /// The rejected object.
+    pub fn object(&self) -> &ObjectKey {
+        match self {
+            TranslateError::NotAPort { object, .. }
+            | TranslateError::NotAnIp { object, .. }
+            | TranslateError::NotAnIpBlock { object, .. }
+            | TranslateError::NotOneOf { object, .. }
+            | TranslateError::Identity { object, .. }
+            | TranslateError::Invalid { object, .. }
+            | TranslateError::Schema { object, .. } => object,
+        }
+    }
+}
+
+/// One object that did not make it into this state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub error: TranslateError,
+    /// A previous version of the object was good and stays in force; otherwise the object is
+    /// simply absent.
+    pub kept_last_good: bool,
+}
+
+/// The result of one translation.
+#[derive(Debug, Clone)]
+pub struct Translation {
+    pub state: State,
+    pub rejections: Vec<Rejection>,
+    /// Objects in force per kind (including last good versions of rejected updates); every
+    /// kind is present so gauges can drop to zero.
+    pub in_force: BTreeMap<Kind, usize>,
+}
+
+/// An input object: parsed, or already rejected by its source (e.g. a schema error) but with a
+/// known key, so its last good version can stay.
+pub type SourceObject = Result<Object, TranslateError>;
+
+/// Translates whole object sets into states, remembering the last good version of each object.
+///
+/// It is the only state the translation keeps: feed it the complete current set every time
+/// (not deltas); objects missing from a set are deleted.
+#[derive(Debug)]
+pub struct Translator {
+    config: TranslateConfig,
+    in_force: BTreeMap<ObjectKey, Arc<Accepted>>,
+}
+
+impl Translator {
+    pub fn new(config: TranslateConfig) -> Self {
+        Self {
+            config,
+            in_force: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &TranslateConfig {
+        &self.config
+    }
+
+    /// Translates the complete current object set. A rejected object keeps its last good
+    /// version in force while everything else applies; when the same key appears twice the
+    /// later one wins, as with consecutive `kubectl apply`s.
+    pub fn translate(&mut self, objects: impl IntoIterator<Item = SourceObject>) -> Translation {
+        let mut latest: BTreeMap<ObjectKey, SourceObject> = BTreeMap::new();
+        for object in objects {
+            let key = match &object {
+                Ok(object) => object.key(),
+                Err(error) => error.object().clone(),
+            };
+            if latest.insert(key.clone(), object).is_some() {
+                warn!(object = %key, "defined more than once; the last definition wins");
+            }
+        }
+
+        let mut in_force = BTreeMap::new();
+        let mut rejections = Vec::new();
+        for (key, object) in latest {
+            let result = object.and_then(|object| accept(&self.config, &key, &object));
+            match result {
+                Ok(accepted) => {
+                    in_force.insert(key, Arc::new(accepted));
+                }
+                Err(error) => {
+                    let previous = self.in_force.get(&key).cloned();
+                    let kept_last_good = previous.is_some();
+                    if let Some(previous) = previous {
+                        in_force.insert(key, previous);
+                    }
+                    rejections.push(Rejection {
+                        error,
+                        kept_last_good,
+                    });
+                }
+            }
+        }
+
+        let state = assemble(&self.config, &in_force);
+        let mut counts: BTreeMap<Kind, usize> = Kind::ALL.into_iter().map(|k| (k, 0)).collect();
+        for key in in_force.keys() {
+            *counts.entry(key.kind).or_default() += 1;
+        }
+        self.in_force = in_force;
+        Translation {
+            state,
+            rejections,
+            in_force: counts,
+        }
+    }
+}
+
+/// An object validated on its own; what the cross-object assembly reads.
+#[derive(Debug)]
+enum Accepted {
+    Namespace(Labels),
+    /// `None`: not running or no IP yet; kept (it is valid) but not a workload.
+    Pod(Option<PodWorkload>),
+    Service(Service),
+    EndpointSlice(Slice),
+    /// `None`: valid but not for ztunnel (waypoint-attached, AUDIT, CUSTOM).
+    AuthorizationPolicy(Option<AuthorizationPolicy>),
+    PeerAuthentication(PeerAuthentication),
+}
+
+#[derive(Debug)]
+struct PodWorkload {
+    /// `enrolled` is decided at assembly, from the namespace.
+    workload: Workload,
+    /// Host-network pods share the node's IP and cannot be captured.
+    host_network: bool,
+}
+
+#[derive(Debug)]
+struct Slice {
+    service: Option<String>,
+    endpoints: Vec<Endpoint>,
+}
+
+fn accept(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    object: &Object,
+) -> Result<Accepted, TranslateError> {
+    if key.name.is_empty() {
+        return Err(invalid(key, "metadata.name", "a name is required"));
+    }
+    Ok(match object {
+        Object::Namespace(ns) => Accepted::Namespace(labels(&ns.metadata)),
+        Object::Pod(pod) => Accepted::Pod(pod_workload(config, key, pod)?),
+        Object::Service(svc) => Accepted::Service(service(config, key, svc)?),
+        Object::EndpointSlice(slice) => Accepted::EndpointSlice(endpoint_slice(key, slice)?),
+        Object::AuthorizationPolicy(policy) => {
+            Accepted::AuthorizationPolicy(authorization_policy(config, key, policy)?)
+        }
+        Object::PeerAuthentication(pa) => {
+            Accepted::PeerAuthentication(peer_authentication(config, key, pa)?)
+        }
+    })
+}
+
+fn invalid(key: &ObjectKey, field: impl Into<String>, why: impl Into<String>) -> TranslateError {
+    TranslateError::Invalid {
+        object: Box::new(key.clone()),
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+fn labels(meta: &ObjectMeta) -> Labels {
+    meta.labels.clone().unwrap_or_default()
+}
+
+/// A TCP/UDP port: 1..=65535.
+fn port_number(n: i64) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+fn port_from_i32(key: &ObjectKey, field: String, n: i32) -> Result<u16, TranslateError> {
+    port_number(i64::from(n)).ok_or_else(|| TranslateError::NotAPort {
+        object: Box::new(key.clone()),
+        field,
+        value: n.to_string(),
+    })
+}
+
+fn port_from_str(key: &ObjectKey, field: String, s: &str) -> Result<u16, TranslateError> {
+    s.parse::<i64>()
+        .ok()
+        .and_then(port_number)
+        .ok_or_else(|| TranslateError::NotAPort {
+            object: Box::new(key.clone()),
+            field,
+            value: s.to_owned(),
+        })
+}
+
+fn ip(key: &ObjectKey, field: String, s: &str) -> Result<IpAddr, TranslateError> {
+    s.parse().map_err(|_| TranslateError::NotAnIp {
+        object: Box::new(key.clone()),
+        field,
+        value: s.to_owned(),
+    })
+}
+
+/// Parses a CIDR (`10.0.0.0/8`, `fd00::/64`) or a single address, as Istio's `ipBlocks` and
+/// `source.ip` conditions accept them. Host bits may be set (`10.1.2.3/8`), as Envoy allows;
+/// [`IpBlock::contains`] masks them.
+pub fn parse_ip_block(s: &str) -> Result<IpBlock, &'static str> {
+    let (addr, prefix) = match s.split_once('/') {
+        None => (s, None),
+        Some((addr, prefix)) => (addr, Some(prefix)),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| "the address is not valid")?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => {
+            let p: u8 = p.parse().map_err(|_| "the prefix length is not a number")?;
+            if p > max {
+                return Err(if addr.is_ipv4() {
+                    "the prefix length is longer than 32"
+                } else {
+                    "the prefix length is longer than 128"
+                });
+            }
+            p
+        }
+    };
+    Ok(IpBlock { addr, prefix })
+}
+
+fn ip_block(key: &ObjectKey, field: String, s: &str) -> Result<IpBlock, TranslateError> {
+    parse_ip_block(s).map_err(|why| TranslateError::NotAnIpBlock {
+        object: Box::new(key.clone()),
+        field,
+        value: s.to_owned(),
+        why,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pods
+
+const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+
+fn pod_workload(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    pod: &corev1::Pod,
+) -> Result<Option<PodWorkload>, TranslateError> {
+    let no_status = corev1::PodStatus::default();
+    let status = pod.status.as_ref().unwrap_or(&no_status);
+    let phase = status.phase.as_deref().unwrap_or_default();
+    if phase != "Running" {
+        debug!(pod = %key, phase, "pod is not running; not a workload yet");
+        return Ok(None);
+    }
+    let mut ips = Vec::new();
+    match status.pod_ips.as_deref() {
+        Some(pod_ips) if !pod_ips.is_empty() => {
+            for (i, pod_ip) in pod_ips.iter().enumerate() {
+                ips.push(ip(key, format!("status.podIPs[{i}].ip"), &pod_ip.ip)?);
+            }
+        }
+        _ => {
+            if let Some(pod_ip) = status.pod_ip.as_deref().filter(|s| !s.is_empty()) {
+                ips.push(ip(key, "status.podIP".to_owned(), pod_ip)?);
+            }
+        }
+    }
+    if ips.is_empty() {
+        debug!(pod = %key, "pod has no IP yet; not a workload yet");
+        return Ok(None);
+    }
+
+    let no_spec = corev1::PodSpec::default();
+    let spec = pod.spec.as_ref().unwrap_or(&no_spec);
+    let node = spec
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid(key, "spec.nodeName", "a running pod must name its node"))?;
+    // `serviceAccount` is the deprecated spelling; the API server fills both.
+    let service_account = [&spec.service_account_name, &spec.service_account]
+        .into_iter()
+        .flatten()
+        .find(|sa| !sa.is_empty())
+        .cloned()
+        .unwrap_or_else(|| "default".to_owned());
+    let identity =
+        Identity::new(&config.trust_domain, &key.namespace, &service_account).map_err(|error| {
+            TranslateError::Identity {
+                object: Box::new(key.clone()),
+                field: "spec.serviceAccountName".to_owned(),
+                error,
+            }
+        })?;
+
+    let labels = labels(&pod.metadata);
+    let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
+    let (workload_name, workload_kind) = workload_name(&key.name, &labels, owners);
+    let canonical_service = first_label(
+        &labels,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+    .unwrap_or(&workload_name)
+    .to_owned();
+    let canonical_revision = first_label(
+        &labels,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or("latest")
+    .to_owned();
+
+    let mut named_ports = BTreeMap::new();
+    for (c, container) in spec.containers.iter().enumerate() {
+        for (p, port) in container
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let number = port_from_i32(
+                key,
+                format!("spec.containers[{c}].ports[{p}].containerPort"),
+                port.container_port,
+            )?;
+            if let Some(name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+                named_ports.entry(name.to_owned()).or_insert(number);
+            }
+        }
+    }
+
+    Ok(Some(PodWorkload {
+        workload: Workload {
+            uid: format!("{}/{}", key.namespace, key.name),
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            ips,
+            node,
+            service_account,
+            identity,
+            labels,
+            enrolled: false,
+            workload_name,
+            workload_kind,
+            canonical_service,
+            canonical_revision,
+            named_ports,
+        },
+        host_network: spec.host_network.unwrap_or(false),
+    }))
+}
+
+fn first_label<'a>(labels: &'a Labels, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// The workload a pod belongs to, as Istio names it for metrics: a ReplicaSet whose name is
+/// `<deployment>-<pod-template-hash>` means the Deployment; another controller (StatefulSet,
+/// DaemonSet, Job...) names itself; a bare pod is its own workload.
+fn workload_name(pod_name: &str, labels: &Labels, owners: &[OwnerReference]) -> (String, String) {
+    let controller = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.first());
+    let Some(owner) = controller else {
+        return (pod_name.to_owned(), "pod".to_owned());
+    };
+    if owner.kind == "ReplicaSet" {
+        let deployment = labels
+            .get(POD_TEMPLATE_HASH_LABEL)
+            .and_then(|hash| owner.name.strip_suffix(hash.as_str()))
+            .and_then(|rest| rest.strip_suffix('-'))
+            .filter(|name| !name.is_empty());
+        if let Some(deployment) = deployment {
+            return (deployment.to_owned(), "deployment".to_owned());
+        }
+    }
+    (owner.name.clone(), owner.kind.to_ascii_lowercase())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services and endpoints
+
+fn service(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    svc: &corev1::Service,
+) -> Result<Service, TranslateError> {
+    let no_spec = corev1::ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
+    let mut vips = Vec::new();
+    match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => {
+            for (i, s) in ips.iter().enumerate() {
+                if is_cluster_ip(s) {
+                    vips.push(ip(key, format!("spec.clusterIPs[{i}]"), s)?);
+                }
+            }
+        }
+        _ => {
+            if let Some(s) = spec.cluster_ip.as_deref().filter(|s| is_cluster_ip(s)) {
+                vips.push(ip(key, "spec.clusterIP".to_owned(), s)?);
+            }
+        }
+    }
+
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.as_deref().unwrap_or_default().iter().enumerate() {
+        let port = port_from_i32(key, format!("spec.ports[{i}].port"), p.port)?;
+        let field = format!("spec.ports[{i}].targetPort");
+        let target = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_from_i32(key, field, *n)?),
+            // A quoted number is a number: treating "8080" as a port name would never resolve.
+            Some(IntOrString::String(s))
+                if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                TargetPort::Number(port_from_str(key, field, s)?)
+            }
+            Some(IntOrString::String(s)) if s.is_empty() => {
+                return Err(invalid(key, field, "a port name must not be empty"));
+            }
+            Some(IntOrString::String(s)) => TargetPort::Named(s.clone()),
+        };
+        ports.push(ServicePort {
+            name: p.name.clone().filter(|n| !n.is_empty()),
+            port,
+            target,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+        });
+    }
+
+    Ok(Service {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        hostname: format!(
+            "{}.{}.svc.{}",
+            key.name, key.namespace, config.cluster_domain
+        ),
+        vips,
+        ports,
+        endpoints: Vec::new(),
+        labels: labels(&svc.metadata),
+    })
+}
+
+/// Headless services say `None`; services of type ExternalName have no cluster IP at all.
+fn is_cluster_ip(s: &str) -> bool {
+    !s.is_empty() && s != "None"
+}
+
+fn endpoint_slice(
+    key: &ObjectKey,
+    slice: &discoveryv1::EndpointSlice,
+) -> Result<Slice, TranslateError> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned();
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        debug!(slice = %key, address_type = slice.address_type, "endpoint slice is not of IP addresses; ignored");
+        return Ok(Slice {
+            service,
+            endpoints: Vec::new(),
+        });
+    }
+    let mut ports = BTreeMap::new();
+    for (i, p) in slice
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let Some(n) = p.port else { continue };
+        let number = port_from_i32(key, format!("ports[{i}].port"), n)?;
+        ports.insert(p.name.clone().unwrap_or_default(), number);
+    }
+    let mut endpoints = Vec::new();
+    for (e, endpoint) in slice.endpoints.iter().enumerate() {
+        let ready = endpoint
+            .conditions
+            .as_ref()
+            .and_then(|c| c.ready)
+            .unwrap_or(true);
+        let workload_uid = endpoint
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| {
+                let name = r.name.as_deref()?;
+                let namespace = r.namespace.as_deref().unwrap_or(&key.namespace);
+                Some(format!("{namespace}/{name}"))
+            });
+        for (a, address) in endpoint.addresses.iter().enumerate() {
+            endpoints.push(Endpoint {
+                workload_uid: workload_uid.clone(),
+                ip: ip(key, format!("endpoints[{e}].addresses[{a}]"), address)?,
+                ready,
+                ports: ports.clone(),
+            });
+        }
+    }
+    Ok(Slice { service, endpoints })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policies
+
+fn scope(
+    config: &TranslateConfig,
+    namespace: &str,
+    selector: Option<&crd::WorkloadSelector>,
+) -> PolicyScope {
+    match selector.filter(|s| !s.match_labels.is_empty()) {
+        Some(selector) => PolicyScope::WorkloadSelector {
+            namespace: namespace.to_owned(),
+            labels: selector.match_labels.clone(),
+        },
+        None if namespace == config.root_namespace => PolicyScope::Global,
+        None => PolicyScope::Namespace(namespace.to_owned()),
+    }
+}
+
+fn authorization_policy(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    policy: &crd::AuthorizationPolicy,
+) -> Result<Option<AuthorizationPolicy>, TranslateError> {
+    let spec = &policy.spec;
+    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+        debug!(policy = %key, "policy attaches to a waypoint or gateway (targetRef); not an L4 policy");
+        return Ok(None);
+    }
+    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
+        "ALLOW" | "" => PolicyAction::Allow,
+        "DENY" => PolicyAction::Deny,
+        "AUDIT" | "CUSTOM" => {
+            let action = spec.action.as_deref().unwrap_or_default();
+            warn!(policy = %key, action, "ztunnel does not enforce {action} policies; skipped");
+            return Ok(None);
+        }
+        other => {
+            return Err(TranslateError::NotOneOf {
+                object: Box::new(key.clone()),
+                field: "spec.action".to_owned(),
+                value: other.to_owned(),
+                expected: "ALLOW, DENY, AUDIT, CUSTOM".to_owned(),
+            });
+        }
+    };
+    let rules = spec
+        .rules
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| translate_rule(key, &format!("spec.rules[{i}]"), rule))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(AuthorizationPolicy {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        scope: scope(config, &key.namespace, spec.selector.as_ref()),
+        action,
+        rules,
+    }))
+}
+
+fn string_matches(values: &[String]) -> Vec<StringMatch> {
+    values.iter().map(|v| StringMatch::parse(v)).collect()
+}
+
+fn translate_rule(key: &ObjectKey, path: &str, rule: &crd::Rule) -> Result<Rule, TranslateError> {
+    let mut l7_fields = Vec::new();
+    let mut l7 = |field: String, values: &[String]| {
+        if !values.is_empty() {
+            l7_fields.push(field);
+        }
+    };
+
+    let mut from = Vec::new();
+    for (j, f) in rule.from.iter().enumerate() {
+        let p = format!("{path}.from[{j}].source");
+        let s = &f.source;
+        l7(format!("{p}.requestPrincipals"), &s.request_principals);
+        l7(
+            format!("{p}.notRequestPrincipals"),
+            &s.not_request_principals,
+        );
+        l7(format!("{p}.remoteIpBlocks"), &s.remote_ip_blocks);
+        l7(format!("{p}.notRemoteIpBlocks"), &s.not_remote_ip_blocks);
+        // serviceAccounts and trustDomains are matched on the principal, so they share its
+        // list; a rule with two of them in the positive lists would need an AND the list
+        // cannot express, so it is refused rather than widened into an OR.
+        let positive = [
+            ("principals", s.principals.len()),
+            ("serviceAccounts", s.service_accounts.len()),
+            ("trustDomains", s.trust_domains.len()),
+        ];
+        let used: Vec<&str> = positive
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, _)| *name)
+            .collect();
+        if let [first, second, ..] = used.as_slice() {
+            return Err(invalid(
+                key,
+                format!("{p}.{second}"),
+                format!("{second} cannot be combined with {first}"),
+            ));
+        }
+        let mut principals = string_matches(&s.principals);
+        let mut not_principals = string_matches(&s.not_principals);
+        for (field, values, out) in [
+            ("trustDomains", &s.trust_domains, &mut principals),
+            ("notTrustDomains", &s.not_trust_domains, &mut not_principals),
+        ] {
+            for (k, value) in values.iter().enumerate() {
+                let matcher = trust_domain_match(value).ok_or_else(|| {
+                    invalid(
+                        key,
+                        format!("{p}.{field}[{k}]"),
+                        format!("{value:?} is not a trust domain, `prefix*` or `*`"),
+                    )
+                })?;
+                out.push(matcher);
+            }
+        }
+        for (field, values, out) in [
+            ("serviceAccounts", &s.service_accounts, &mut principals),
+            (
+                "notServiceAccounts",
+                &s.not_service_accounts,
+                &mut not_principals,
+            ),
+        ] {
+            for (k, value) in values.iter().enumerate() {
+                let matcher = service_account_match(&key.namespace, value)
+                    .ok_or_else(|| invalid(
+                        key,
+                        format!("{p}.{field}[{k}]"),
+                        format!("{value:?} is not <namespace>/<service account> or <service account> (no wildcards)"),
+                    ))?;
+                out.push(matcher);
+            }
+        }
+        let ip_blocks = |field: &str, values: &[String]| {
+            values
+                .iter()
+                .enumerate()
+                .map(|(k, v)| ip_block(key, format!("{p}.{field}[{k}]"), v))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        from.push(Source {
+            principals,
+            not_principals,
+            namespaces: string_matches(&s.namespaces),
+            not_namespaces: string_matches(&s.not_namespaces),
+            ip_blocks: ip_blocks("ipBlocks", &s.ip_blocks)?,
+            not_ip_blocks: ip_blocks("notIpBlocks", &s.not_ip_blocks)?,
+        });
+    }
+
+    let mut to = Vec::new();
+    for (j, t) in rule.to.iter().enumerate() {
+        let p = format!("{path}.to[{j}].operation");
+        let o = &t.operation;
+        l7(format!("{p}.hosts"), &o.hosts);
+        l7(format!("{p}.notHosts"), &o.not_hosts);
+        l7(format!("{p}.methods"), &o.methods);
+        l7(format!("{p}.notMethods"), &o.not_methods);
+        l7(format!("{p}.paths"), &o.paths);
+        l7(format!("{p}.notPaths"), &o.not_paths);
+        let ports = |field: &str, values: &[String]| {
+            values
+                .iter()
+                .enumerate()
+                .map(|(k, v)| port_from_str(key, format!("{p}.{field}[{k}]"), v))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        to.push(Operation {
+            ports: ports("ports", &o.ports)?,
+            not_ports: ports("notPorts", &o.not_ports)?,
+        });
+    }
+
+    let mut when = Vec::new();
+    for (j, c) in rule.when.iter().enumerate() {
+        let p = format!("{path}.when[{j}]");
+        if c.values.is_empty() && c.not_values.is_empty() {
+            return Err(invalid(key, p, "one of values or notValues is required"));
+        }
+        let condition_key = match c.key.as_str() {
+            "source.ip" => ConditionKey::SourceIp,
+            "source.namespace" => ConditionKey::SourceNamespace,
+            "source.principal" => ConditionKey::SourcePrincipal,
+            "destination.ip" => ConditionKey::DestinationIp,
+            "destination.port" => ConditionKey::DestinationPort,
+            "" => return Err(invalid(key, format!("{p}.key"), "a key is required")),
+            other => {
+                l7_fields.push(format!("{p} ({other})"));
+                continue;
+            }
+        };
+        // Validate now so the data path can trust every value.
+        for (field, values) in [("values", &c.values), ("notValues", &c.not_values)] {
+            for (k, v) in values.iter().enumerate() {
+                let field = format!("{p}.{field}[{k}]");
+                match condition_key {
+                    ConditionKey::SourceIp | ConditionKey::DestinationIp => {
+                        ip_block(key, field, v)?;
+                    }
+                    ConditionKey::DestinationPort => {
+                        port_from_str(key, field, v)?;
+                    }
+                    ConditionKey::SourceNamespace | ConditionKey::SourcePrincipal => {}
+                }
+            }
+        }
+        when.push(Condition {
+            key: condition_key,
+            values: c.values.clone(),
+            not_values: c.not_values.clone(),
+        });
+    }
+
+    Ok(Rule {
+        from,
+        to,
+        when,
+        l7_fields,
+    })
+}
+
+/// `ns/sa` or `sa` (in the policy's namespace) as a principal matcher: Istio matches any trust
+/// domain (`spiffe://*/ns/<ns>/sa/<sa>`), which is a suffix of the principal.
+fn service_account_match(policy_namespace: &str, value: &str) -> Option<StringMatch> {
+    let (ns, sa) = value.split_once('/').unwrap_or((policy_namespace, value));
+    let valid = |s: &str| !s.is_empty() && !s.contains(['/', '*']);
+    (valid(ns) && valid(sa)).then(|| StringMatch::Suffix(format!("/ns/{ns}/sa/{sa}")))
+}
+
+/// A trust domain pattern as a principal matcher: the trust domain is the principal's first
+/// segment (`<td>/ns/<ns>/sa/<sa>`). Suffix patterns (`*.local`) cannot be expressed that way
+/// and are refused rather than approximated.
+fn trust_domain_match(value: &str) -> Option<StringMatch> {
+    if value == "*" {
+        return Some(StringMatch::Any);
+    }
+    let (domain, prefix) = match value.strip_suffix('*') {
+        Some(domain) => (domain, true),
+        None => (value, false),
+    };
+    if domain.is_empty() || domain.contains(['/', '*']) {
+        return None;
+    }
+    Some(if prefix {
+        StringMatch::Prefix(domain.to_owned())
+    } else {
+        StringMatch::Prefix(format!("{domain}/"))
+    })
+}
+
+fn mtls_mode(
+    key: &ObjectKey,
+    field: String,
+    mtls: Option<&crd::Mtls>,
+) -> Result<MtlsMode, TranslateError> {
+    match mtls.and_then(|m| m.mode.as_deref()).unwrap_or("UNSET") {
+        "UNSET" | "" => Ok(MtlsMode::Unset),
+        "PERMISSIVE" => Ok(MtlsMode::Permissive),
+        "STRICT" => Ok(MtlsMode::Strict),
+        "DISABLE" => Ok(MtlsMode::Disable),
+        other => Err(TranslateError::NotOneOf {
+            object: Box::new(key.clone()),
+            field,
+            value: other.to_owned(),
+            expected: "UNSET, PERMISSIVE, STRICT, DISABLE".to_owned(),
+        }),
+    }
+}
+
+fn peer_authentication(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    pa: &crd::PeerAuthentication,
+) -> Result<PeerAuthentication, TranslateError> {
+    let spec = &pa.spec;
+    let mode = mtls_mode(key, "spec.mtls.mode".to_owned(), spec.mtls.as_ref())?;
+    let mut port_modes = BTreeMap::new();
+    for (port, mtls) in &spec.port_level_mtls {
+        let field = format!("spec.portLevelMtls.{port}");
+        let number = port_from_str(key, field.clone(), port)?;
+        port_modes.insert(number, mtls_mode(key, format!("{field}.mode"), Some(mtls))?);
+    }
+    Ok(PeerAuthentication {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        scope: scope(config, &key.namespace, spec.selector.as_ref()),
+        mode,
+        port_modes,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assembly
+
+fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepted>>) -> State {
+    let mut state = State {
+        root_namespace: config.root_namespace.clone(),
+        ..State::default()
+    };
+    for (key, accepted) in in_force {
+        if let Accepted::Namespace(labels) = accepted.as_ref() {
+            state.namespaces.insert(key.name.clone(), labels.clone());
+        }
+    }
+
+    let mut slices = Vec::new();
+    for (key, accepted) in in_force {
+        match accepted.as_ref() {
+            Accepted::Namespace(_) | Accepted::Pod(None) | Accepted::AuthorizationPolicy(None) => {}
+            Accepted::Pod(Some(pod)) => {
+                let mut workload = pod.workload.clone();
+                let namespace_ambient = state
+                    .namespaces
+                    .get(&workload.namespace)
+                    .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+                    .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT);
+                let opted_out = workload
+                    .labels
+                    .get(DATAPLANE_MODE_LABEL)
+                    .is_some_and(|v| v == DATAPLANE_MODE_NONE);
+                workload.enrolled = namespace_ambient && !opted_out && !pod.host_network;
+                let workload = Arc::new(workload);
+                if !pod.host_network {
+                    for ip in &workload.ips {
+                        if let Some(other) = state.by_ip.insert(*ip, workload.clone()) {
+                            warn!(ip = %ip, pods = %format_args!("{}, {}", other.uid, workload.uid), "two running pods claim one IP; the latter is used");
+                        }
+                    }
+                }
+                state.workloads.insert(workload.uid.clone(), workload);
+            }
+            Accepted::Service(service) => {
+                state
+                    .services
+                    .insert(service.key(), Arc::new(service.clone()));
+            }
+            Accepted::EndpointSlice(slice) => slices.push((key, slice)),
+            Accepted::AuthorizationPolicy(Some(policy)) => {
+                state.authorization_policies.push(Arc::new(policy.clone()));
+            }
+            Accepted::PeerAuthentication(pa) => {
+                state.peer_authentications.push(Arc::new(pa.clone()));
+            }
+        }
+    }
+
+    // Services are Arc'd above for the common path; endpoints are attached by rebuilding the
+    // few that have slices.
+    let mut endpoints: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+    for (key, slice) in slices {
+        let Some(service) = &slice.service else {
+            debug!(slice = %key, "endpoint slice has no {SERVICE_NAME_LABEL} label; ignored");
+            continue;
+        };
+        let service_key = format!("{}/{}", key.namespace, service);
+        if !state.services.contains_key(&service_key) {
+            debug!(slice = %key, service = service_key, "endpoint slice of an unknown service; ignored");
+            continue;
+        }
+        endpoints
+            .entry(service_key)
+            .or_default()
+            .extend(slice.endpoints.iter().cloned());
+    }
+    for (service_key, service) in state.services.iter_mut() {
+        match endpoints.remove(service_key) {
+            Some(mut eps) => {
+                eps.sort_by(|a, b| {
+                    a.ip.cmp(&b.ip)
+                        .then_with(|| a.workload_uid.cmp(&b.workload_uid))
+                });
+                Arc::make_mut(service).endpoints = eps;
+            }
+            None => debug!(service = service_key, "service has no endpoints"),
+        }
+    }
+    for service in state.services.values() {
+        for vip in &service.vips {
+            state.by_vip.insert(*vip, service.clone());
+        }
+    }
+    state
+}

@@ -1,0 +1,270 @@
+//! ztunnel's configuration: plain data, read from the environment through [`Env`] so tests
+//! pass a map. Every variable name is a constant next to its default; a bad value is reported
+//! with the variable, the value and why.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const NODE_NAME: &str = "NODE_NAME";
+pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+pub const CLUSTER_DOMAIN: &str = "CLUSTER_DOMAIN";
+pub const ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
+pub const CONFIG_PATH: &str = "MESH_CONFIG_PATH";
+pub const CA_ADDRESS: &str = "CA_ADDRESS";
+pub const CA_ROOT_CERT: &str = "CA_ROOT_CERT";
+pub const CA_SERVER_NAME: &str = "CA_SERVER_NAME";
+pub const CA_TOKEN_FILE: &str = "CA_TOKEN_FILE";
+pub const CAPTURE_MODE: &str = "CAPTURE_MODE";
+pub const ADMIN_ADDR: &str = "ADMIN_ADDR";
+pub const METRICS_ADDR: &str = "METRICS_ADDR";
+pub const READINESS_ADDR: &str = "READINESS_ADDR";
+pub const SOCKS5_ADDR: &str = "SOCKS5_ADDR";
+pub const DRAIN_DEADLINE: &str = "DRAIN_DEADLINE_SECONDS";
+pub const WORKLOAD_CERT_TTL: &str = "WORKLOAD_CERT_TTL_SECONDS";
+
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+const DEFAULT_SOCKS5_ADDR: &str = "127.0.0.1:15080";
+const DEFAULT_DRAIN_DEADLINE_SECONDS: u64 = 30;
+const DEFAULT_WORKLOAD_CERT_TTL_SECONDS: u64 = 24 * 3600;
+
+/// Where variables come from: the process environment, or a map in tests.
+pub trait Env {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Env for HashMap<&str, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: required but not set ({hint})")]
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
+    #[error("{var}={value:?}: {why}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// How pods' traffic reaches ztunnel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum CaptureMode {
+    /// No redirection: each local pod's HBONE listener is bound on its IP in ztunnel's own
+    /// network namespace, and clients use the SOCKS5 listener. For local runs and tests.
+    None,
+    /// Per-pod network namespaces found by name under `/var/run/netns/<prefix><pod-name>`:
+    /// redirect rules and listeners are installed inside each (the virtual-cluster harness).
+    NamedNetns { prefix: String },
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaConfig {
+    pub address: String,
+    pub root_cert: PathBuf,
+    pub server_name: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+/// The resolved configuration, logged once at start-up.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    pub node_name: String,
+    pub trust_domain: String,
+    pub cluster_domain: String,
+    pub root_namespace: String,
+    /// A YAML file or directory (the file source).
+    pub config_path: PathBuf,
+    pub ca: CaConfig,
+    pub capture: CaptureMode,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub socks5_addr: Option<SocketAddr>,
+    pub drain_deadline: Duration,
+    pub workload_cert_ttl: Duration,
+}
+
+fn required(env: &dyn Env, var: &'static str, hint: &'static str) -> Result<String, ConfigError> {
+    env.get(var).ok_or(ConfigError::Missing { var, hint })
+}
+
+fn parse<T: std::str::FromStr>(
+    env: &dyn Env,
+    var: &'static str,
+    default: &str,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    let value = env.get(var).unwrap_or_else(|| default.to_owned());
+    value.parse().map_err(|e: T::Err| ConfigError::Invalid {
+        var,
+        value: value.clone(),
+        why: e.to_string(),
+    })
+}
+
+impl Config {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let trust_domain = env
+            .get(TRUST_DOMAIN)
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+        mesh::identity::validate_trust_domain(&trust_domain).map_err(|why| {
+            ConfigError::Invalid {
+                var: TRUST_DOMAIN,
+                value: trust_domain.clone(),
+                why: why.to_owned(),
+            }
+        })?;
+        let capture = match env.get(CAPTURE_MODE).as_deref() {
+            None | Some("none") => CaptureMode::None,
+            Some(v) => match v.strip_prefix("netns:") {
+                Some(prefix) => CaptureMode::NamedNetns {
+                    prefix: prefix.to_owned(),
+                },
+                None => {
+                    return Err(ConfigError::Invalid {
+                        var: CAPTURE_MODE,
+                        value: v.to_owned(),
+                        why: "expected `none` or `netns:<name prefix>`".into(),
+                    });
+                }
+            },
+        };
+        let socks5_addr = match env.get(SOCKS5_ADDR).as_deref() {
+            Some("off") => None,
+            _ => Some(parse(env, SOCKS5_ADDR, DEFAULT_SOCKS5_ADDR)?),
+        };
+        Ok(Config {
+            node_name: required(env, NODE_NAME, "the name of the node this ztunnel serves")?,
+            trust_domain,
+            cluster_domain: env
+                .get(CLUSTER_DOMAIN)
+                .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.to_owned()),
+            root_namespace: env
+                .get(ROOT_NAMESPACE)
+                .unwrap_or_else(|| mesh::model::DEFAULT_ROOT_NAMESPACE.to_owned()),
+            config_path: required(env, CONFIG_PATH, "a YAML file or directory of mesh objects")?
+                .into(),
+            ca: CaConfig {
+                address: required(env, CA_ADDRESS, "host:port of the CA, e.g. 127.0.0.1:15012")?,
+                root_cert: required(env, CA_ROOT_CERT, "PEM root the CA's certificate chains to")?
+                    .into(),
+                server_name: env.get(CA_SERVER_NAME),
+                token_file: env.get(CA_TOKEN_FILE).map(PathBuf::from),
+            },
+            capture,
+            admin_addr: parse(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
+            metrics_addr: parse(env, METRICS_ADDR, DEFAULT_METRICS_ADDR)?,
+            readiness_addr: parse(env, READINESS_ADDR, DEFAULT_READINESS_ADDR)?,
+            socks5_addr,
+            drain_deadline: Duration::from_secs(parse(
+                env,
+                DRAIN_DEADLINE,
+                &DEFAULT_DRAIN_DEADLINE_SECONDS.to_string(),
+            )?),
+            workload_cert_ttl: Duration::from_secs(parse(
+                env,
+                WORKLOAD_CERT_TTL,
+                &DEFAULT_WORKLOAD_CERT_TTL_SECONDS.to_string(),
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> HashMap<&'static str, String> {
+        [
+            (NODE_NAME, "node-a"),
+            (CONFIG_PATH, "/etc/mesh"),
+            (CA_ADDRESS, "127.0.0.1:15012"),
+            (CA_ROOT_CERT, "/etc/mesh/root.pem"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_env(&base()).unwrap();
+        assert_eq!(c.node_name, "node-a");
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.capture, CaptureMode::None);
+        assert_eq!(c.socks5_addr, Some("127.0.0.1:15080".parse().unwrap()));
+        assert_eq!(c.admin_addr.port(), 15000);
+        assert_eq!(c.metrics_addr.port(), 15020);
+        assert_eq!(c.readiness_addr.port(), 15021);
+        assert_eq!(c.drain_deadline, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn errors_name_variable_and_value() {
+        let mut env = base();
+        env.remove(NODE_NAME);
+        assert!(
+            Config::from_env(&env)
+                .unwrap_err()
+                .to_string()
+                .starts_with("NODE_NAME: required")
+        );
+        let mut env = base();
+        env.insert(ADMIN_ADDR, "localhost".into());
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("ADMIN_ADDR=\"localhost\": "), "{e}");
+        let mut env = base();
+        env.insert(CAPTURE_MODE, "iptables".into());
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.contains("expected `none` or `netns:"), "{e}");
+        let mut env = base();
+        env.insert(TRUST_DOMAIN, "Bad Domain".into());
+        assert!(
+            Config::from_env(&env)
+                .unwrap_err()
+                .to_string()
+                .contains("TRUST_DOMAIN")
+        );
+    }
+
+    #[test]
+    fn socks5_can_be_turned_off_and_capture_parsed() {
+        let mut env = base();
+        env.insert(SOCKS5_ADDR, "off".into());
+        env.insert(CAPTURE_MODE, "netns:pod-".into());
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!(c.socks5_addr, None);
+        assert_eq!(
+            c.capture,
+            CaptureMode::NamedNetns {
+                prefix: "pod-".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! The pods this node's ztunnel serves, and the network each is served in.
+//!
+//! For every enrolled workload on this node there is one [`LocalPod`]: its network (ztunnel's
+//! own namespace in capture mode `none`, the pod's namespace otherwise), its HBONE client (so
+//! outbound tunnels leave from the pod's namespace) and its listeners. [`PodManager::sync`]
+//! brings the set in line with each new state snapshot: new pods get rules and listeners, pods
+//! that left (deleted, un-labelled, `dataplane-mode=none`) lose them, live.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use mesh::cert_manager::CertManager;
+use mesh::hbone::{ClientConfig, HboneClient, TcpConnector};
+use mesh::model::{State, Workload};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// How sockets for one pod are made.
+pub trait PodNetwork: Send + Sync + std::fmt::Debug + 'static {
+    /// Binds a listener for the pod on `addr`.
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener>;
+    /// Connects on the pod's behalf (from its namespace, marked so capture lets it through).
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>>;
+    /// Removes whatever the network installed (capture rules). Called when the pod leaves.
+    fn teardown(&self) {}
+    /// True when the pod's traffic is redirected to ztunnel (15001/15006 listeners needed).
+    fn captures(&self) -> bool {
+        false
+    }
+}
+
+/// Capture mode `none`: everything in ztunnel's own network namespace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostNetwork;
+
+impl PodNetwork for HostNetwork {
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    }
+
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> {
+        Box::pin(TcpStream::connect(addr))
+    }
+}
+
+/// Adapts a pod's network to the HBONE client's dialer.
+#[derive(Debug)]
+struct PodConnector(Arc<dyn PodNetwork>);
+
+impl TcpConnector for PodConnector {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> {
+        self.0.connect(addr)
+    }
+}
+
+/// One enrolled pod on this node.
+#[derive(Debug)]
+pub struct LocalPod {
+    pub workload: Arc<Workload>,
+    pub network: Arc<dyn PodNetwork>,
+    pub hbone: HboneClient,
+    /// Cancelled when the pod leaves the mesh (never on drop: a metadata update replaces the
+    /// `LocalPod` while its listeners keep running).
+    pub stop: CancellationToken,
+}
+
+/// Makes the network for a pod that joins, or says why it cannot.
+pub trait NetworkFactory: Send + Sync + 'static {
+    fn network_for(&self, workload: &Workload) -> Result<Arc<dyn PodNetwork>, String>;
+}
+
+/// Capture mode `none`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostNetworkFactory;
+
+impl NetworkFactory for HostNetworkFactory {
+    fn network_for(&self, _: &Workload) -> Result<Arc<dyn PodNetwork>, String> {
+        Ok(Arc::new(HostNetwork))
+    }
+}
+
+/// Starts the listeners of a pod that joined.
+pub type ListenerStarter = Arc<dyn Fn(Arc<LocalPod>) -> Result<(), String> + Send + Sync>;
+
+/// Keeps the set of [`LocalPod`]s in line with the state.
+pub struct PodManager {
+    node: String,
+    certs: CertManager,
+    client_config: ClientConfig,
+    factory: Arc<dyn NetworkFactory>,
+    start_listeners: ListenerStarter,
+    pods: HashMap<String, Arc<LocalPod>>,
+    /// Parent of every pod's `stop`: cancelling it (drain) stops all listeners.
+    parent: CancellationToken,
+}
+
+impl std::fmt::Debug for PodManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodManager")
+            .field("node", &self.node)
+            .field("pods", &self.pods.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PodManager {
+    pub fn new(
+        node: String,
+        certs: CertManager,
+        client_config: ClientConfig,
+        factory: Arc<dyn NetworkFactory>,
+        start_listeners: ListenerStarter,
+        parent: CancellationToken,
+    ) -> Self {
+        Self {
+            node,
+            certs,
+            client_config,
+            factory,
+            start_listeners,
+            pods: HashMap::new(),
+            parent,
+        }
+    }
+
+    /// Every served pod by IP, for lookups on the data path.
+    pub fn by_ip(&self) -> HashMap<std::net::IpAddr, Arc<LocalPod>> {
+        self.pods
+            .values()
+            .flat_map(|p| p.workload.ips.iter().map(move |ip| (*ip, p.clone())))
+            .collect()
+    }
+
+    pub fn pod(&self, uid: &str) -> Option<Arc<LocalPod>> {
+        self.pods.get(uid).cloned()
+    }
+
+    pub fn pods(&self) -> Vec<Arc<LocalPod>> {
+        self.pods.values().cloned().collect()
+    }
+
+    /// Adds pods that joined, removes pods that left, restarts pods whose workload changed in a
+    /// way that matters (IPs). Returns (added, removed).
+    pub fn sync(&mut self, state: &State) -> (usize, usize) {
+        let wanted: HashMap<&String, &Arc<Workload>> = state
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.node == self.node && w.enrolled)
+            .collect();
+        let mut removed = 0;
+        self.pods.retain(|uid, pod| {
+            let keep = wanted
+                .get(uid)
+                .is_some_and(|w| w.ips == pod.workload.ips);
+            if !keep {
+                tracing::info!(pod = %uid, "pod left the mesh on this node: removing capture and listeners");
+                pod.stop.cancel();
+                pod.network.teardown();
+                removed += 1;
+            }
+            keep
+        });
+        let mut added = 0;
+        for (uid, workload) in wanted {
+            if let Some(existing) = self.pods.get_mut(uid) {
+                // Labels and other metadata may change without re-capturing.
+                if existing.workload != *workload {
+                    let pod = LocalPod {
+                        workload: workload.clone(),
+                        network: existing.network.clone(),
+                        hbone: existing.hbone.clone(),
+                        stop: existing.stop.clone(),
+                    };
+                    // The listeners keep running (they share `stop`); they read workload
+                    // metadata from each connection's state snapshot.
+                    *existing = Arc::new(pod);
+                }
+                continue;
+            }
+            let network = match self.factory.network_for(workload) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(pod = %uid, error = %e, "cannot capture pod; it stays outside the mesh until the next change");
+                    continue;
+                }
+            };
+            self.certs.prefetch(&workload.identity);
+            let hbone = HboneClient::with_connector(
+                self.client_config.clone(),
+                Arc::new(self.certs.clone()),
+                Arc::new(PodConnector(network.clone())),
+            );
+            let pod = Arc::new(LocalPod {
+                workload: workload.clone(),
+                network,
+                hbone,
+                stop: self.parent.child_token(),
+            });
+            match (self.start_listeners)(pod.clone()) {
+                Ok(()) => {
+                    tracing::info!(pod = %uid, ips = ?workload.ips, identity = %workload.identity, "pod joined the mesh on this node");
+                    self.pods.insert(uid.clone(), pod);
+                    added += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %uid, error = %e, "cannot start the pod's listeners; leaving it out");
+                    pod.stop.cancel();
+                    pod.network.teardown();
+                }
+            }
+        }
+        // Certificates of identities no local pod uses any more.
+        let in_use: std::collections::HashSet<_> = self
+            .pods
+            .values()
+            .map(|p| p.workload.identity.clone())
+            .collect();
+        for summary in self.certs.summaries() {
+            if !in_use.contains(&summary.identity) {
+                self.certs.forget(&summary.identity);
+            }
+        }
+        (added, removed)
+    }
+
+    /// Stops every pod's listeners on shutdown, leaving capture rules in place: until the
+    /// next ztunnel binds the listeners again, the pods' traffic fails instead of silently
+    /// bypassing the mesh.
+    pub fn stop_all(&mut self) {
+        for (_, pod) in self.pods.drain() {
+            pod.stop.cancel();
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! ztunnel's proxies. [`plan`] decides where an outbound connection goes; [`outbound`],
+//! [`inbound`] and [`socks5`] execute connections; [`live`] tracks open ones for policy re-checks
+//! and drain. [`Context`] is what every connection handler reads: the state snapshot,
+//! certificates, metrics and the pods this node serves.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mesh::cert_manager::CertManager;
+use mesh::copy::{CopyError, Side, copy_bidirectional};
+use mesh::discovery::Store;
+use mesh::hbone::server::ManagedCertificate;
+use mesh::hbone::{HBONE_PORT, HboneServer, InboundTunnel, ServerConfig};
+use mesh::identity::Identity;
+use mesh::metrics::{ConnectionGuard, Peer, TcpMetrics};
+use mesh::model::Workload;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::pods::LocalPod;
+
+pub mod inbound;
+pub mod live;
+pub mod outbound;
+pub mod plan;
+pub mod socks5;
+
+/// Port of the captured outbound listener in each pod's netns.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the captured inbound plaintext listener in each pod's netns.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// Shared by every listener and connection of one ztunnel.
+#[derive(Debug)]
+pub struct Context {
+    pub store: Store,
+    pub certs: CertManager,
+    pub metrics: TcpMetrics,
+    pub live: live::LiveConnections,
+    pub cluster_domain: String,
+    pub hbone_server: ServerConfig,
+    /// The pods this node serves, by IP; replaced whole after each sync.
+    pub pods_by_ip: ArcSwap<HashMap<IpAddr, Arc<LocalPod>>>,
+}
+
+impl Context {
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
+        self.pods_by_ip.load().get(&ip).cloned()
+    }
+
+    /// A mesh service's first VIP for `name.ns.svc.<cluster domain>`, `name.ns.svc` or
+    /// `name.ns`.
+    pub fn resolve_service_hostname(&self, name: &str) -> Option<IpAddr> {
+        let name = name.trim_end_matches('.');
+        let full = if name.ends_with(&format!(".svc.{}", self.cluster_domain)) {
+            name.to_owned()
+        } else if name.ends_with(".svc") {
+            format!("{name}.{}", self.cluster_domain)
+        } else {
+            format!("{name}.svc.{}", self.cluster_domain)
+        };
+        let state = self.store.snapshot();
+        state
+            .services
+            .values()
+            .find(|s| s.hostname == full)
+            .and_then(|s| s.vips.first().copied())
+    }
+}
+
+/// How the metrics label one side of a connection.
+pub(crate) fn peer_of(workload: Option<&Workload>, identity: Option<&Identity>) -> Peer {
+    match workload {
+        Some(w) => Peer {
+            workload: w.workload_name.clone(),
+            namespace: w.namespace.clone(),
+            principal: identity.cloned().or_else(|| Some(w.identity.clone())),
+            app: w.canonical_service.clone(),
+            version: w.canonical_revision.clone(),
+            cluster: String::new(),
+        },
+        None => Peer {
+            principal: identity.cloned(),
+            namespace: identity
+                .map(|i| i.namespace().to_owned())
+                .unwrap_or_default(),
+            ..Peer::default()
+        },
+    }
+}
+
+/// Copies between client and upstream until both end, the copy fails, or `cancelled` fires,
+/// recording the outcome on `guard`.
+pub(crate) async fn copy_until_cancelled<A, B>(
+    client: A,
+    upstream: B,
+    guard: &mut ConnectionGuard,
+    cancelled: &CancellationToken,
+) where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let bytes = guard.bytes.clone();
+    tokio::select! {
+        result = copy_bidirectional(client, upstream, &bytes) => match result {
+            Ok(()) => {}
+            Err(e @ (CopyError::Read { side: Side::A, .. } | CopyError::Write { side: Side::A, .. })) => {
+                guard.fail("DC", format!("client side: {e}"));
+            }
+            Err(e) => guard.fail("UC", format!("upstream side: {e}")),
+        },
+        _ = cancelled.cancelled() => {
+            guard.fail("DC", "closed by ztunnel: a policy change denies it, or the drain deadline passed");
+        }
+    }
+}
+
+/// Starts `pod`'s listeners: HBONE on each pod IP, and, when its network captures, the
+/// outbound (15001) and inbound plaintext (15006) listeners inside its namespace.
+pub fn start_pod_listeners(ctx: &Arc<Context>, pod: Arc<LocalPod>) -> Result<(), String> {
+    let mut bound: Vec<(SocketAddr, TcpListener)> = Vec::new();
+    for ip in &pod.workload.ips {
+        let addr = SocketAddr::new(*ip, HBONE_PORT);
+        let listener = pod
+            .network
+            .bind(addr)
+            .map_err(|e| format!("binding HBONE {addr}: {e}"))?;
+        bound.push((addr, listener));
+    }
+    let capture = if pod.network.captures() {
+        let any = |port| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port);
+        let out = pod
+            .network
+            .bind(any(OUTBOUND_PORT))
+            .map_err(|e| format!("binding outbound {OUTBOUND_PORT}: {e}"))?;
+        let inb = pod
+            .network
+            .bind(any(INBOUND_PLAINTEXT_PORT))
+            .map_err(|e| format!("binding inbound plaintext {INBOUND_PLAINTEXT_PORT}: {e}"))?;
+        Some((out, inb))
+    } else {
+        None
+    };
+
+    for (addr, listener) in bound {
+        let server = HboneServer::from_listener(
+            listener,
+            ctx.hbone_server.clone(),
+            Arc::new(ManagedCertificate {
+                manager: ctx.certs.clone(),
+                identity: pod.workload.identity.clone(),
+            }),
+        )
+        .map_err(|e| format!("HBONE {addr}: {e}"))?;
+        let (ctx, handler_pod) = (ctx.clone(), pod.clone());
+        tokio::spawn(server.run(pod.stop.clone(), move |tunnel: InboundTunnel| {
+            inbound::hbone(ctx.clone(), handler_pod.clone(), tunnel)
+        }));
+    }
+    if let Some((out, inb)) = capture {
+        spawn_captured(ctx, &pod, out, |ctx, pod, s, peer, dst| {
+            Box::pin(outbound::captured(ctx, pod, s, peer, dst))
+        });
+        spawn_captured(ctx, &pod, inb, |ctx, pod, s, peer, dst| {
+            Box::pin(inbound::plaintext(ctx, pod, s, peer, dst))
+        });
+    }
+    Ok(())
+}
+
+type CapturedHandler = fn(
+    Arc<Context>,
+    Arc<LocalPod>,
+    tokio::net::TcpStream,
+    SocketAddr,
+    SocketAddr,
+) -> futures::future::BoxFuture<'static, ()>;
+
+/// Accepts redirected connections, reads their original destination and hands them on.
+fn spawn_captured(
+    ctx: &Arc<Context>,
+    pod: &Arc<LocalPod>,
+    listener: TcpListener,
+    handler: CapturedHandler,
+) {
+    let (ctx, pod) = (ctx.clone(), pod.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = pod.stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(pod = %pod.workload.uid, error = %e, "captured accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let original = match crate::capture::original_destination(&stream) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(pod = %pod.workload.uid, %peer, error = %e, "no original destination: closing");
+                    continue;
+                }
+            };
+            tokio::spawn(handler(ctx.clone(), pod.clone(), stream, peer, original));
+        }
+    });
+}

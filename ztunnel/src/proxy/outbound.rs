@@ -1,0 +1,214 @@
+//! Outbound: a connection a local pod opened (captured on 15001, or through SOCKS5) is planned
+//! ([`super::plan`]) and then established: an HBONE tunnel to the destination's node, or plain
+//! TCP for destinations outside the mesh. Establishing and copying are separate so SOCKS5 can
+//! answer its client in between.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::hbone::{Baggage, ConnectRequest, H2Stream, HboneAuthority, forwarded_header, headers};
+use mesh::metrics::{ConnectionGuard, ConnectionInfo, Reporter};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::Context;
+use super::live::Registration;
+use super::plan::{OutboundPlan, plan_outbound};
+use crate::pods::LocalPod;
+
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The far side of an established outbound connection.
+#[derive(Debug)]
+pub enum Upstream {
+    Tunnel(H2Stream),
+    Tcp(TcpStream),
+}
+
+/// Why an outbound connection could not be established; the guard has the details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Nothing serves the destination (no endpoint, connection refused, 503).
+    Unreachable,
+    /// A policy at the destination denied it (401).
+    Denied,
+}
+
+/// An outbound connection ready to carry bytes.
+#[derive(Debug)]
+pub struct Established {
+    pub upstream: Upstream,
+    pub guard: ConnectionGuard,
+    pub registration: Registration,
+}
+
+/// Plans and establishes the connection `client_addr` (in `pod`) opened to
+/// `original_destination`.
+pub async fn establish(
+    ctx: &Arc<Context>,
+    pod: &Arc<LocalPod>,
+    client_addr: SocketAddr,
+    original_destination: SocketAddr,
+) -> Result<Established, Refusal> {
+    let state = ctx.store.snapshot();
+    let source = state
+        .workloads
+        .get(&pod.workload.uid)
+        .cloned()
+        .unwrap_or_else(|| pod.workload.clone());
+    let plan = plan_outbound(&state, original_destination, |n| fastrand::usize(..n));
+    let service = |s: &Option<Arc<mesh::model::Service>>| {
+        s.as_ref()
+            .map(|s| (s.hostname.clone(), s.name.clone(), s.namespace.clone()))
+    };
+    let source_peer = super::peer_of(Some(&source), Some(&source.identity));
+    let registration =
+        ctx.live
+            .register(None, client_addr.ip(), String::new(), original_destination);
+    match plan {
+        OutboundPlan::Hbone {
+            hbone_addr,
+            authority,
+            identity,
+            workload,
+            service: svc,
+        } => {
+            let mut guard = ConnectionGuard::new(
+                &ctx.metrics,
+                ConnectionInfo {
+                    reporter: Reporter::Source,
+                    source: source_peer,
+                    destination: super::peer_of(Some(&workload), Some(&identity)),
+                    service: service(&svc),
+                    mutual_tls: true,
+                    source_addr: client_addr,
+                    destination_addr: authority,
+                },
+            );
+            let mut request_headers = http::HeaderMap::new();
+            let host = svc.as_ref().map(|s| s.hostname.as_str());
+            if let Ok(v) = forwarded_header(client_addr, host).parse() {
+                request_headers.insert(headers::FORWARDED, v);
+            }
+            let baggage = Baggage {
+                cluster: None,
+                namespace: Some(source.namespace.clone()),
+                workload: Some((source.workload_kind.clone(), source.workload_name.clone())),
+                service: Some(source.canonical_service.clone()),
+                version: Some(source.canonical_revision.clone()),
+            };
+            if let Ok(v) = baggage.to_header().parse() {
+                request_headers.insert(headers::BAGGAGE, v);
+            }
+            let request = ConnectRequest {
+                source: source.identity.clone(),
+                destination: identity,
+                hbone_addr,
+                authority: HboneAuthority(authority),
+                headers: request_headers,
+            };
+            match pod.hbone.connect(request).await {
+                Ok(tunnel) => Ok(Established {
+                    upstream: Upstream::Tunnel(tunnel),
+                    guard,
+                    registration,
+                }),
+                Err(e) => {
+                    let refusal = if e.status() == Some(http::StatusCode::UNAUTHORIZED) {
+                        guard.fail("RBAC", format!("destination denied: {e}"));
+                        Refusal::Denied
+                    } else {
+                        guard.fail("UF", e.to_string());
+                        Refusal::Unreachable
+                    };
+                    Err(refusal)
+                }
+            }
+        }
+        OutboundPlan::Passthrough {
+            addr,
+            service: svc,
+            reason,
+        } => {
+            let destination = state.workload_by_ip(addr.ip()).cloned();
+            let mut guard = ConnectionGuard::new(
+                &ctx.metrics,
+                ConnectionInfo {
+                    reporter: Reporter::Source,
+                    source: source_peer,
+                    destination: super::peer_of(destination.as_deref(), None),
+                    service: service(&svc),
+                    mutual_tls: false,
+                    source_addr: client_addr,
+                    destination_addr: addr,
+                },
+            );
+            tracing::debug!(%addr, reason, "passthrough");
+            match tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, pod.network.connect(addr)).await
+            {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    Ok(Established {
+                        upstream: Upstream::Tcp(stream),
+                        guard,
+                        registration,
+                    })
+                }
+                Ok(Err(e)) => {
+                    guard.fail("UF", format!("connect to {addr}: {e}"));
+                    Err(Refusal::Unreachable)
+                }
+                Err(_) => {
+                    guard.fail("UF", format!("connect to {addr} timed out"));
+                    Err(Refusal::Unreachable)
+                }
+            }
+        }
+        OutboundPlan::Unreachable { reason } => {
+            let mut guard = ConnectionGuard::new(
+                &ctx.metrics,
+                ConnectionInfo {
+                    reporter: Reporter::Source,
+                    source: source_peer,
+                    destination: Default::default(),
+                    service: None,
+                    mutual_tls: false,
+                    source_addr: client_addr,
+                    destination_addr: original_destination,
+                },
+            );
+            guard.fail("NR", reason);
+            Err(Refusal::Unreachable)
+        }
+    }
+}
+
+/// Copies between the client and an established upstream until both sides end.
+pub async fn run<C>(client: C, mut established: Established)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let cancelled = established.registration.cancelled.clone();
+    match established.upstream {
+        Upstream::Tunnel(t) => {
+            super::copy_until_cancelled(client, t, &mut established.guard, &cancelled).await
+        }
+        Upstream::Tcp(s) => {
+            super::copy_until_cancelled(client, s, &mut established.guard, &cancelled).await
+        }
+    }
+}
+
+/// A connection captured on 15001.
+pub async fn captured(
+    ctx: Arc<Context>,
+    pod: Arc<LocalPod>,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    original_destination: SocketAddr,
+) {
+    if let Ok(established) = establish(&ctx, &pod, client_addr, original_destination).await {
+        run(client, established).await;
+    }
+}

@@ -1,0 +1,140 @@
+//! Where an outbound connection goes, decided as a pure function of the state snapshot.
+//!
+//! A service VIP resolves to one ready endpoint (the caller picks which, so tests are
+//! deterministic and the proxy can spread load); an enrolled destination is reached over HBONE
+//! on its pod IP, port 15008, with `:authority` podIP:targetPort, expecting its identity; any
+//! other destination is passed through as plain TCP. The waypoint hop (a later issue) slots in
+//! at [`plan_outbound`]'s "through a waypoint?" step, between resolving the destination and
+//! choosing the transport.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh::hbone::HBONE_PORT;
+use mesh::identity::Identity;
+use mesh::model::{Endpoint, Service, State, TargetPort, Workload};
+
+/// The decision for one outbound connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutboundPlan {
+    /// Tunnel to the destination's node over HBONE.
+    Hbone {
+        /// `pod-ip:15008`.
+        hbone_addr: SocketAddr,
+        /// `pod-ip:target-port`: the `:authority` of the CONNECT.
+        authority: SocketAddr,
+        /// The identity the destination must prove.
+        identity: Identity,
+        workload: Arc<Workload>,
+        /// The service the client dialled, if it dialled a VIP.
+        service: Option<Arc<Service>>,
+    },
+    /// Plain TCP to `addr`: the destination is not in the mesh (or unknown).
+    Passthrough {
+        addr: SocketAddr,
+        /// Set when a VIP was resolved to an endpoint outside the mesh.
+        service: Option<Arc<Service>>,
+        reason: &'static str,
+    },
+    /// Nothing can serve it; the client's connection is closed.
+    Unreachable { reason: String },
+}
+
+/// Plans the connection `original_destination` (from `SO_ORIGINAL_DST`, or SOCKS5). `pick`
+/// chooses among `n` candidate endpoints and returns an index below `n`.
+pub fn plan_outbound(
+    state: &State,
+    original_destination: SocketAddr,
+    pick: impl FnOnce(usize) -> usize,
+) -> OutboundPlan {
+    let ip = original_destination.ip();
+    let port = original_destination.port();
+
+    // 1. Resolve the destination: a service VIP becomes one endpoint and its target port.
+    let (service, endpoint_addr, workload) = match state.service_by_vip(ip) {
+        Some(service) => match resolve_service(state, service, port, pick) {
+            Ok((addr, workload)) => (Some(service.clone()), addr, workload),
+            Err(reason) => return OutboundPlan::Unreachable { reason },
+        },
+        None => (
+            None,
+            original_destination,
+            state.workload_by_ip(ip).cloned(),
+        ),
+    };
+
+    // 2. Through a waypoint? (the waypoint issue adds this step here.)
+
+    // 3. Choose the transport.
+    match workload {
+        Some(workload) if workload.enrolled => OutboundPlan::Hbone {
+            hbone_addr: SocketAddr::new(endpoint_addr.ip(), HBONE_PORT),
+            authority: endpoint_addr,
+            identity: workload.identity.clone(),
+            workload,
+            service,
+        },
+        Some(_) => OutboundPlan::Passthrough {
+            addr: endpoint_addr,
+            service,
+            reason: "destination workload is not in the mesh",
+        },
+        None => OutboundPlan::Passthrough {
+            addr: endpoint_addr,
+            service,
+            reason: "destination is not a known workload",
+        },
+    }
+}
+
+/// One ready endpoint of `service` for `port`, with its target port resolved.
+fn resolve_service(
+    state: &State,
+    service: &Service,
+    port: u16,
+    pick: impl FnOnce(usize) -> usize,
+) -> Result<(SocketAddr, Option<Arc<Workload>>), String> {
+    let service_port = service
+        .ports
+        .iter()
+        .find(|p| p.port == port && p.protocol.eq_ignore_ascii_case("TCP"))
+        .ok_or_else(|| format!("service {} has no TCP port {port}", service.key()))?;
+    let mut candidates: Vec<(SocketAddr, Option<Arc<Workload>>)> = service
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| {
+            let workload = endpoint_workload(state, e);
+            let target = match &service_port.target {
+                TargetPort::Number(n) => Some(*n),
+                TargetPort::Named(name) => e.ports.get(name).copied().or_else(|| {
+                    workload
+                        .as_ref()
+                        .and_then(|w| w.named_ports.get(name).copied())
+                }),
+            }?;
+            Some((SocketAddr::new(e.ip, target), workload))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Err(format!(
+            "service {} has no ready endpoint for port {port}",
+            service.key()
+        ));
+    }
+    // Clamped below `len`, and `len > 0`: the index is always valid.
+    let index = pick(candidates.len()).min(candidates.len() - 1);
+    Ok(candidates.swap_remove(index))
+}
+
+fn endpoint_workload(state: &State, endpoint: &Endpoint) -> Option<Arc<Workload>> {
+    endpoint
+        .workload_uid
+        .as_ref()
+        .and_then(|uid| state.workloads.get(uid))
+        .or_else(|| state.workload_by_ip(endpoint.ip))
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests;
