@@ -551,6 +551,13 @@ async fn client_gives_up_on_a_stalled_server() {
         matches!(err, mesh::hbone::HboneError::HandshakeTimeout { .. }),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "gave up promptly");
-    assert_eq!(client.connection_count(), 0, "nothing half-open left in the pool");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "gave up promptly"
+    );
+    assert_eq!(
+        client.connection_count(),
+        0,
+        "nothing half-open left in the pool"
+    );
 }

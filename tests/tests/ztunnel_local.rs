@@ -1,0 +1,344 @@
+//! Two real ztunnels (`ztunnel::app::build`, capture mode `none`) as two "nodes" on loopback,
+//! with the file source and the in-process CA: traffic through SOCKS5 goes over HBONE to an
+//! enrolled pod and straight to an un-enrolled one, the destination sees the client's identity,
+//! policies deny new and live connections when they change, and drain completes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh::ca::AllowAny;
+use mesh_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The cluster: namespace `demo` is ambient, `legacy` is not. Pod IPs are loopback aliases
+/// derived from `net` so tests running in parallel do not collide.
+fn cluster_yaml(net: u8) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: legacy}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sleep, namespace: demo, labels: {{app: sleep}}}}
+spec: {{nodeName: node-a, serviceAccountName: sleep, containers: [{{name: c, image: x}}]}}
+status: {{phase: Running, podIP: 127.{net}.0.11}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: demo, labels: {{app: web, version: v1}}}}
+spec: {{nodeName: node-b, serviceAccountName: web, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}
+status: {{phase: Running, podIP: 127.{net}.0.21}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: old, namespace: legacy}}
+spec: {{nodeName: node-b, containers: [{{name: c, image: x}}]}}
+status: {{phase: Running, podIP: 127.{net}.0.31}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: 10.96.{net}.10
+  ports: [{{name: http, port: 80, targetPort: http}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-abc, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints:
+- addresses: [127.{net}.0.21]
+  conditions: {{ready: true}}
+  targetRef: {{kind: Pod, name: web, namespace: demo}}
+ports: [{{name: http, port: 8080}}]
+"#
+    )
+}
+
+const DENY_SLEEP: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-sleep, namespace: demo}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/demo/sa/sleep"]}}]
+"#;
+
+struct Node {
+    bound: ztunnel::app::Bound,
+}
+
+async fn start_node(name: &str, config_dir: &Path, ca: &RunningCa, root: &Path) -> Node {
+    let any = "127.0.0.1:0".parse::<SocketAddr>().unwrap();
+    let config = ztunnel::config::Config {
+        node_name: name.into(),
+        trust_domain: TRUST_DOMAIN.into(),
+        cluster_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+        config_path: config_dir.to_owned(),
+        ca: ztunnel::config::CaConfig {
+            address: ca.addr.to_string(),
+            root_cert: root.to_owned(),
+            server_name: Some("localhost".into()),
+            token_file: None,
+        },
+        capture: ztunnel::config::CaptureMode::None,
+        admin_addr: any,
+        metrics_addr: any,
+        readiness_addr: any,
+        socks5_addr: Some(any),
+        drain_deadline: Duration::from_secs(2),
+        workload_cert_ttl: Duration::from_secs(3600),
+    };
+    Node {
+        bound: ztunnel::app::build(config, None)
+            .await
+            .expect("ztunnel starts"),
+    }
+}
+
+/// A backend that answers each line with `<name>: <line>`.
+async fn start_backend(addr: SocketAddr, name: &'static str) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1024];
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let reply = format!("{name}: {}", String::from_utf8_lossy(&buf[..n]));
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Connects through SOCKS5 from `source` (the client pod's IP) to `target`; returns the stream
+/// and the SOCKS5 reply code.
+async fn socks5(proxy: SocketAddr, source: &str, target: SocketAddr) -> (TcpStream, u8) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).await.unwrap();
+    assert_eq!(method, [5, 0]);
+    let mut req = vec![5, 1, 0, 1];
+    match target {
+        SocketAddr::V4(v4) => req.extend_from_slice(&v4.ip().octets()),
+        SocketAddr::V6(_) => unreachable!("test uses IPv4"),
+    }
+    req.extend_from_slice(&target.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    (s, reply[1])
+}
+
+async fn roundtrip(s: &mut TcpStream, msg: &str) -> String {
+    s.write_all(msg.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("reply in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn two_nodes_hbone_passthrough_policy_and_drain() {
+    init_tracing();
+    let net = 41;
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let ca = start_ca(&pki, Arc::new(AllowAny), "127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, pki.root_pem()).unwrap();
+    let config_dir = dir.path().join("mesh");
+    std::fs::create_dir(&config_dir).unwrap();
+    std::fs::write(config_dir.join("cluster.yaml"), cluster_yaml(net)).unwrap();
+
+    start_backend(format!("127.{net}.0.21:8080").parse().unwrap(), "web").await;
+    start_backend(format!("127.{net}.0.31:8080").parse().unwrap(), "old").await;
+    let a = start_node("node-a", &config_dir, &ca, &root).await;
+    let b = start_node("node-b", &config_dir, &ca, &root).await;
+
+    for node in [&a, &b] {
+        let addr = node.bound.readiness_addr;
+        let ready = async {
+            loop {
+                if http_get(addr, "/healthz/ready").await.0 == 200 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("ready once config and certificates are loaded");
+    }
+
+    let socks = a.bound.socks5_addr.unwrap();
+    let client_ip = format!("127.{net}.0.11");
+    // Through the service VIP: load-balanced to the web pod, over HBONE.
+    let vip: SocketAddr = format!("10.96.{net}.10:80").parse().unwrap();
+    let (mut live, code) = socks5(socks, &client_ip, vip).await;
+    assert_eq!(code, 0, "SOCKS5 success");
+    assert_eq!(roundtrip(&mut live, "hello").await, "web: hello");
+
+    // To the un-enrolled pod: plain passthrough.
+    let (mut plain, code) = socks5(
+        socks,
+        &client_ip,
+        format!("127.{net}.0.31:8080").parse().unwrap(),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(roundtrip(&mut plain, "hi").await, "old: hi");
+    drop(plain);
+
+    // An address that is not a local pod may not use this node's SOCKS5.
+    let (_, code) = socks5(socks, "127.0.0.1", vip).await;
+    assert_eq!(code, 2, "not allowed: the client is not a pod of this node");
+
+    // The destination node saw the client's identity over mutual TLS.
+    let (_, metrics) = http_get(b.bound.metrics_addr, "/metrics").await;
+    let inbound = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains(r#"reporter="destination""#)
+        })
+        .unwrap_or_else(|| panic!("no inbound connection metric:\n{metrics}"));
+    assert!(
+        inbound.contains(r#"source_principal="spiffe://cluster.local/ns/demo/sa/sleep""#),
+        "{inbound}"
+    );
+    assert!(
+        inbound.contains(r#"destination_principal="spiffe://cluster.local/ns/demo/sa/web""#),
+        "{inbound}"
+    );
+    assert!(
+        inbound.contains(r#"connection_security_policy="mutual_tls""#),
+        "{inbound}"
+    );
+    let (_, metrics_a) = http_get(a.bound.metrics_addr, "/metrics").await;
+    assert!(
+        metrics_a
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains(r#"reporter="source""#)
+                && l.contains(r#"destination_service="web.demo.svc.cluster.local""#)
+                && l.contains(r#"connection_security_policy="mutual_tls""#)),
+        "{metrics_a}"
+    );
+    assert!(
+        metrics_a
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains(r#"destination_workload_namespace="legacy""#)
+                && l.contains(r#"connection_security_policy="none""#)),
+        "passthrough is recorded as plaintext: {metrics_a}"
+    );
+
+    // The admin port shows what the node knows.
+    let (status, dump) = http_get(b.bound.admin_addr, "/config_dump").await;
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["pods"], serde_json::json!(["demo/web"]));
+    assert_eq!(
+        dump["certificates"][0]["identity"],
+        "spiffe://cluster.local/ns/demo/sa/web"
+    );
+    assert_eq!(dump["certificates"][0]["state"], "available");
+
+    // A DENY policy: the live connection is closed and new ones are refused.
+    std::fs::write(config_dir.join("deny.yaml"), DENY_SLEEP).unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match live.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "live connection closed after the policy change"
+    );
+    let (_, code) = socks5(socks, &client_ip, vip).await;
+    assert_eq!(
+        code, 2,
+        "destination denied the new connection (401 -> not allowed)"
+    );
+    let (_, metrics) = http_get(b.bound.metrics_addr, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_failed_total{")
+                && l.contains(r#"response_flags="RBAC""#)),
+        "{metrics}"
+    );
+
+    // Removing the policy lets traffic through again.
+    std::fs::remove_file(config_dir.join("deny.yaml")).unwrap();
+    let ok = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (mut s, code) = socks5(socks, &client_ip, vip).await;
+            if code == 0 {
+                return roundtrip(&mut s, "again").await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("allowed again after the policy is removed");
+    assert_eq!(ok, "web: again");
+
+    // Drain: readiness goes false at once, then the node stops.
+    b.bound.shutdown_trigger().cancel();
+    let (status, body) = http_get(b.bound.readiness_addr, "/healthz/ready").await;
+    assert_eq!(status, 503, "{body}");
+    tokio::time::timeout(Duration::from_secs(10), b.bound.wait())
+        .await
+        .expect("drain completes")
+        .unwrap();
+    a.bound.shutdown_trigger().cancel();
+    a.bound.wait().await.unwrap();
+}
