@@ -96,6 +96,7 @@ async fn start_node(name: &str, config_dir: &Path, ca: &RunningCa, root: &Path) 
             token_file: None,
         },
         capture: ztunnel::config::CaptureMode::None,
+        probe_sources: vec![],
         admin_addr: any,
         metrics_addr: any,
         readiness_addr: any,

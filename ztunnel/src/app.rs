@@ -118,9 +118,10 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
 
     let factory: Arc<dyn NetworkFactory> = match &config.capture {
         CaptureMode::None => Arc::new(HostNetworkFactory),
-        CaptureMode::NamedNetns { prefix } => {
-            Arc::new(crate::netns_pods::NamedNetnsFactory::new(prefix.clone()))
-        }
+        CaptureMode::NamedNetns { prefix } => Arc::new(
+            crate::netns_pods::NamedNetnsFactory::new(prefix.clone())
+                .with_probe_sources(config.probe_sources.clone()),
+        ),
     };
     let starter_ctx = ctx.clone();
     let pods = PodManager::new(

@@ -17,6 +17,7 @@ pub const CA_ROOT_CERT: &str = "CA_ROOT_CERT";
 pub const CA_SERVER_NAME: &str = "CA_SERVER_NAME";
 pub const CA_TOKEN_FILE: &str = "CA_TOKEN_FILE";
 pub const CAPTURE_MODE: &str = "CAPTURE_MODE";
+pub const CAPTURE_PROBE_SOURCES: &str = "CAPTURE_PROBE_SOURCES";
 pub const ADMIN_ADDR: &str = "ADMIN_ADDR";
 pub const METRICS_ADDR: &str = "METRICS_ADDR";
 pub const READINESS_ADDR: &str = "READINESS_ADDR";
@@ -100,6 +101,9 @@ pub struct Config {
     pub config_path: PathBuf,
     pub ca: CaConfig,
     pub capture: CaptureMode,
+    /// Extra sources (besides Istio's 169.254.7.127) whose connections reach captured pods'
+    /// ports unredirected: kubelet health probes from the node, e.g. the node's IP.
+    pub probe_sources: Vec<std::net::IpAddr>,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -155,6 +159,21 @@ impl Config {
                 }
             },
         };
+        let probe_sources = env
+            .get(CAPTURE_PROBE_SOURCES)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                        var: CAPTURE_PROBE_SOURCES,
+                        value: s.to_owned(),
+                        why: format!("{e}; expected comma-separated IP addresses"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let socks5_addr = match env.get(SOCKS5_ADDR).as_deref() {
             Some("off") => None,
             _ => Some(parse(env, SOCKS5_ADDR, DEFAULT_SOCKS5_ADDR)?),
@@ -178,6 +197,7 @@ impl Config {
                 token_file: env.get(CA_TOKEN_FILE).map(PathBuf::from),
             },
             capture,
+            probe_sources,
             admin_addr: parse(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
             metrics_addr: parse(env, METRICS_ADDR, DEFAULT_METRICS_ADDR)?,
             readiness_addr: parse(env, READINESS_ADDR, DEFAULT_READINESS_ADDR)?,
@@ -258,7 +278,15 @@ mod tests {
         let mut env = base();
         env.insert(SOCKS5_ADDR, "off".into());
         env.insert(CAPTURE_MODE, "netns:pod-".into());
+        env.insert(CAPTURE_PROBE_SOURCES, "10.0.0.1, fd00::1".into());
         let c = Config::from_env(&env).unwrap();
+        assert_eq!(
+            c.probe_sources,
+            vec![
+                "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]
+        );
         assert_eq!(c.socks5_addr, None);
         assert_eq!(
             c.capture,

@@ -22,6 +22,7 @@ enum Command {
     /// Serve this node's enrolled pods. Configured by environment variables: NODE_NAME,
     /// MESH_CONFIG_PATH, CA_ADDRESS, CA_ROOT_CERT (required); TRUST_DOMAIN, CLUSTER_DOMAIN,
     /// ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, CAPTURE_MODE (`none` | `netns:<prefix>`),
+    /// CAPTURE_PROBE_SOURCES (IPs whose connections skip capture, e.g. the node's),
     /// ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, SOCKS5_ADDR (`off` to disable),
     /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS.
     Run,
@@ -34,7 +35,10 @@ fn main() -> anyhow::Result<()> {
     let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&cli.log)?);
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+        )
         .init();
     let log: ztunnel::admin::LogControl = Arc::new(move |f: &str| {
         let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
