@@ -193,6 +193,8 @@ impl TcpMetrics {
 pub struct ConnectionGuard {
     metrics: TcpMetrics,
     info: ConnectionInfo,
+    /// Built once at open; the close reuses them (with the failure flag, if any).
+    labels: TcpLabels,
     /// Client-to-server is `a_to_b`, server-to-client `b_to_a`.
     pub bytes: Arc<ByteCounts>,
     started: Instant,
@@ -201,10 +203,12 @@ pub struct ConnectionGuard {
 
 impl ConnectionGuard {
     pub fn new(metrics: &TcpMetrics, info: ConnectionInfo) -> Self {
-        metrics.opened.get_or_create(&info.labels("-")).inc();
+        let labels = info.labels("-");
+        metrics.opened.get_or_create(&labels).inc();
         Self {
             metrics: metrics.clone(),
             info,
+            labels,
             bytes: Arc::new(ByteCounts::default()),
             started: Instant::now(),
             failure: None,
@@ -225,7 +229,8 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let flag = self.failure.as_ref().map_or("-", |(f, _)| *f);
-        let labels = self.info.labels(flag);
+        let labels = &mut self.labels;
+        labels.response_flags = flag;
         let received = self.bytes.a_to_b();
         let sent = self.bytes.b_to_a();
         self.metrics.closed.get_or_create(&labels).inc();

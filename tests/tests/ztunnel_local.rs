@@ -155,6 +155,24 @@ async fn socks5(proxy: SocketAddr, source: &str, target: SocketAddr) -> (TcpStre
     (s, reply[1])
 }
 
+/// Waits until every node answers readiness 200 (config loaded, certificates fetched).
+async fn wait_ready(nodes: &[&Node]) {
+    for node in nodes {
+        let addr = node.bound.readiness_addr;
+        let ready = async {
+            loop {
+                if http_get(addr, "/healthz/ready").await.0 == 200 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("ready once config and certificates are loaded");
+    }
+}
+
 async fn roundtrip(s: &mut TcpStream, msg: &str) -> String {
     s.write_all(msg.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 1024];
@@ -198,20 +216,7 @@ async fn two_nodes_hbone_passthrough_policy_and_drain() {
     let a = start_node("node-a", &config_dir, &ca, &root).await;
     let b = start_node("node-b", &config_dir, &ca, &root).await;
 
-    for node in [&a, &b] {
-        let addr = node.bound.readiness_addr;
-        let ready = async {
-            loop {
-                if http_get(addr, "/healthz/ready").await.0 == 200 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .expect("ready once config and certificates are loaded");
-    }
+    wait_ready(&[&a, &b]).await;
 
     let socks = a.bound.socks5_addr.unwrap();
     let client_ip = format!("127.{net}.0.11");
@@ -342,4 +347,90 @@ async fn two_nodes_hbone_passthrough_policy_and_drain() {
         .unwrap();
     a.bound.shutdown_trigger().cancel();
     a.bound.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn socks5_bad_input_is_refused_without_harm() {
+    init_tracing();
+    let net = 42;
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let ca = start_ca(&pki, Arc::new(AllowAny), "127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, pki.root_pem()).unwrap();
+    let config_dir = dir.path().join("mesh");
+    std::fs::create_dir(&config_dir).unwrap();
+    std::fs::write(config_dir.join("cluster.yaml"), cluster_yaml(net)).unwrap();
+    start_backend(format!("127.{net}.0.21:8080").parse().unwrap(), "web").await;
+    let a = start_node("node-a", &config_dir, &ca, &root).await;
+    let b = start_node("node-b", &config_dir, &ca, &root).await;
+    wait_ready(&[&a, &b]).await;
+    let socks = a.bound.socks5_addr.unwrap();
+    let client_ip = format!("127.{net}.0.11");
+
+    // Not SOCKS at all, a SOCKS4 greeting, and a client that stalls: closed, nothing else hurt.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[4, 1, 0, 80, 127, 0, 0, 1, 0][..],
+        &[5][..],
+    ] {
+        let mut s = TcpStream::connect(socks).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        if junk.len() == 1 {
+            continue; // stalls mid-greeting; the handshake timeout will close it
+        }
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a non-SOCKS5 client is disconnected promptly");
+    }
+    // A hostname the mesh does not know: host unreachable (4).
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{client_ip}:0").parse().unwrap())
+        .unwrap();
+    let mut s = socket.connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let name = b"nope.demo.svc.cluster.local";
+    let mut req = vec![5, 1, 0, 3, name.len() as u8];
+    req.extend_from_slice(name);
+    req.extend_from_slice(&80u16.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 4);
+    // The service hostname resolves from the mesh's state, and traffic still flows.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{client_ip}:0").parse().unwrap())
+        .unwrap();
+    let mut s = socket.connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    s.read_exact(&mut m).await.unwrap();
+    let name = b"web.demo.svc.cluster.local";
+    let mut req = vec![5, 1, 0, 3, name.len() as u8];
+    req.extend_from_slice(name);
+    req.extend_from_slice(&80u16.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 0, "service hostname resolved to its VIP");
+    assert_eq!(roundtrip(&mut s, "by name").await, "web: by name");
+    // A port the service does not have: refused (5), and the node keeps serving.
+    let (_, code) = socks5(
+        socks,
+        &client_ip,
+        format!("10.96.{net}.10:81").parse().unwrap(),
+    )
+    .await;
+    assert_eq!(code, 5);
+    let (mut ok, code) = socks5(
+        socks,
+        &client_ip,
+        format!("10.96.{net}.10:80").parse().unwrap(),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(roundtrip(&mut ok, "still").await, "web: still");
+    drop(b);
 }
