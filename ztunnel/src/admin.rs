@@ -36,6 +36,9 @@ impl Readiness {
         if !ctx.store.has_synced() {
             return Err("waiting for the first configuration load".into());
         }
+        if ctx.applied_version.load(Ordering::Acquire) == 0 {
+            return Err("waiting for the pods of the first configuration to be set up".into());
+        }
         let pending: Vec<String> = ctx
             .certs
             .summaries()

@@ -102,6 +102,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         cluster_domain: config.cluster_domain.clone(),
         hbone_server: ServerConfig::default(),
         pods_by_ip: ArcSwap::from_pointee(HashMap::new()),
+        applied_version: std::sync::atomic::AtomicU64::new(0),
     });
 
     // Stopping: `shutdown` starts the drain; `accepting` stops every listener.
@@ -227,10 +228,14 @@ async fn follow_state(ctx: Arc<Context>, mut pods: PodManager, stop: Cancellatio
     let mut changes = ctx.store.subscribe();
     let mut reported_l7: HashSet<String> = HashSet::new();
     loop {
+        let version = ctx.store.version();
         let state = ctx.store.snapshot();
         let (added, removed) = pods.sync(&state);
         ctx.pods_by_ip.store(Arc::new(pods.by_ip()));
         let closed = ctx.live.recheck(&state);
+        if ctx.store.has_synced() {
+            ctx.applied_version.store(version, Ordering::Release);
+        }
         if added + removed + closed > 0 {
             tracing::info!(added, removed, closed, "applied new state");
         }

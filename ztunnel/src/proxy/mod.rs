@@ -44,6 +44,8 @@ pub struct Context {
     pub hbone_server: ServerConfig,
     /// The pods this node serves, by IP; replaced whole after each sync.
     pub pods_by_ip: ArcSwap<HashMap<IpAddr, Arc<LocalPod>>>,
+    /// The state version whose pods, listeners and policies are in force (0: none yet).
+    pub applied_version: std::sync::atomic::AtomicU64,
 }
 
 impl Context {
