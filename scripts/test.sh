@@ -9,6 +9,16 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
+# The virtual-cluster tests (tests/tests/vcluster.rs) build namespaces and links with `ip`.
+if ! command -v ip >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "ip (iproute2) not found; installing it for the virtual-cluster tests" >&2
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends iproute2
+    else
+        echo "warning: ip (iproute2) not found and cannot be installed here; the virtual-cluster tests need it" >&2
+    fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

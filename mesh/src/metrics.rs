@@ -233,15 +233,12 @@ impl Drop for ConnectionGuard {
         labels.response_flags = flag;
         let received = self.bytes.a_to_b();
         let sent = self.bytes.b_to_a();
-        self.metrics.closed.get_or_create(&labels).inc();
+        self.metrics.closed.get_or_create(labels).inc();
         if self.failure.is_some() {
-            self.metrics.failed.get_or_create(&labels).inc();
+            self.metrics.failed.get_or_create(labels).inc();
         }
-        self.metrics
-            .received
-            .get_or_create(&labels)
-            .inc_by(received);
-        self.metrics.sent.get_or_create(&labels).inc_by(sent);
+        self.metrics.received.get_or_create(labels).inc_by(received);
+        self.metrics.sent.get_or_create(labels).inc_by(sent);
         let info = &self.info;
         let ident = |p: &Peer| p.principal.as_ref().map(|i| i.to_string());
         tracing::info!(

@@ -22,6 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod vcluster;
+
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// Logs to the test output when `RUST_LOG` is set.

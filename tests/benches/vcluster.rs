@@ -1,0 +1,263 @@
+//! The mesh against the direct path in the virtual cluster: client pod -> ztunnel node A ->
+//! HBONE -> ztunnel node B -> server pod, next to the same kind of pods in a namespace outside
+//! the mesh on the same two nodes, measured in one run. Prints bulk throughput of one TCP
+//! stream, the round trip of 1 KiB request/response on one connection (p50, p99), and new
+//! connections per second each carrying 1 KiB, with ratios to the direct path.
+//!
+//! Run as root: `cargo bench -p mesh-tests --bench vcluster` (`BENCH_BULK_MIB`,
+//! `BENCH_RTT_SAMPLES`, `BENCH_CONN_SECONDS`, `BENCH_CONN_CONCURRENCY` change the load). It
+//! prints figures and never fails on a timing; without root it says so and exits.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mesh_tests::vcluster::{Cluster, needs_root};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use ztunnel::capture::NetNs;
+
+const SINK_PORT: u16 = 9000;
+const ECHO_PORT: u16 = 9001;
+const MSG: usize = 1024;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    if !needs_root() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+/// Runs `load` on a thread inside `netns` with its own single-threaded runtime, so every socket
+/// the load opens is the pod's, as an unmodified application's would be.
+async fn in_pod<T, F, Fut>(netns: NetNs, load: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    tokio::task::spawn_blocking(move || {
+        netns
+            .run(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(load())
+            })
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Gbit/s of one stream sending `bytes` to the sink, which answers with the count.
+async fn bulk(addr: SocketAddr, bytes: u64) -> f64 {
+    let mut s = connect(addr).await;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n]).await.unwrap();
+        left -= n as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await.unwrap();
+    assert_eq!(u64::from_be_bytes(count), bytes, "sink received every byte");
+    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// p50 and p99 round trip of 1 KiB on one connection, in microseconds.
+async fn rtt(addr: SocketAddr, samples: usize) -> (f64, f64) {
+    let mut s = connect(addr).await;
+    let out = vec![7u8; MSG];
+    let mut back = vec![0u8; MSG];
+    let warmup = samples / 10;
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let t = Instant::now();
+        s.write_all(&out).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        if i >= warmup {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+    (pct(0.5).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6)
+}
+
+/// New connections per second, each sending 1 KiB and reading the 1 KiB echo, from
+/// `concurrency` loops for `seconds`.
+async fn connection_rate(addr: SocketAddr, seconds: u64, concurrency: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..concurrency {
+        loops.push(tokio::task::spawn_local(async move {
+            let out = vec![3u8; MSG];
+            let mut back = vec![0u8; MSG];
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let mut s = connect(addr).await;
+                s.write_all(&out).await.unwrap();
+                s.read_exact(&mut back).await.unwrap();
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for l in loops {
+        total += l.await.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Figures {
+    bulk_gbps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    conns_per_s: f64,
+}
+
+async fn measure(client: NetNs, server: SocketAddr, bulk_bytes: u64) -> Figures {
+    let samples = env("BENCH_RTT_SAMPLES", 20_000) as usize;
+    let seconds = env("BENCH_CONN_SECONDS", 3);
+    let concurrency = env("BENCH_CONN_CONCURRENCY", 8);
+    let sink = SocketAddr::new(server.ip(), SINK_PORT);
+    let echo = SocketAddr::new(server.ip(), ECHO_PORT);
+    in_pod(client, move || async move {
+        // Warm up the path (certificates, pooled HBONE connection) before measuring.
+        let _ = bulk(sink, 16 << 20).await;
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            runs.push(bulk(sink, bulk_bytes).await);
+        }
+        runs.sort_by(f64::total_cmp);
+        let (p50, p99) = rtt(echo, samples).await;
+        let local = tokio::task::LocalSet::new();
+        let conns = local
+            .run_until(connection_rate(echo, seconds, concurrency))
+            .await;
+        Figures {
+            bulk_gbps: runs[1],
+            p50_us: p50,
+            p99_us: p99,
+            conns_per_s: conns,
+        }
+    })
+    .await
+}
+
+async fn run() {
+    let bulk_bytes = env("BENCH_BULK_MIB", 512) << 20;
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("mesh")
+        .ambient()
+        .namespace("plain")
+        .pod("a", "mesh", "client")
+        .pod("b", "mesh", "server")
+        .pod("a", "plain", "client-direct")
+        .pod("b", "plain", "server-direct")
+        .build()
+        .await
+        .expect("virtual cluster");
+    for server in ["server", "server-direct"] {
+        let pod = cluster.pod(server);
+        pod.serve(SINK_PORT, |mut s, _| async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n as u64,
+                }
+            }
+            let _ = s.write_all(&total.to_be_bytes()).await;
+            let _ = s.shutdown().await;
+        })
+        .await
+        .map(std::mem::forget)
+        .unwrap();
+        pod.serve_echo(ECHO_PORT)
+            .await
+            .map(std::mem::forget)
+            .unwrap();
+    }
+    let direct = measure(
+        cluster.pod("client-direct").netns().open().unwrap(),
+        SocketAddr::new(cluster.pod("server-direct").ip(), 0),
+        bulk_bytes,
+    )
+    .await;
+    let mesh = measure(
+        cluster.pod("client").netns().open().unwrap(),
+        SocketAddr::new(cluster.pod("server").ip(), 0),
+        bulk_bytes,
+    )
+    .await;
+
+    println!();
+    println!(
+        "Virtual cluster, pod on node A -> pod on node B ({} MiB bulk, median of 3)",
+        bulk_bytes >> 20
+    );
+    println!("{:<34}{:>12}{:>12}{:>10}", "", "direct", "mesh", "ratio");
+    println!(
+        "{:<34}{:>12.2}{:>12.2}{:>10.2}",
+        "bulk, one stream (Gbit/s)",
+        direct.bulk_gbps,
+        mesh.bulk_gbps,
+        mesh.bulk_gbps / direct.bulk_gbps
+    );
+    println!(
+        "{:<34}{:>12.0}{:>12.0}{:>10.2}",
+        "new connections/s (1 KiB each)",
+        direct.conns_per_s,
+        mesh.conns_per_s,
+        mesh.conns_per_s / direct.conns_per_s
+    );
+    println!(
+        "{:<34}{:>12.1}{:>12.1}{:>10.2}",
+        "1 KiB round trip p50 (us)",
+        direct.p50_us,
+        mesh.p50_us,
+        mesh.p50_us / direct.p50_us
+    );
+    println!(
+        "{:<34}{:>12.1}{:>12.1}{:>10.2}",
+        "1 KiB round trip p99 (us)",
+        direct.p99_us,
+        mesh.p99_us,
+        mesh.p99_us / direct.p99_us
+    );
+    println!(
+        "added p50 round trip: {:.1} us (target: at most 30); bulk ratio target >= 0.45, \
+         connection rate ratio target >= 0.40",
+        mesh.p50_us - direct.p50_us
+    );
+}
