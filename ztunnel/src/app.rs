@@ -222,6 +222,9 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     })
 }
 
+/// How often pods that could not be set up are retried.
+const POD_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Applies every new state: pods join and leave, live connections are re-authorized, rules
 /// that ztunnel cannot enforce are reported once.
 async fn follow_state(ctx: Arc<Context>, mut pods: PodManager, stop: CancellationToken) {
@@ -253,9 +256,11 @@ async fn follow_state(ctx: Arc<Context>, mut pods: PodManager, stop: Cancellatio
                 }
             }
         }
+        let retry = pods.has_failures();
         tokio::select! {
             _ = stop.cancelled() => break,
             changed = changes.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(POD_RETRY_INTERVAL), if retry => {}
         }
     }
     pods.stop_all();

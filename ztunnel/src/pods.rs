@@ -98,6 +98,9 @@ pub struct PodManager {
     factory: Arc<dyn NetworkFactory>,
     start_listeners: ListenerStarter,
     pods: HashMap<String, Arc<LocalPod>>,
+    /// Enrolled pods whose capture or listeners could not be set up (netns not there yet,
+    /// port taken): retried on every sync, and `sync` is called periodically while any remain.
+    failed: std::collections::HashSet<String>,
     /// Parent of every pod's `stop`: cancelling it (drain) stops all listeners.
     parent: CancellationToken,
 }
@@ -127,8 +130,14 @@ impl PodManager {
             factory,
             start_listeners,
             pods: HashMap::new(),
+            failed: std::collections::HashSet::new(),
             parent,
         }
+    }
+
+    /// True while some enrolled pod could not be set up and should be retried.
+    pub fn has_failures(&self) -> bool {
+        !self.failed.is_empty()
     }
 
     /// Every served pod by IP, for lookups on the data path.
@@ -169,6 +178,7 @@ impl PodManager {
             keep
         });
         let mut added = 0;
+        self.failed.retain(|uid| wanted.contains_key(uid));
         for (uid, workload) in wanted {
             if let Some(existing) = self.pods.get_mut(uid) {
                 // Labels and other metadata may change without re-capturing.
@@ -188,7 +198,9 @@ impl PodManager {
             let network = match self.factory.network_for(workload) {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::warn!(pod = %uid, error = %e, "cannot capture pod; it stays outside the mesh until the next change");
+                    if self.failed.insert(uid.clone()) {
+                        tracing::warn!(pod = %uid, error = %e, "cannot capture pod yet; retrying");
+                    }
                     continue;
                 }
             };
@@ -206,12 +218,15 @@ impl PodManager {
             });
             match (self.start_listeners)(pod.clone()) {
                 Ok(()) => {
+                    self.failed.remove(uid);
                     tracing::info!(pod = %uid, ips = ?workload.ips, identity = %workload.identity, "pod joined the mesh on this node");
                     self.pods.insert(uid.clone(), pod);
                     added += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(pod = %uid, error = %e, "cannot start the pod's listeners; leaving it out");
+                    if self.failed.insert(uid.clone()) {
+                        tracing::warn!(pod = %uid, error = %e, "cannot start the pod's listeners yet; retrying");
+                    }
                     pod.stop.cancel();
                     pod.network.teardown();
                 }
@@ -238,5 +253,144 @@ impl PodManager {
         for (_, pod) in self.pods.drain() {
             pod.stop.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use mesh::ca::{CertificateSigner, SignError};
+    use mesh::identity::Identity;
+
+    struct NoCa;
+    impl CertificateSigner for NoCa {
+        fn sign<'a>(
+            &'a self,
+            identity: &'a Identity,
+            _: String,
+            _: std::time::Duration,
+        ) -> BoxFuture<'a, Result<Vec<String>, SignError>> {
+            Box::pin(async move { Err(SignError::EmptyChain(identity.clone())) })
+        }
+    }
+
+    /// Fails the first `fail` attempts, like a netns that is not there yet.
+    struct Flaky {
+        fail: usize,
+        calls: AtomicUsize,
+        teardowns: Arc<AtomicUsize>,
+    }
+
+    #[derive(Debug)]
+    struct Recorded(Arc<AtomicUsize>);
+    impl PodNetwork for Recorded {
+        fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+            HostNetwork.bind(addr)
+        }
+        fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> {
+            HostNetwork.connect(addr)
+        }
+        fn teardown(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl NetworkFactory for Flaky {
+        fn network_for(&self, _: &Workload) -> Result<Arc<dyn PodNetwork>, String> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+                Err("netns not found".into())
+            } else {
+                Ok(Arc::new(Recorded(self.teardowns.clone())))
+            }
+        }
+    }
+
+    fn state(enrolled: bool) -> State {
+        let w = Arc::new(Workload {
+            uid: "demo/web".into(),
+            name: "web".into(),
+            namespace: "demo".into(),
+            ips: vec!["10.1.0.5".parse().unwrap()],
+            node: "node-a".into(),
+            service_account: "web".into(),
+            identity: Identity::new("cluster.local", "demo", "web").unwrap(),
+            labels: Default::default(),
+            enrolled,
+            workload_name: "web".into(),
+            workload_kind: "deployment".into(),
+            canonical_service: "web".into(),
+            canonical_revision: "latest".into(),
+            named_ports: Default::default(),
+        });
+        let mut s = State::default();
+        s.workloads.insert(w.uid.clone(), w);
+        s
+    }
+
+    fn manager(factory: Arc<dyn NetworkFactory>, listeners_ok: bool) -> PodManager {
+        let certs = CertManager::new(
+            Arc::new(NoCa),
+            Default::default(),
+            &mut prometheus_client::registry::Registry::default(),
+        );
+        PodManager::new(
+            "node-a".into(),
+            certs,
+            ClientConfig::default(),
+            factory,
+            Arc::new(move |_| {
+                if listeners_ok {
+                    Ok(())
+                } else {
+                    Err("port in use".into())
+                }
+            }),
+            CancellationToken::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_cannot_be_captured_yet_is_retried() {
+        let teardowns = Arc::new(AtomicUsize::new(0));
+        let factory = Arc::new(Flaky {
+            fail: 2,
+            calls: AtomicUsize::new(0),
+            teardowns: teardowns.clone(),
+        });
+        let mut m = manager(factory, true);
+        assert_eq!(m.sync(&state(true)), (0, 0));
+        assert!(m.has_failures());
+        assert_eq!(m.sync(&state(true)), (0, 0));
+        assert_eq!(
+            m.sync(&state(true)),
+            (1, 0),
+            "third attempt captures the pod"
+        );
+        assert!(!m.has_failures());
+        // Leaving the mesh removes its capture.
+        assert_eq!(m.sync(&state(false)), (0, 1));
+        assert_eq!(teardowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn failed_listeners_leave_no_capture_behind_and_a_departed_pod_stops_retrying() {
+        let teardowns = Arc::new(AtomicUsize::new(0));
+        let factory = Arc::new(Flaky {
+            fail: 0,
+            calls: AtomicUsize::new(0),
+            teardowns: teardowns.clone(),
+        });
+        let mut m = manager(factory, false);
+        assert_eq!(m.sync(&state(true)), (0, 0));
+        assert_eq!(
+            teardowns.load(Ordering::SeqCst),
+            1,
+            "rules removed when listeners fail"
+        );
+        assert!(m.has_failures());
+        assert_eq!(m.sync(&State::default()), (0, 0));
+        assert!(!m.has_failures(), "a deleted pod is not retried");
     }
 }
