@@ -30,6 +30,14 @@ impl ByteCounts {
     pub fn b_to_a(&self) -> u64 {
         self.b_to_a.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn a_to_b_counter(&self) -> &AtomicU64 {
+        &self.a_to_b
+    }
+
+    pub(crate) fn b_to_a_counter(&self) -> &AtomicU64 {
+        &self.b_to_a
+    }
 }
 
 /// Which direction failed, and how.

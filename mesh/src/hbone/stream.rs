@@ -137,3 +137,107 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 }
+
+/// Moves bytes between a TCP socket and a tunnel until both directions end, like
+/// [`crate::copy::copy_bidirectional`] but without staging buffers: bytes read from the socket
+/// are handed to HTTP/2 as they are, and DATA frames from the tunnel are written to the socket
+/// as they arrived. Counts follow `tcp_side`: bytes from side A to side B go to `a_to_b`.
+pub async fn copy_tcp_and_tunnel(
+    tcp: tokio::net::TcpStream,
+    tunnel: H2Stream,
+    counts: &crate::copy::ByteCounts,
+    tcp_side: crate::copy::Side,
+) -> Result<(), crate::copy::CopyError> {
+    use crate::copy::{CopyError, Side};
+    let (tunnel_side, tcp_count, tunnel_count) = match tcp_side {
+        Side::A => (Side::B, counts.a_to_b_counter(), counts.b_to_a_counter()),
+        Side::B => (Side::A, counts.b_to_a_counter(), counts.a_to_b_counter()),
+    };
+    let H2Stream {
+        mut send,
+        mut recv,
+        pending,
+        recv_done,
+        send_done,
+        _guard,
+    } = tunnel;
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+
+    let upload = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = bytes::BytesMut::new();
+        let mut size = 16 * 1024;
+        loop {
+            if send_done {
+                return Ok(());
+            }
+            buf.reserve(size);
+            let n = tcp_read
+                .read_buf(&mut buf)
+                .await
+                .map_err(|source| CopyError::Read {
+                    side: tcp_side,
+                    source,
+                })?;
+            if n == 0 {
+                return send
+                    .send_data(Bytes::new(), true)
+                    .map_err(|e| CopyError::Write {
+                        side: tunnel_side,
+                        source: h2_to_io(e),
+                    });
+            }
+            if n == size && size < 256 * 1024 {
+                size *= 2;
+            }
+            let mut chunk = buf.split().freeze();
+            while !chunk.is_empty() {
+                send.reserve_capacity(chunk.len());
+                let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                    .await
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))
+                    .and_then(|r| r.map_err(h2_to_io))
+                    .map_err(|source| CopyError::Write {
+                        side: tunnel_side,
+                        source,
+                    })?;
+                if granted == 0 {
+                    continue;
+                }
+                let part = chunk.split_to(granted.min(chunk.len()));
+                let len = part.len() as u64;
+                send.send_data(part, false).map_err(|e| CopyError::Write {
+                    side: tunnel_side,
+                    source: h2_to_io(e),
+                })?;
+                tcp_count.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    };
+
+    let download = async {
+        use tokio::io::AsyncWriteExt;
+        let write = |e| CopyError::Write {
+            side: tcp_side,
+            source: e,
+        };
+        if !pending.is_empty() {
+            tcp_write.write_all(&pending).await.map_err(write)?;
+            tunnel_count.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if !recv_done {
+            while let Some(data) = std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+                let data = data.map_err(|e| CopyError::Read {
+                    side: tunnel_side,
+                    source: h2_to_io(e),
+                })?;
+                tcp_write.write_all(&data).await.map_err(write)?;
+                let _ = recv.flow_control().release_capacity(data.len());
+                tunnel_count.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        tcp_write.shutdown().await.map_err(write)
+    };
+
+    tokio::try_join!(upload, download).map(|_| ())
+}

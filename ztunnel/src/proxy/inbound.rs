@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
+use mesh::copy::Side;
 use mesh::hbone::InboundTunnel;
 use mesh::metrics::{ConnectionGuard, ConnectionInfo, Reporter};
 use mesh::model::{MtlsMode, State, Workload};
@@ -87,7 +88,9 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
         destination.uid.clone(),
         authority,
     );
-    super::copy_until_cancelled(stream, upstream, &mut guard, &registration.cancelled).await;
+    let bytes = guard.bytes.clone();
+    let copy = mesh::hbone::stream::copy_tcp_and_tunnel(upstream, stream, &bytes, Side::B);
+    super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await;
 }
 
 /// Handles one plaintext connection captured on its way into `pod` (port 15006).
@@ -148,7 +151,9 @@ pub async fn plaintext(
         destination.uid.clone(),
         original_destination,
     );
-    super::copy_until_cancelled(client, upstream, &mut guard, &registration.cancelled).await;
+    let bytes = guard.bytes.clone();
+    let copy = mesh::copy::copy_bidirectional(client, upstream, &bytes);
+    super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await;
 }
 
 /// The current workload behind `pod`, if `addr` is one of its IPs.

@@ -9,14 +9,13 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mesh::cert_manager::CertManager;
-use mesh::copy::{CopyError, Side, copy_bidirectional};
+use mesh::copy::{CopyError, Side};
 use mesh::discovery::Store;
 use mesh::hbone::server::ManagedCertificate;
 use mesh::hbone::{HBONE_PORT, HboneServer, InboundTunnel, ServerConfig};
 use mesh::identity::Identity;
 use mesh::metrics::{ConnectionGuard, Peer, TcpMetrics};
 use mesh::model::Workload;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -94,20 +93,15 @@ pub(crate) fn peer_of(workload: Option<&Workload>, identity: Option<&Identity>) 
     }
 }
 
-/// Copies between client and upstream until both end, the copy fails, or `cancelled` fires,
-/// recording the outcome on `guard`.
-pub(crate) async fn copy_until_cancelled<A, B>(
-    client: A,
-    upstream: B,
+/// Runs `copy` (client on side A, upstream on side B) until it ends, fails, or `cancelled`
+/// fires, recording the outcome on `guard`.
+pub(crate) async fn copy_until_cancelled(
+    copy: impl std::future::Future<Output = Result<(), CopyError>>,
     guard: &mut ConnectionGuard,
     cancelled: &CancellationToken,
-) where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let bytes = guard.bytes.clone();
+) {
     tokio::select! {
-        result = copy_bidirectional(client, upstream, &bytes) => match result {
+        result = copy => match result {
             Ok(()) => {}
             Err(e @ (CopyError::Read { side: Side::A, .. } | CopyError::Write { side: Side::A, .. })) => {
                 guard.fail("DC", format!("client side: {e}"));

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh::copy::Side;
 use mesh::hbone::{Baggage, ConnectRequest, H2Stream, HboneAuthority, forwarded_header, headers};
 use mesh::metrics::{ConnectionGuard, ConnectionInfo, Reporter};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::Context;
@@ -185,17 +185,17 @@ pub async fn establish(
 }
 
 /// Copies between the client and an established upstream until both sides end.
-pub async fn run<C>(client: C, mut established: Established)
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn run(client: TcpStream, mut established: Established) {
     let cancelled = established.registration.cancelled.clone();
+    let bytes = established.guard.bytes.clone();
     match established.upstream {
         Upstream::Tunnel(t) => {
-            super::copy_until_cancelled(client, t, &mut established.guard, &cancelled).await
+            let copy = mesh::hbone::stream::copy_tcp_and_tunnel(client, t, &bytes, Side::A);
+            super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await
         }
         Upstream::Tcp(s) => {
-            super::copy_until_cancelled(client, s, &mut established.guard, &cancelled).await
+            let copy = mesh::copy::copy_bidirectional(client, s, &bytes);
+            super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await
         }
     }
 }
