@@ -11,6 +11,7 @@ use mesh::model::Workload;
 use socket2::Domain;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::capture::netns::SocketFactory;
 use crate::capture::{CaptureConfig, NetNs, nft};
 use crate::pods::{NetworkFactory, PodNetwork};
 
@@ -18,6 +19,7 @@ use crate::pods::{NetworkFactory, PodNetwork};
 #[derive(Debug)]
 pub struct NetnsPod {
     netns: NetNs,
+    sockets: Arc<SocketFactory>,
     capture: CaptureConfig,
 }
 
@@ -31,12 +33,11 @@ impl PodNetwork for NetnsPod {
     }
 
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> {
-        let socket = self
-            .netns
-            .outbound_socket(Domain::for_address(addr), self.capture.mark)
-            .map_err(|e| std::io::Error::other(e.to_string()));
+        let (sockets, mark) = (self.sockets.clone(), self.capture.mark);
         Box::pin(async move {
-            let socket = socket?;
+            let socket = sockets
+                .outbound_socket(Domain::for_address(addr), mark)
+                .await?;
             socket.set_nonblocking(true)?;
             let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
             socket.connect(addr).await
@@ -80,9 +81,11 @@ impl NetworkFactory for NamedNetnsFactory {
     fn network_for(&self, workload: &Workload) -> Result<Arc<dyn PodNetwork>, String> {
         let name = format!("{}{}", self.prefix, workload.name);
         let netns = NetNs::from_name(&name).map_err(|e| e.to_string())?;
+        let sockets = Arc::new(netns.socket_factory().map_err(|e| e.to_string())?);
         nft::install(&netns, &self.capture).map_err(|e| e.to_string())?;
         Ok(Arc::new(NetnsPod {
             netns,
+            sockets,
             capture: self.capture.clone(),
         }))
     }
