@@ -9,76 +9,29 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh::hbone::{
     ClientConfig, ConnectRequest, H2Settings, HboneAuthority, HboneClient, ServerConfig,
 };
+use mesh_tests::load::{bulk, round_trips, sink};
 use mesh_tests::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const MSG: usize = 1024;
 const RTT_WARMUP: usize = 2_000;
 const RTT_SAMPLES: usize = 20_000;
 
-/// A server that reads each connection to EOF and answers with the byte count.
+/// A server whose every connection is a [`sink`].
 async fn start_sink() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((s, _)) = listener.accept().await {
             let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => total += n as u64,
-                    }
-                }
-                let _ = s.write_all(&total.to_be_bytes()).await;
-                let _ = s.shutdown().await;
-            });
+            tokio::spawn(sink(s));
         }
     });
     addr
-}
-
-/// Sends `bytes` and waits for the sink's count; returns Gbit/s.
-async fn bulk<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> f64 {
-    let buf = vec![0x5au8; 256 * 1024];
-    let start = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n]).await.unwrap();
-        left -= n as u64;
-    }
-    s.shutdown().await.unwrap();
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).await.unwrap();
-    assert_eq!(u64::from_be_bytes(count), bytes, "sink received every byte");
-    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
-}
-
-/// Round trips of 1 KiB on one stream; returns (p50, p99) in microseconds.
-async fn rtt<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> (f64, f64) {
-    let out = vec![7u8; MSG];
-    let mut back = vec![0u8; MSG];
-    let mut samples = Vec::with_capacity(RTT_SAMPLES);
-    for i in 0..RTT_WARMUP + RTT_SAMPLES {
-        let t = Instant::now();
-        s.write_all(&out).await.unwrap();
-        s.read_exact(&mut back).await.unwrap();
-        if i >= RTT_WARMUP {
-            samples.push(t.elapsed());
-        }
-    }
-    samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    (pct(0.50).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6)
 }
 
 /// Median of three bulk runs on fresh tunnels from `h`, after a warm-up.
@@ -164,8 +117,13 @@ async fn run() {
     let tcp_bulk = tcp_runs[1];
     // Also warms the pool, so the round trips below run on an established, pooled connection.
     let hbone_bulk = bulk_median(&h, sink, bytes).await;
-    let (tcp_p50, tcp_p99) = rtt(tcp(echo).await).await;
-    let (h_p50, h_p99) = rtt(h.client.connect((h.request)(echo)).await.unwrap()).await;
+    let (tcp_p50, tcp_p99) = round_trips(tcp(echo).await, RTT_WARMUP, RTT_SAMPLES).await;
+    let (h_p50, h_p99) = round_trips(
+        h.client.connect((h.request)(echo)).await.unwrap(),
+        RTT_WARMUP,
+        RTT_SAMPLES,
+    )
+    .await;
 
     println!();
     println!(

@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mesh_tests::load::{self, MESSAGE as MSG};
 use mesh_tests::vcluster::{Cluster, needs_root};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,7 +23,6 @@ use ztunnel::capture::NetNs;
 
 const SINK_PORT: u16 = 9000;
 const ECHO_PORT: u16 = 9001;
-const MSG: usize = 1024;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -72,42 +72,14 @@ async fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Gbit/s of one stream sending `bytes` to the sink, which answers with the count.
+/// Gbit/s of one stream sending `bytes` to the sink at `addr`.
 async fn bulk(addr: SocketAddr, bytes: u64) -> f64 {
-    let mut s = connect(addr).await;
-    let buf = vec![0x5au8; 256 * 1024];
-    let start = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n]).await.unwrap();
-        left -= n as u64;
-    }
-    s.shutdown().await.unwrap();
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).await.unwrap();
-    assert_eq!(u64::from_be_bytes(count), bytes, "sink received every byte");
-    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+    load::bulk(connect(addr).await, bytes).await
 }
 
 /// p50 and p99 round trip of 1 KiB on one connection, in microseconds.
 async fn rtt(addr: SocketAddr, samples: usize) -> (f64, f64) {
-    let mut s = connect(addr).await;
-    let out = vec![7u8; MSG];
-    let mut back = vec![0u8; MSG];
-    let warmup = samples / 10;
-    let mut times = Vec::with_capacity(samples);
-    for i in 0..warmup + samples {
-        let t = Instant::now();
-        s.write_all(&out).await.unwrap();
-        s.read_exact(&mut back).await.unwrap();
-        if i >= warmup {
-            times.push(t.elapsed());
-        }
-    }
-    times.sort();
-    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
-    (pct(0.5).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6)
+    load::round_trips(connect(addr).await, samples / 10, samples).await
 }
 
 /// New connections per second, each sending 1 KiB and reading the 1 KiB echo, from
@@ -190,21 +162,10 @@ async fn run() {
         .expect("virtual cluster");
     for server in ["server", "server-direct"] {
         let pod = cluster.pod(server);
-        pod.serve(SINK_PORT, |mut s, _| async move {
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => total += n as u64,
-                }
-            }
-            let _ = s.write_all(&total.to_be_bytes()).await;
-            let _ = s.shutdown().await;
-        })
-        .await
-        .map(std::mem::forget)
-        .unwrap();
+        pod.serve(SINK_PORT, |s, _| load::sink(s))
+            .await
+            .map(std::mem::forget)
+            .unwrap();
         pod.serve_echo(ECHO_PORT)
             .await
             .map(std::mem::forget)

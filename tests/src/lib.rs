@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod load;
 pub mod vcluster;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";

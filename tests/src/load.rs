@@ -1,0 +1,66 @@
+//! Load generators the benchmarks share: a byte sink, one stream's bulk rate, and 1 KiB round
+//! trips. They panic on I/O errors (a benchmark whose path breaks has no figure to print).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Size of the messages of [`round_trips`].
+pub const MESSAGE: usize = 1024;
+
+/// Serves one connection as a sink: reads to EOF, then answers with the byte count (8 bytes,
+/// big-endian) and closes.
+pub async fn sink<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n as u64,
+        }
+    }
+    let _ = s.write_all(&total.to_be_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// Sends `bytes` to a [`sink`] and waits for its count; returns Gbit/s.
+pub async fn bulk<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> f64 {
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n]).await.unwrap();
+        left -= n as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await.unwrap();
+    assert_eq!(u64::from_be_bytes(count), bytes, "sink received every byte");
+    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// `warmup + samples` round trips of [`MESSAGE`] bytes against an echo server on one stream;
+/// returns (p50, p99) of the measured ones in microseconds.
+pub async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    warmup: usize,
+    samples: usize,
+) -> (f64, f64) {
+    let out = vec![7u8; MESSAGE];
+    let mut back = vec![0u8; MESSAGE];
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let t = Instant::now();
+        s.write_all(&out).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        if i >= warmup {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
+    (pct(0.50).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6)
+}
