@@ -595,3 +595,29 @@ async fn tcp_tunnel_pump_keeps_bytes_half_close_and_counts() {
     assert_eq!(counts.a_to_b(), LEN);
     assert_eq!(counts.b_to_a(), LEN);
 }
+
+/// A server that allows fewer concurrent streams than the client's own limit: once its
+/// SETTINGS are known, the pool opens another connection instead of queueing tunnels.
+#[tokio::test]
+async fn pool_respects_the_servers_stream_limit() {
+    let server = ServerConfig {
+        max_concurrent_streams: 5,
+        ..ServerConfig::default()
+    };
+    let s = setup(ClientConfig::default(), server).await;
+    let echo = start_echo().await;
+    let mut open = Vec::new();
+    for i in 0..12u8 {
+        let mut t = s.client.connect(s.request(echo)).await.expect("tunnel");
+        t.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        t.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], i);
+        open.push(t);
+    }
+    assert_eq!(
+        s.client.connection_count(),
+        3,
+        "12 concurrent tunnels at 5 per connection need 3 connections"
+    );
+}

@@ -156,6 +156,8 @@ struct PooledConn {
     id: u64,
     send: h2::client::SendRequest<Bytes>,
     active: AtomicUsize,
+    /// The peer's advertised concurrent-stream limit, kept current by the connection task.
+    peer_limit: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
     /// Milliseconds since `epoch` when the last tunnel ended.
     idle_since_ms: AtomicU64,
@@ -167,6 +169,9 @@ impl PooledConn {
         if self.closed.load(Ordering::Acquire) {
             return None;
         }
+        // The server's SETTINGS_MAX_CONCURRENT_STREAMS, once known, lowers our own limit: past
+        // it h2 would queue the stream instead of a new connection carrying it.
+        let max = max.min(self.peer_limit.load(Ordering::Acquire));
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
@@ -326,8 +331,17 @@ impl HboneClient {
         let closed = Arc::new(AtomicBool::new(false));
         let closed_by_task = closed.clone();
         let (src, dst) = (request.source.clone(), request.destination.clone());
+        let peer_limit = Arc::new(AtomicUsize::new(usize::MAX));
+        let limit_by_task = peer_limit.clone();
         tokio::spawn(async move {
-            match connection.await {
+            let mut connection = connection;
+            let result = std::future::poll_fn(|cx| {
+                let poll = std::pin::Pin::new(&mut connection).poll(cx);
+                limit_by_task.store(connection.max_concurrent_send_streams(), Ordering::Release);
+                poll
+            })
+            .await;
+            match result {
                 Ok(()) => tracing::debug!(conn = id, %addr, "HBONE connection closed"),
                 Err(e) => tracing::info!(conn = id, %addr, error = %e, "HBONE connection failed"),
             }
@@ -339,6 +353,7 @@ impl HboneClient {
             id,
             send,
             active: AtomicUsize::new(0),
+            peer_limit,
             closed,
             idle_since_ms: AtomicU64::new(0),
             epoch,
