@@ -1719,6 +1719,7 @@ impl Launch {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", &self.log_filter)
+            .envs(std::env::var_os(env::WORKER_THREADS).map(|v| (env::WORKER_THREADS, v)))
             .env(env::NODE_NAME, node)
             .env(env::CONFIG_PATH, &self.config_dir)
             .env(env::CA_ADDRESS, self.ca_addr.to_string())

@@ -24,6 +24,22 @@ pub const READINESS_ADDR: &str = "READINESS_ADDR";
 pub const SOCKS5_ADDR: &str = "SOCKS5_ADDR";
 pub const DRAIN_DEADLINE: &str = "DRAIN_DEADLINE_SECONDS";
 pub const WORKLOAD_CERT_TTL: &str = "WORKLOAD_CERT_TTL_SECONDS";
+/// Worker threads of the runtime (read by `main` before the runtime exists).
+pub const WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
+pub const DEFAULT_WORKER_THREADS: usize = 2;
+
+/// The runtime's worker count from [`WORKER_THREADS`]: a positive number, default 2.
+pub fn worker_threads(env: &dyn Env) -> Result<usize, ConfigError> {
+    let n: usize = parse(env, WORKER_THREADS, &DEFAULT_WORKER_THREADS.to_string())?;
+    if n == 0 {
+        return Err(ConfigError::Invalid {
+            var: WORKER_THREADS,
+            value: "0".into(),
+            why: "must be at least 1".into(),
+        });
+    }
+    Ok(n)
+}
 
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
@@ -270,6 +286,28 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("TRUST_DOMAIN")
+        );
+    }
+
+    #[test]
+    fn worker_threads_default_and_validation() {
+        assert_eq!(worker_threads(&base()).unwrap(), 2);
+        let mut env = base();
+        env.insert(WORKER_THREADS, "1".into());
+        assert_eq!(worker_threads(&env).unwrap(), 1);
+        env.insert(WORKER_THREADS, "0".into());
+        assert!(
+            worker_threads(&env)
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
+        env.insert(WORKER_THREADS, "many".into());
+        assert!(
+            worker_threads(&env)
+                .unwrap_err()
+                .to_string()
+                .starts_with("ZTUNNEL_WORKER_THREADS=\"many\"")
         );
     }
 

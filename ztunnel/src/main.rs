@@ -30,7 +30,7 @@ enum Command {
     /// ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, CAPTURE_MODE (`none` | `netns:<prefix>`),
     /// CAPTURE_PROBE_SOURCES (IPs whose connections skip capture, e.g. the node's),
     /// ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, SOCKS5_ADDR (`off` to disable),
-    /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS.
+    /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS, ZTUNNEL_WORKER_THREADS (default 2).
     Run,
     /// Run the mesh's certificate authority (Istio's certificate service over gRPC/TLS).
     Ca(Box<ztunnel::ca_cmd::CaArgs>),
@@ -51,6 +51,9 @@ fn main() -> anyhow::Result<()> {
         handle.reload(filter).map_err(|e| e.to_string())
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(ztunnel::config::worker_threads(
+            &ztunnel::config::ProcessEnv,
+        )?)
         .enable_all()
         .build()?;
     runtime.block_on(async {
