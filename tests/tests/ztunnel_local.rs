@@ -292,6 +292,53 @@ async fn two_nodes_hbone_passthrough_policy_and_drain() {
     );
     assert_eq!(dump["certificates"][0]["state"], "available");
 
+    // The operator view (`ztunnel config`) of node b, while the connection is live.
+    use ztunnel::operator::{Output, Section, render};
+    let dump = ztunnel::operator::fetch(b.bound.admin_addr).await.unwrap();
+    let tables = render(&dump, Section::All, Output::Table).unwrap();
+    let row = |title: &str, needle: &str| {
+        tables
+            .split("\n\n")
+            .find(|t| t.starts_with(title))
+            .and_then(|t| t.lines().find(|l| l.contains(needle)).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {needle:?} row under {title}:\n{tables}"))
+    };
+    let web = row("WORKLOADS", " web ");
+    assert!(
+        web.contains(&format!("127.{net}.0.21")) && web.contains("node-b"),
+        "{web}"
+    );
+    assert!(
+        web.contains("spiffe://cluster.local/ns/demo/sa/web") && web.contains("yes (this node)"),
+        "{web}"
+    );
+    assert!(row("WORKLOADS", " old ").contains("no (not enrolled)"));
+    assert!(row("WORKLOADS", " sleep ").contains("yes (other node)"));
+    let svc = row("SERVICES", " web ");
+    assert!(
+        svc.contains(&format!("10.96.{net}.10")) && svc.contains("80->http") && svc.contains("1/1"),
+        "{svc}"
+    );
+    let cert = row("CERTIFICATES", "sa/web");
+    assert!(cert.contains("available"), "{cert}");
+    let conn = row("CONNECTIONS", "inbound");
+    assert!(
+        conn.contains("spiffe://cluster.local/ns/demo/sa/sleep") && conn.contains("demo/web"),
+        "{conn}"
+    );
+    assert!(
+        conn.contains(" 5 ") && conn.contains(" 10 "),
+        "bytes each way of the live connection: {conn}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&render(&dump, Section::Certificates, Output::Json).unwrap()).unwrap();
+    assert_eq!(json[0]["identity"], "spiffe://cluster.local/ns/demo/sa/web");
+    let yaml = render(&dump, Section::Services, Output::Yaml).unwrap();
+    assert!(
+        yaml.contains("hostname: web.demo.svc.cluster.local"),
+        "{yaml}"
+    );
+
     // A DENY policy: the live connection is closed and new ones are refused.
     std::fs::write(config_dir.join("deny.yaml"), DENY_SLEEP).unwrap();
     let mut buf = [0u8; 64];
@@ -347,6 +394,42 @@ async fn two_nodes_hbone_passthrough_policy_and_drain() {
         .unwrap();
     a.bound.shutdown_trigger().cancel();
     a.bound.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn operator_view_says_plainly_when_the_admin_port_is_wrong() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = ztunnel::operator::fetch(closed)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot reach ztunnel's admin port") && err.contains(&closed.to_string()),
+        "{err}"
+    );
+    // Something that is not a ztunnel: an HTTP server answering 404.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let err = ztunnel::operator::fetch(addr)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is not a ztunnel admin port") && err.contains("404"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

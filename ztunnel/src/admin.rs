@@ -151,6 +151,8 @@ struct ConnectionDump {
     #[serde(flatten)]
     conn: crate::proxy::live::LiveConnection,
     age_ms: u128,
+    bytes_to_server: u64,
+    bytes_to_client: u64,
 }
 
 /// `/config_dump`, `/logging`, `/quitquitquit`.
@@ -183,6 +185,8 @@ pub fn admin_handler(
                     .into_iter()
                     .map(|c| ConnectionDump {
                         age_ms: c.started.elapsed().as_millis(),
+                        bytes_to_server: c.bytes.a_to_b(),
+                        bytes_to_client: c.bytes.b_to_a(),
                         conn: c,
                     })
                     .collect(),

@@ -54,6 +54,16 @@ pub struct CaArgs {
 
 /// Builds and runs the CA until a termination signal.
 pub async fn run(args: CaArgs) -> anyhow::Result<()> {
+    // Refuse an unsafe configuration before touching the key directory.
+    let authenticator: Arc<dyn Authenticator> = match &args.tokens_file {
+        Some(path) => Arc::new(StaticTokens::from_file(path)?),
+        None if args.listen.ip().is_loopback() => Arc::new(AllowAny),
+        None => bail!(
+            "refusing to serve {} without --tokens-file: any caller could obtain any identity; \
+             listen on a loopback address for local use, or give a tokens file",
+            args.listen
+        ),
+    };
     let source = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => CaKeySource::Files {
             cert: cert.clone(),
@@ -65,15 +75,6 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     let authority = CertificateAuthority::load(&source, &args.trust_domain)
         .context("loading the CA key")?
         .with_max_ttl(Duration::from_secs(args.max_ttl_seconds));
-    let authenticator: Arc<dyn Authenticator> = match &args.tokens_file {
-        Some(path) => Arc::new(StaticTokens::from_file(path)?),
-        None if args.listen.ip().is_loopback() => Arc::new(AllowAny),
-        None => bail!(
-            "refusing to serve {} without --tokens-file: any caller could obtain any identity; \
-             listen on a loopback address for local use, or give a tokens file",
-            args.listen
-        ),
-    };
     let mut names = CaServingNames {
         dns: args.dns_names.clone(),
         ..CaServingNames::default()

@@ -34,9 +34,30 @@ enum Command {
     Run,
     /// Run the mesh's certificate authority (Istio's certificate service over gRPC/TLS).
     Ca(Box<ztunnel::ca_cmd::CaArgs>),
+    /// Show what a running ztunnel knows: workloads, services, policies, certificates,
+    /// connections (reads its admin port).
+    Config(ztunnel::operator::ConfigArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // One line with the chain of causes (skipping a cause its parent already quotes); no
+        // backtrace noise for an operator's mistake.
+        let mut line = String::new();
+        for cause in e.chain().map(|c| c.to_string()) {
+            if !line.contains(&cause) {
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(&cause);
+            }
+        }
+        eprintln!("error: {line}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&cli.log)?);
     tracing_subscriber::registry()
@@ -59,6 +80,10 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Ca(args) => ztunnel::ca_cmd::run(*args).await,
+            Command::Config(args) => {
+                print!("{}", ztunnel::operator::run(args).await?);
+                Ok(())
+            }
             Command::Run => {
                 let config = ztunnel::config::Config::from_env(&ztunnel::config::ProcessEnv)?;
                 let bound = ztunnel::app::build(config, Some(log)).await?;

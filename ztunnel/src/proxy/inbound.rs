@@ -87,6 +87,7 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
         source_ip,
         destination.uid.clone(),
         authority,
+        guard.bytes.clone(),
     );
     let bytes = guard.bytes.clone();
     let copy = mesh::hbone::stream::copy_tcp_and_tunnel(upstream, stream, &bytes, Side::B);
@@ -150,6 +151,7 @@ pub async fn plaintext(
         client_addr.ip(),
         destination.uid.clone(),
         original_destination,
+        guard.bytes.clone(),
     );
     let bytes = guard.bytes.clone();
     let copy = mesh::copy::copy_bidirectional(client, upstream, &bytes);

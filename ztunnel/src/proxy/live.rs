@@ -22,6 +22,9 @@ pub struct LiveConnection {
     pub destination_addr: SocketAddr,
     #[serde(skip)]
     pub started: Instant,
+    /// Bytes moved so far (client to server is `a_to_b`).
+    #[serde(skip)]
+    pub bytes: Arc<mesh::copy::ByteCounts>,
     #[serde(skip)]
     cancel: CancellationToken,
 }
@@ -67,6 +70,7 @@ impl LiveConnections {
         source_ip: IpAddr,
         destination_workload: String,
         destination_addr: SocketAddr,
+        bytes: Arc<mesh::copy::ByteCounts>,
     ) -> Registration {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
@@ -78,6 +82,7 @@ impl LiveConnections {
                 destination_workload,
                 destination_addr,
                 started: Instant::now(),
+                bytes,
                 cancel: cancel.clone(),
             },
         );

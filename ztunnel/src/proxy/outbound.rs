@@ -63,9 +63,17 @@ pub async fn establish(
             .map(|s| (s.hostname.clone(), s.name.clone(), s.namespace.clone()))
     };
     let source_peer = super::peer_of(Some(&source), Some(&source.identity));
-    let registration =
-        ctx.live
-            .register(None, client_addr.ip(), String::new(), original_destination);
+    // Outbound connections are registered (for drain and the operator view) once established;
+    // they carry no destination workload, so policy re-checks skip them.
+    let register = |guard: &ConnectionGuard| {
+        ctx.live.register(
+            None,
+            client_addr.ip(),
+            String::new(),
+            original_destination,
+            guard.bytes.clone(),
+        )
+    };
     match plan {
         OutboundPlan::Hbone {
             hbone_addr,
@@ -111,8 +119,8 @@ pub async fn establish(
             match pod.hbone.connect(request).await {
                 Ok(tunnel) => Ok(Established {
                     upstream: Upstream::Tunnel(tunnel),
+                    registration: register(&guard),
                     guard,
-                    registration,
                 }),
                 Err(e) => {
                     let refusal = if e.status() == Some(http::StatusCode::UNAUTHORIZED) {
@@ -151,8 +159,8 @@ pub async fn establish(
                     let _ = stream.set_nodelay(true);
                     Ok(Established {
                         upstream: Upstream::Tcp(stream),
+                        registration: register(&guard),
                         guard,
-                        registration,
                     })
                 }
                 Ok(Err(e)) => {

@@ -1,0 +1,463 @@
+//! `ztunnel config`: the operator's view of a running ztunnel, modelled on
+//! `istioctl ztunnel-config`. It reads the admin endpoint's `/config_dump` and prints workloads,
+//! services, policies, certificates or live connections as a table, JSON or YAML.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// What to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Workloads,
+    Services,
+    Policies,
+    Certificates,
+    Connections,
+    All,
+}
+
+/// How to print it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Flags of `ztunnel config`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// What to show.
+    #[arg(value_enum, default_value = "all")]
+    pub section: Section,
+    /// The ztunnel's admin address.
+    #[arg(long, env = "ZTUNNEL_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error(
+        "cannot reach ztunnel's admin port at {addr}: {source} (is ztunnel running, and is \
+         --admin its ADMIN_ADDR?)"
+    )]
+    Unreachable {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{addr} did not answer within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("{addr} is not a ztunnel admin port: {why}")]
+    NotZtunnel { addr: SocketAddr, why: String },
+    #[error("formatting: {0}")]
+    Format(String),
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fetches `/config_dump` from `addr`.
+pub async fn fetch(addr: SocketAddr) -> Result<Value, OperatorError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| OperatorError::Unreachable { addr, source })?;
+        s.write_all(b"GET /config_dump HTTP/1.1\r\nHost: ztunnel\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|source| OperatorError::Unreachable { addr, source })?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .await
+            .map_err(|source| OperatorError::Unreachable { addr, source })?;
+        Ok::<_, OperatorError>(raw)
+    };
+    let raw =
+        tokio::time::timeout(TIMEOUT, request)
+            .await
+            .map_err(|_| OperatorError::Timeout {
+                addr,
+                after: TIMEOUT,
+            })??;
+    let text = String::from_utf8_lossy(&raw);
+    let not = |why: &str| OperatorError::NotZtunnel {
+        addr,
+        why: why.to_owned(),
+    };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| not("the answer is not HTTP"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(not(head.lines().next().unwrap_or("no status line")));
+    }
+    let dump: Value = serde_json::from_str(body).map_err(|_| not("/config_dump is not JSON"))?;
+    if dump.get("state").is_none() || dump.get("certificates").is_none() {
+        return Err(not("/config_dump lacks state and certificates"));
+    }
+    Ok(dump)
+}
+
+/// Renders `section` of a config dump in `output`.
+pub fn render(dump: &Value, section: Section, output: Output) -> Result<String, OperatorError> {
+    let selected = select(dump, section);
+    match output {
+        Output::Json => serde_json::to_string_pretty(&selected)
+            .map(|s| s + "\n")
+            .map_err(|e| OperatorError::Format(e.to_string())),
+        Output::Yaml => {
+            serde_yaml::to_string(&selected).map_err(|e| OperatorError::Format(e.to_string()))
+        }
+        Output::Table => Ok(tables(dump, section)),
+    }
+}
+
+fn select(dump: &Value, section: Section) -> Value {
+    let state = &dump["state"];
+    match section {
+        Section::Workloads => state["workloads"].clone(),
+        Section::Services => state["services"].clone(),
+        Section::Policies => serde_json::json!({
+            "authorization_policies": state["authorization_policies"],
+            "peer_authentications": state["peer_authentications"],
+        }),
+        Section::Certificates => dump["certificates"].clone(),
+        Section::Connections => dump["connections"].clone(),
+        Section::All => dump.clone(),
+    }
+}
+
+fn tables(dump: &Value, section: Section) -> String {
+    let mut out = String::new();
+    let all = section == Section::All;
+    if all || section == Section::Workloads {
+        workloads(dump, &mut out);
+    }
+    if all || section == Section::Services {
+        services(dump, &mut out);
+    }
+    if all || section == Section::Policies {
+        policies(dump, &mut out);
+    }
+    if all || section == Section::Certificates {
+        certificates(dump, &mut out);
+    }
+    if all || section == Section::Connections {
+        connections(dump, &mut out);
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn list(v: &Value) -> String {
+    match v.as_array() {
+        Some(items) if !items.is_empty() => items.iter().map(s).collect::<Vec<_>>().join(","),
+        _ => "-".into(),
+    }
+}
+
+/// Left-aligned columns separated by two spaces, with a header.
+fn table(out: &mut String, title: &str, header: &[&str], rows: Vec<Vec<String>>) {
+    let _ = writeln!(out, "{title}");
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        l.trim_end().to_owned()
+    };
+    let _ = writeln!(
+        out,
+        "{}",
+        line(header.iter().map(|h| h.to_string()).collect())
+    );
+    if rows.is_empty() {
+        let _ = writeln!(out, "(none)");
+    }
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row));
+    }
+    out.push('\n');
+}
+
+fn workloads(dump: &Value, out: &mut String) {
+    let captured: Vec<&str> = dump["pods"]
+        .as_array()
+        .map(|p| p.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let rows = dump["state"]["workloads"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .map(|w| {
+                    let uid = w["uid"].as_str().unwrap_or_default();
+                    vec![
+                        s(&w["namespace"]),
+                        s(&w["name"]),
+                        list(&w["ips"]),
+                        s(&w["node"]),
+                        s(&w["identity"]),
+                        if !w["enrolled"].as_bool().unwrap_or(false) {
+                            "no (not enrolled)".into()
+                        } else if captured.contains(&uid) {
+                            "yes (this node)".into()
+                        } else {
+                            "yes (other node)".into()
+                        },
+                        // Waypoints arrive with the waypoint issue.
+                        "-".into(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        out,
+        "WORKLOADS",
+        &[
+            "NAMESPACE",
+            "NAME",
+            "IP",
+            "NODE",
+            "IDENTITY",
+            "CAPTURED",
+            "WAYPOINT",
+        ],
+        rows,
+    );
+}
+
+fn services(dump: &Value, out: &mut String) {
+    let rows = dump["state"]["services"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .map(|svc| {
+                    let ports = svc["ports"]
+                        .as_array()
+                        .map(|ps| {
+                            ps.iter()
+                                .map(|p| {
+                                    let target = match &p["target"] {
+                                        Value::Object(t) => {
+                                            t.values().next().map(s).unwrap_or_default()
+                                        }
+                                        other => s(other),
+                                    };
+                                    format!("{}->{}", s(&p["port"]), target)
+                                })
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    let endpoints = svc["endpoints"].as_array();
+                    let ready = endpoints
+                        .map(|e| e.iter().filter(|e| e["ready"] == Value::Bool(true)).count())
+                        .unwrap_or(0);
+                    let total = endpoints.map_or(0, Vec::len);
+                    vec![
+                        s(&svc["namespace"]),
+                        s(&svc["name"]),
+                        list(&svc["vips"]),
+                        ports,
+                        format!("{ready}/{total}"),
+                        "-".into(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        out,
+        "SERVICES",
+        &[
+            "NAMESPACE",
+            "NAME",
+            "VIPS",
+            "PORTS",
+            "ENDPOINTS READY",
+            "WAYPOINT",
+        ],
+        rows,
+    );
+}
+
+fn scope(v: &Value) -> String {
+    match v {
+        Value::String(global) => global.to_lowercase(),
+        Value::Object(m) => match m.iter().next() {
+            Some((kind, Value::String(ns))) if kind == "Namespace" => format!("namespace {ns}"),
+            Some((_, sel)) => format!("selector {}", s(&sel["labels"])),
+            None => "-".into(),
+        },
+        other => s(other),
+    }
+}
+
+fn policies(dump: &Value, out: &mut String) {
+    let state = &dump["state"];
+    let rows = state["authorization_policies"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    let rules = p["rules"].as_array().map_or(0, Vec::len);
+                    let l7 = p["rules"]
+                        .as_array()
+                        .map(|r| r.iter().filter(|r| list(&r["l7_fields"]) != "-").count())
+                        .unwrap_or(0);
+                    vec![
+                        s(&p["namespace"]),
+                        s(&p["name"]),
+                        s(&p["action"]).to_uppercase(),
+                        scope(&p["scope"]),
+                        format!("{rules} ({l7} with L7 fields)"),
+                        serde_json::to_string(&p["rules"]).unwrap_or_default(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        out,
+        "AUTHORIZATION POLICIES",
+        &["NAMESPACE", "NAME", "ACTION", "SCOPE", "RULES", "DETAIL"],
+        rows,
+    );
+    let rows = state["peer_authentications"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    vec![
+                        s(&p["namespace"]),
+                        s(&p["name"]),
+                        s(&p["mode"]).to_uppercase(),
+                        scope(&p["scope"]),
+                        serde_json::to_string(&p["port_modes"]).unwrap_or_default(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        out,
+        "PEER AUTHENTICATIONS",
+        &["NAMESPACE", "NAME", "MODE", "SCOPE", "PORTS"],
+        rows,
+    );
+}
+
+fn timestamp(v: &Value) -> String {
+    v.as_i64()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn certificates(dump: &Value, out: &mut String) {
+    let rows = dump["certificates"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    vec![
+                        s(&c["identity"]),
+                        s(&c["state"]),
+                        s(&c["serial"]),
+                        timestamp(&c["not_before"]),
+                        timestamp(&c["not_after"]),
+                        s(&c["last_error"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        out,
+        "CERTIFICATES",
+        &[
+            "IDENTITY",
+            "STATE",
+            "SERIAL",
+            "NOT BEFORE",
+            "NOT AFTER",
+            "LAST ERROR",
+        ],
+        rows,
+    );
+}
+
+fn connections(dump: &Value, out: &mut String) {
+    let rows = dump["connections"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let inbound = c["destination_workload"]
+                        .as_str()
+                        .is_some_and(|d| !d.is_empty());
+                    vec![
+                        if inbound { "inbound" } else { "outbound" }.into(),
+                        s(&c["source_ip"]),
+                        s(&c["destination_addr"]),
+                        s(&c["source_identity"]),
+                        if inbound {
+                            s(&c["destination_workload"])
+                        } else {
+                            "-".into()
+                        },
+                        s(&c["bytes_to_server"]),
+                        s(&c["bytes_to_client"]),
+                        format!("{:.1}s", c["age_ms"].as_f64().unwrap_or(0.0) / 1000.0),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        out,
+        "CONNECTIONS",
+        &[
+            "DIRECTION",
+            "SOURCE",
+            "DESTINATION",
+            "SOURCE IDENTITY",
+            "DESTINATION WORKLOAD",
+            "BYTES TO SERVER",
+            "BYTES TO CLIENT",
+            "AGE",
+        ],
+        rows,
+    );
+}
+
+/// `ztunnel config`: fetch and print.
+pub async fn run(args: ConfigArgs) -> Result<String, OperatorError> {
+    let dump = fetch(args.admin).await?;
+    render(&dump, args.section, args.output)
+}
