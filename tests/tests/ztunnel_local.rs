@@ -198,25 +198,45 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Two ready ztunnels (node-a, node-b) on the cluster of [`cluster_yaml`], with the web and
+/// old backends running.
+struct TwoNodes {
+    a: Node,
+    b: Node,
+    dir: tempfile::TempDir,
+    _ca: RunningCa,
+}
+
+impl TwoNodes {
+    async fn start(net: u8) -> Self {
+        init_tracing();
+        let pki = TestPki::new(TRUST_DOMAIN);
+        let ca = start_ca(&pki, Arc::new(AllowAny), "127.0.0.1:0".parse().unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, pki.root_pem()).unwrap();
+        let config_dir = dir.path().join("mesh");
+        std::fs::create_dir(&config_dir).unwrap();
+        std::fs::write(config_dir.join("cluster.yaml"), cluster_yaml(net)).unwrap();
+        start_backend(format!("127.{net}.0.21:8080").parse().unwrap(), "web").await;
+        start_backend(format!("127.{net}.0.31:8080").parse().unwrap(), "old").await;
+        let a = start_node("node-a", &config_dir, &ca, &root).await;
+        let b = start_node("node-b", &config_dir, &ca, &root).await;
+        wait_ready(&[&a, &b]).await;
+        Self { a, b, dir, _ca: ca }
+    }
+
+    fn config_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("mesh")
+    }
+}
+
 #[tokio::test]
 async fn two_nodes_hbone_passthrough_policy_and_drain() {
-    init_tracing();
     let net = 41;
-    let pki = TestPki::new(TRUST_DOMAIN);
-    let ca = start_ca(&pki, Arc::new(AllowAny), "127.0.0.1:0".parse().unwrap()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root.pem");
-    std::fs::write(&root, pki.root_pem()).unwrap();
-    let config_dir = dir.path().join("mesh");
-    std::fs::create_dir(&config_dir).unwrap();
-    std::fs::write(config_dir.join("cluster.yaml"), cluster_yaml(net)).unwrap();
-
-    start_backend(format!("127.{net}.0.21:8080").parse().unwrap(), "web").await;
-    start_backend(format!("127.{net}.0.31:8080").parse().unwrap(), "old").await;
-    let a = start_node("node-a", &config_dir, &ca, &root).await;
-    let b = start_node("node-b", &config_dir, &ca, &root).await;
-
-    wait_ready(&[&a, &b]).await;
+    let mesh = TwoNodes::start(net).await;
+    let config_dir = mesh.config_dir();
+    let TwoNodes { a, b, .. } = &mesh;
 
     let socks = a.bound.socks5_addr.unwrap();
     let client_ip = format!("127.{net}.0.11");
@@ -388,6 +408,12 @@ async fn two_nodes_hbone_passthrough_policy_and_drain() {
     b.bound.shutdown_trigger().cancel();
     let (status, body) = http_get(b.bound.readiness_addr, "/healthz/ready").await;
     assert_eq!(status, 503, "{body}");
+    let TwoNodes {
+        a,
+        b,
+        dir: _dir,
+        _ca,
+    } = mesh;
     tokio::time::timeout(Duration::from_secs(10), b.bound.wait())
         .await
         .expect("drain completes")
@@ -434,20 +460,9 @@ async fn operator_view_says_plainly_when_the_admin_port_is_wrong() {
 
 #[tokio::test]
 async fn socks5_bad_input_is_refused_without_harm() {
-    init_tracing();
     let net = 42;
-    let pki = TestPki::new(TRUST_DOMAIN);
-    let ca = start_ca(&pki, Arc::new(AllowAny), "127.0.0.1:0".parse().unwrap()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root.pem");
-    std::fs::write(&root, pki.root_pem()).unwrap();
-    let config_dir = dir.path().join("mesh");
-    std::fs::create_dir(&config_dir).unwrap();
-    std::fs::write(config_dir.join("cluster.yaml"), cluster_yaml(net)).unwrap();
-    start_backend(format!("127.{net}.0.21:8080").parse().unwrap(), "web").await;
-    let a = start_node("node-a", &config_dir, &ca, &root).await;
-    let b = start_node("node-b", &config_dir, &ca, &root).await;
-    wait_ready(&[&a, &b]).await;
+    let mesh = TwoNodes::start(net).await;
+    let a = &mesh.a;
     let socks = a.bound.socks5_addr.unwrap();
     let client_ip = format!("127.{net}.0.11");
 
@@ -515,5 +530,4 @@ async fn socks5_bad_input_is_refused_without_harm() {
     .await;
     assert_eq!(code, 0);
     assert_eq!(roundtrip(&mut ok, "still").await, "web: still");
-    drop(b);
 }
