@@ -92,6 +92,10 @@ pub enum HboneError {
     },
     #[error("bad request header: {0}")]
     Header(String),
+    #[error(
+        "{addr} accepts no tunnels on a new connection (closed at once, or a stream limit of 0)"
+    )]
+    NoCapacity { addr: SocketAddr },
 }
 
 impl HboneError {
@@ -278,9 +282,10 @@ impl HboneClient {
             return Ok(r);
         }
         let conn = Arc::new(self.dial(request).await?);
-        let reservation = conn
-            .try_reserve(max)
-            .expect("a new connection has capacity");
+        // A peer can close at once or advertise a stream limit of 0; neither may panic.
+        let reservation = conn.try_reserve(max).ok_or(HboneError::NoCapacity {
+            addr: request.hbone_addr,
+        })?;
         let mut conns = lock(&key_pool.conns);
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
         conns.push(conn);
