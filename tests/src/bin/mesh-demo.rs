@@ -1,322 +1,94 @@
 //! The local mesh demo: no cluster, no root, nothing installed.
 //!
-//! It starts the mesh's CA (gRPC over TLS), two "nodes" on two loopback addresses, each with its
-//! own certificate manager fetching workload certificates from that CA, and two versions of an
-//! HTTP backend on node B. A client workload on node A sends requests to the backends through
-//! HBONE tunnels (HTTP/2 CONNECT over mutual TLS 1.3), spread over both endpoints, and the demo
-//! prints what happened: requests per version, latency, the identity each backend's node saw,
-//! the TLS parameters of every hop, and how many pooled connections carried the tunnels.
+//! It starts the mesh's CA (gRPC over TLS) and two real ztunnels (`ztunnel::app::build`, the
+//! same code `ztunnel run` uses) as two "nodes" on loopback, loads the cluster from
+//! `examples/demo/*.yaml`, and runs the backends `echo-v1` and `echo-v2` on node B. The client
+//! pod `sleep` on node A sends HTTP requests to `echo.demo.svc.cluster.local` through node A's
+//! ztunnel (its SOCKS5 port, since nothing is captured without root); ztunnel load-balances over
+//! the service's endpoints and carries each request in an HBONE tunnel (HTTP/2 CONNECT over
+//! mutual TLS 1.3) to node B. The demo prints what happened: requests per version, latency, the
+//! identities node B verified (from its metrics), the protection of the hop, and the
+//! certificates each node holds. Edit the YAML and run again to change the result.
 //!
-//! Run: `cargo run --release -p mesh-tests --bin mesh-demo -- [--requests N]`
+//! Run: `cargo run --release -p mesh-tests --bin mesh-demo -- [--requests N] [--config DIR]`
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use mesh::ca::{
-    AllowAny, CaClientConfig, CaKeySource, CaMetrics, CaServer, CaService, CaServingNames,
-    CertificateAuthority, GrpcCaClient, TokenSource,
-};
-use mesh::cert_manager::{CertManager, CertManagerConfig};
-use mesh::hbone::server::{ManagedCertificate, TlsSummary};
-use mesh::hbone::{
-    ClientConfig, ConnectRequest, HboneAuthority, HboneClient, HboneServer, InboundTunnel,
-    ServerConfig, forwarded_header, headers,
-};
-use mesh::identity::Identity;
+use mesh::ca::CertificateAuthority;
+use mesh::ca::{AllowAny, CaKeySource, CaMetrics, CaServer, CaService, CaServingNames};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
+use ztunnel::config::{CaConfig, CaptureMode, Config};
 
 const TRUST_DOMAIN: &str = "cluster.local";
-const NODE_A: &str = "127.0.0.1";
-const NODE_B: &str = "127.0.0.2";
+const SERVICE: &str = "echo.demo.svc.cluster.local";
 
-/// What node B's inbound saw, per backend.
-#[derive(Default)]
-struct Seen {
-    identities: BTreeMap<String, BTreeMap<String, u64>>,
-    tls: BTreeMap<String, u64>,
+struct Args {
+    requests: usize,
+    config: PathBuf,
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut requests = 200usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut args = Args {
+        requests: 200,
+        config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
         match arg.as_str() {
             "--requests" => {
-                requests = args
+                args.requests = it
                     .next()
                     .context("--requests needs a number")?
                     .parse()
                     .context("--requests must be a positive number")?;
-                if requests == 0 {
+                if args.requests == 0 {
                     bail!("--requests must be at least 1");
                 }
             }
+            "--config" => args.config = it.next().context("--config needs a directory")?.into(),
             "-h" | "--help" => {
-                println!("usage: mesh-demo [--requests N]   (default 200)");
-                return Ok(());
+                println!(
+                    "usage: mesh-demo [--requests N (default 200)] [--config DIR (default examples/demo)]"
+                );
+                return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
         }
     }
+    Ok(Some(args))
+}
+
+fn main() -> anyhow::Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,access=off")),
         )
         .with_writer(std::io::stderr)
         .init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(requests))
-}
-
-async fn run(requests: usize) -> anyhow::Result<()> {
-    let ca_dir = tempfile::tempdir()?;
-    let id = |ns: &str, sa: &str| Identity::new(TRUST_DOMAIN, ns, sa);
-    let client_id = id("demo", "sleep")?;
-    let backends = [
-        ("v1", id("demo", "echo-v1")?),
-        ("v2", id("demo", "echo-v2")?),
-    ];
-
-    // The CA, as `ztunnel ca` runs it.
-    let authority =
-        CertificateAuthority::load(&CaKeySource::Directory(ca_dir.path().into()), TRUST_DOMAIN)?;
-    let root_pem = authority.root_pem().to_owned();
-    let mut ca_registry = Registry::default();
-    let ca = CaServer::bind(
-        format!("{NODE_A}:0").parse()?,
-        CaService::new(
-            Arc::new(authority),
-            Arc::new(AllowAny),
-            CaMetrics::new(&mut ca_registry),
-        ),
-        &CaServingNames::default(),
-    )
-    .await?;
-    let ca_addr = ca.local_addr();
-    let stop = CancellationToken::new();
-    tokio::spawn(ca.run(stop.clone().cancelled_owned()));
-    let cert_manager = || -> anyhow::Result<CertManager> {
-        let client = GrpcCaClient::new(CaClientConfig {
-            address: ca_addr.to_string(),
-            root_cert_pem: root_pem.clone(),
-            server_name: Some("localhost".into()),
-            token: TokenSource::None,
-            impersonate: true,
-            timeout: Duration::from_secs(5),
-        })?;
-        Ok(CertManager::new(
-            Arc::new(client),
-            CertManagerConfig::default(),
-            &mut Registry::default(),
-        ))
-    };
-
-    // Node B: two backend versions and an HBONE inbound per backend identity.
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let node_b_certs = cert_manager()?;
-    let mut endpoints = Vec::new();
-    for (version, identity) in &backends {
-        let backend = start_backend(version).await?;
-        let server = HboneServer::bind(
-            format!("{NODE_B}:0").parse()?,
-            ServerConfig::default(),
-            Arc::new(ManagedCertificate {
-                manager: node_b_certs.clone(),
-                identity: identity.clone(),
-            }),
-        )
-        .await
-        .with_context(|| {
-            format!("binding {NODE_B}: does this system route all of 127.0.0.0/8 to loopback?")
-        })?;
-        let hbone_addr = server.local_addr();
-        let seen = seen.clone();
-        let name = format!("echo-{version}");
-        tokio::spawn(server.run(stop.clone(), move |tunnel: InboundTunnel| {
-            let (seen, name) = (seen.clone(), name.clone());
-            async move {
-                {
-                    let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                    *s.identities
-                        .entry(name)
-                        .or_default()
-                        .entry(tunnel.peer_identity.to_string())
-                        .or_default() += 1;
-                    *s.tls.entry(describe_tls(&tunnel.tls)).or_default() += 1;
-                }
-                inbound(tunnel, backend).await;
-            }
-        }));
-        endpoints.push((version.to_string(), identity.clone(), hbone_addr, backend));
-    }
-
-    // Node A: the client workload's outbound, through pooled HBONE.
-    let node_a_certs = cert_manager()?;
-    let client = HboneClient::new(ClientConfig::default(), Arc::new(node_a_certs.clone()));
-
-    println!("Ambient mesh demo: local, no cluster");
-    println!("  CA         {ca_addr} (gRPC over TLS, trust domain {TRUST_DOMAIN})");
-    println!("  node A     {NODE_A}  client workload {client_id}");
-    for (version, identity, hbone, backend) in &endpoints {
-        println!("  node B     {hbone}  HBONE -> echo-{version} at {backend} ({identity})");
-    }
-    println!();
-
-    let mut per_version: BTreeMap<String, u64> = BTreeMap::new();
-    let mut latencies = Vec::with_capacity(requests);
-    let mut failures = 0usize;
-    let started = Instant::now();
-    for i in 0..requests {
-        let (version, identity, hbone, backend) = &endpoints[i % endpoints.len()];
-        let t = Instant::now();
-        let source_addr: SocketAddr = format!("{NODE_A}:{}", 40000 + (i % 20000)).parse()?;
-        let mut request_headers = http::HeaderMap::new();
-        request_headers.insert(
-            headers::FORWARDED,
-            forwarded_header(source_addr, Some("echo.demo.svc.cluster.local")).parse()?,
-        );
-        let result = async {
-            let mut tunnel = client
-                .connect(ConnectRequest {
-                    source: client_id.clone(),
-                    destination: identity.clone(),
-                    hbone_addr: *hbone,
-                    authority: HboneAuthority(*backend),
-                    headers: request_headers,
-                })
-                .await?;
-            tunnel
-                .write_all(b"GET / HTTP/1.1\r\nHost: echo.demo\r\nConnection: close\r\n\r\n")
-                .await?;
-            tunnel.shutdown().await?;
-            let mut response = String::new();
-            tunnel.read_to_string(&mut response).await?;
-            anyhow::Ok(response)
-        }
-        .await;
-        match result {
-            Ok(body)
-                if body.starts_with("HTTP/1.1 200")
-                    && body.contains(&format!("echo-{version}")) =>
-            {
-                *per_version.entry(version.clone()).or_default() += 1;
-                latencies.push(t.elapsed());
-            }
-            Ok(body) => {
-                failures += 1;
-                eprintln!(
-                    "\nunexpected response: {}",
-                    body.lines().next().unwrap_or("")
-                );
-            }
-            Err(e) => {
-                failures += 1;
-                eprintln!("\nrequest failed: {e:#}");
-            }
-        }
-        progress(i + 1, requests);
-    }
-    let elapsed = started.elapsed();
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprintln!();
-    }
-
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
-            .unwrap_or_else(|| "-".into())
-    };
-    println!(
-        "Requests: {requests} in {:.2} s, {failures} failed",
-        elapsed.as_secs_f64()
-    );
-    for (version, count) in &per_version {
-        println!(
-            "  echo-{version}: {count:>5} ({:.0}%)",
-            *count as f64 * 100.0 / requests as f64
-        );
-    }
-    println!(
-        "Latency: p50 {}  p90 {}  p99 {}",
-        pct(0.5),
-        pct(0.9),
-        pct(0.99)
-    );
-    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-    println!("Identities node B verified on each backend's tunnels:");
-    for (backend, ids) in &seen.identities {
-        for (identity, count) in ids {
-            println!("  {backend:<8} <- {identity} ({count} tunnels)");
-        }
-    }
-    println!("Protection of every hop:");
-    for (tls, count) in &seen.tls {
-        println!("  {tls} ({count} tunnels)");
-    }
-    println!(
-        "HBONE connections from node A: {} pooled, carrying {requests} tunnels",
-        client.connection_count()
-    );
-    println!("Certificates:");
-    for manager in [&node_a_certs, &node_b_certs] {
-        for c in manager.summaries() {
-            println!(
-                "  {:<45} {} serial {}",
-                c.identity.to_string(),
-                c.state,
-                c.serial.as_deref().unwrap_or("-")
-            );
-        }
-    }
-    stop.cancel();
-    if failures > 0 {
-        bail!("{failures} of {requests} requests failed");
-    }
-    Ok(())
-}
-
-fn describe_tls(tls: &TlsSummary) -> String {
-    format!(
-        "mutual TLS {} {}, client certificate verified",
-        tls.protocol, tls.cipher_suite
-    )
-}
-
-/// ztunnel's inbound in miniature: connect to the backend, then answer 200 and copy.
-async fn inbound(tunnel: InboundTunnel, backend: SocketAddr) {
-    if tunnel.authority.0 != backend {
-        tunnel.reject(http::StatusCode::BAD_REQUEST);
-        return;
-    }
-    let Ok(upstream) = TcpStream::connect(backend).await else {
-        tunnel.reject(http::StatusCode::SERVICE_UNAVAILABLE);
-        return;
-    };
-    let Ok(stream) = tunnel.accept() else {
-        return;
-    };
-    let counts = mesh::copy::ByteCounts::default();
-    if let Err(e) = mesh::copy::copy_bidirectional(stream, upstream, &counts).await {
-        tracing::warn!(error = %e, "demo inbound copy failed");
-    }
+        .block_on(run(args))
 }
 
 /// A minimal HTTP/1.1 backend that names its version.
-async fn start_backend(version: &str) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(format!("{NODE_B}:0")).await?;
-    let addr = listener.local_addr()?;
-    let body = format!("hello from echo-{version}\n");
+async fn start_backend(addr: SocketAddr, name: &str) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {name} on {addr}"))?;
+    let body = format!("hello from {name}\n");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             let body = body.clone();
@@ -338,7 +110,288 @@ async fn start_backend(version: &str) -> anyhow::Result<SocketAddr> {
             });
         }
     });
-    Ok(addr)
+    Ok(())
+}
+
+/// One request from `source` through SOCKS5 at `proxy` to the service; returns the response,
+/// or the SOCKS5 reply code when the mesh refused.
+async fn request(
+    proxy: SocketAddr,
+    source: std::net::IpAddr,
+) -> anyhow::Result<Result<String, u8>> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut s = socket.connect(proxy).await?;
+    s.write_all(&[5, 1, 0]).await?;
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).await?;
+    let mut req = vec![5, 1, 0, 3, SERVICE.len() as u8];
+    req.extend_from_slice(SERVICE.as_bytes());
+    req.extend_from_slice(&80u16.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await?;
+    if reply[1] != 0 {
+        return Ok(Err(reply[1]));
+    }
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {SERVICE}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await?;
+    Ok(Ok(response))
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+/// The value of `label` in a Prometheus sample line.
+fn label<'a>(line: &'a str, label: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{label}=\""))? + label.len() + 2;
+    let end = line[start..].find('"')? + start;
+    Some(&line[start..end])
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    // The CA, as `ztunnel ca` runs it.
+    let authority = CertificateAuthority::load(
+        &CaKeySource::Directory(work.path().join("ca")),
+        TRUST_DOMAIN,
+    )?;
+    let root = work.path().join("ca/root-cert.pem");
+    let mut ca_registry = Registry::default();
+    let ca = CaServer::bind(
+        "127.0.0.1:0".parse()?,
+        CaService::new(
+            Arc::new(authority),
+            Arc::new(AllowAny),
+            CaMetrics::new(&mut ca_registry),
+        ),
+        &CaServingNames::default(),
+    )
+    .await?;
+    let ca_addr = ca.local_addr();
+    let stop = CancellationToken::new();
+    tokio::spawn(ca.run(stop.clone().cancelled_owned()));
+
+    // The cluster from the example YAML: pods, their IPs and the service.
+    let state = {
+        let writer = mesh::discovery::StoreWriter::new();
+        let mut source = mesh::discovery::file::FileSource::new(
+            mesh::discovery::file::FileSourceConfig::new(args.config.clone()),
+            &mut Registry::default(),
+        );
+        source
+            .load_once(&writer)
+            .await
+            .with_context(|| format!("loading {}", args.config.display()))?;
+        writer.store().snapshot()
+    };
+    let client = state
+        .workloads
+        .values()
+        .find(|w| w.node == "node-a")
+        .context("the example YAML has no pod on node-a to send from")?
+        .clone();
+    for w in state.workloads.values().filter(|w| w.node == "node-b") {
+        start_backend(SocketAddr::new(w.ips[0], 8080), &w.name).await?;
+    }
+
+    let node = |name: &str| Config {
+        node_name: name.into(),
+        trust_domain: TRUST_DOMAIN.into(),
+        cluster_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+        config_path: args.config.clone(),
+        ca: CaConfig {
+            address: ca_addr.to_string(),
+            root_cert: root.clone(),
+            server_name: Some("localhost".into()),
+            token_file: None,
+        },
+        capture: CaptureMode::None,
+        probe_sources: vec![],
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        readiness_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        socks5_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        drain_deadline: Duration::from_secs(1),
+        workload_cert_ttl: Duration::from_secs(3600),
+    };
+    let a = ztunnel::app::build(node("node-a"), None)
+        .await
+        .context("starting ztunnel node-a")?;
+    let b = ztunnel::app::build(node("node-b"), None)
+        .await
+        .context("starting ztunnel node-b")?;
+    for (name, bound) in [("node-a", &a), ("node-b", &b)] {
+        let ready = async {
+            while !http_get(bound.readiness_addr, "/healthz/ready")
+                .await
+                .unwrap_or_default()
+                .starts_with("ready")
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .with_context(|| format!("{name} did not become ready"))?;
+    }
+
+    println!(
+        "Ambient mesh demo: local, no cluster (config {})",
+        args.config.display()
+    );
+    println!("  CA       {ca_addr} (gRPC over TLS, trust domain {TRUST_DOMAIN})");
+    println!(
+        "  node-a   ztunnel, client pod {} ({})",
+        client.name, client.ips[0]
+    );
+    println!(
+        "  node-b   ztunnel, pods {}",
+        state
+            .workloads
+            .values()
+            .filter(|w| w.node == "node-b")
+            .map(|w| format!("{} ({})", w.name, w.ips[0]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  sending {} requests to http://{SERVICE}/", args.requests);
+    println!();
+
+    let socks = a.socks5_addr.context("node-a has no SOCKS5 listener")?;
+    let mut per_backend: BTreeMap<String, u64> = BTreeMap::new();
+    let mut latencies = Vec::with_capacity(args.requests);
+    let mut refused = 0usize;
+    let mut failed = 0usize;
+    let started = Instant::now();
+    for i in 0..args.requests {
+        let t = Instant::now();
+        match request(socks, client.ips[0]).await {
+            Ok(Ok(body)) if body.starts_with("HTTP/1.1 200") => {
+                let who = body
+                    .lines()
+                    .last()
+                    .and_then(|l| l.strip_prefix("hello from "))
+                    .unwrap_or("?")
+                    .to_owned();
+                *per_backend.entry(who).or_default() += 1;
+                latencies.push(t.elapsed());
+            }
+            Ok(Err(_)) => refused += 1,
+            Ok(Ok(body)) => {
+                failed += 1;
+                eprintln!(
+                    "\nunexpected response: {}",
+                    body.lines().next().unwrap_or("")
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("\nrequest failed: {e:#}");
+            }
+        }
+        progress(i + 1, args.requests);
+    }
+    let elapsed = started.elapsed();
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!();
+    }
+
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "Requests: {} in {:.2} s, {} answered, {refused} refused by policy, {failed} failed",
+        args.requests,
+        elapsed.as_secs_f64(),
+        latencies.len()
+    );
+    for (backend, count) in &per_backend {
+        println!(
+            "  {backend:<10} {count:>5} ({:.0}%)",
+            *count as f64 * 100.0 / args.requests as f64
+        );
+    }
+    println!(
+        "Latency: p50 {}  p90 {}  p99 {}",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99)
+    );
+
+    // What node B saw, from its Istio metrics.
+    let metrics = http_get(b.metrics_addr, "/metrics").await?;
+    println!(
+        "Seen by node-b's ztunnel (istio_tcp_connections_opened_total, reporter=destination):"
+    );
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{")
+            && l.contains("reporter=\"destination\"")
+    }) {
+        let count = line.rsplit(' ').next().unwrap_or("?");
+        println!(
+            "  {} <- {}  {}  ({count} connections)",
+            label(line, "destination_workload").unwrap_or("?"),
+            label(line, "source_principal").unwrap_or("?"),
+            match label(line, "connection_security_policy") {
+                Some("mutual_tls") => "mutual TLS 1.3 (HBONE)",
+                Some(other) => other,
+                None => "?",
+            },
+        );
+    }
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_failed_total{")
+            && l.contains("response_flags=\"RBAC\"")
+    }) {
+        println!(
+            "  {} refused {} by policy ({} connections)",
+            label(line, "destination_workload").unwrap_or("?"),
+            label(line, "source_principal").unwrap_or("?"),
+            line.rsplit(' ').next().unwrap_or("?")
+        );
+    }
+    println!("Certificates (from each node's /config_dump):");
+    for (name, bound) in [("node-a", &a), ("node-b", &b)] {
+        let dump: serde_json::Value =
+            serde_json::from_str(&http_get(bound.admin_addr, "/config_dump").await?)?;
+        for c in dump["certificates"].as_array().into_iter().flatten() {
+            println!(
+                "  {name}  {:<45} {} serial {}",
+                c["identity"].as_str().unwrap_or("?"),
+                c["state"].as_str().unwrap_or("?"),
+                c["serial"].as_str().unwrap_or("-")
+            );
+        }
+    }
+
+    a.shutdown_trigger().cancel();
+    b.shutdown_trigger().cancel();
+    a.wait().await?;
+    b.wait().await?;
+    stop.cancel();
+    if failed > 0 {
+        bail!("{failed} of {} requests failed", args.requests);
+    }
+    Ok(())
 }
 
 /// A progress bar on stderr, only when a person is watching it.
