@@ -400,3 +400,58 @@ pub async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> boo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Where a SOCKS5 CONNECT goes: an address, or a hostname the proxy resolves.
+#[derive(Debug, Clone, Copy)]
+pub enum Socks5Target<'a> {
+    Addr(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// Opens a SOCKS5 CONNECT through `proxy` from a socket bound to `source` (the client pod's IP,
+/// by which ztunnel recognises it). Returns the stream and the reply code (0 = connected).
+pub async fn socks5_connect(
+    proxy: SocketAddr,
+    source: std::net::IpAddr,
+    target: Socks5Target<'_>,
+) -> std::io::Result<(TcpStream, u8)> {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut s = socket.connect(proxy).await?;
+    s.write_all(&[5, 1, 0]).await?;
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).await?;
+    if method != [5, 0] {
+        return Err(std::io::Error::other(format!(
+            "proxy refused 'no authentication': {method:?}"
+        )));
+    }
+    let mut req = vec![5, 1, 0];
+    let port = match target {
+        Socks5Target::Addr(SocketAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+            a.port()
+        }
+        Socks5Target::Addr(SocketAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.ip().octets());
+            a.port()
+        }
+        Socks5Target::Name(name, port) => {
+            let len = u8::try_from(name.len())
+                .map_err(|_| std::io::Error::other("hostname longer than 255 bytes"))?;
+            req.extend_from_slice(&[3, len]);
+            req.extend_from_slice(name.as_bytes());
+            port
+        }
+    };
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await?;
+    Ok((s, reply[1]))
+}

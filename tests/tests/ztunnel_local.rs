@@ -13,7 +13,7 @@ use std::time::Duration;
 use mesh::ca::AllowAny;
 use mesh_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 /// The cluster: namespace `demo` is ambient, `legacy` is not. Pod IPs are loopback aliases
 /// derived from `net` so tests running in parallel do not collide.
@@ -136,23 +136,9 @@ async fn start_backend(addr: SocketAddr, name: &'static str) {
 /// Connects through SOCKS5 from `source` (the client pod's IP) to `target`; returns the stream
 /// and the SOCKS5 reply code.
 async fn socks5(proxy: SocketAddr, source: &str, target: SocketAddr) -> (TcpStream, u8) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let mut s = socket.connect(proxy).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut method = [0u8; 2];
-    s.read_exact(&mut method).await.unwrap();
-    assert_eq!(method, [5, 0]);
-    let mut req = vec![5, 1, 0, 1];
-    match target {
-        SocketAddr::V4(v4) => req.extend_from_slice(&v4.ip().octets()),
-        SocketAddr::V6(_) => unreachable!("test uses IPv4"),
-    }
-    req.extend_from_slice(&target.port().to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut reply = [0u8; 10];
-    s.read_exact(&mut reply).await.unwrap();
-    (s, reply[1])
+    socks5_connect(proxy, source.parse().unwrap(), Socks5Target::Addr(target))
+        .await
+        .unwrap()
 }
 
 /// Waits until every node answers readiness 200 (config loaded, certificates fetched).
@@ -482,37 +468,14 @@ async fn socks5_bad_input_is_refused_without_harm() {
         assert!(read.is_ok(), "a non-SOCKS5 client is disconnected promptly");
     }
     // A hostname the mesh does not know: host unreachable (4).
-    let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(format!("{client_ip}:0").parse().unwrap())
-        .unwrap();
-    let mut s = socket.connect(socks).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).await.unwrap();
-    let name = b"nope.demo.svc.cluster.local";
-    let mut req = vec![5, 1, 0, 3, name.len() as u8];
-    req.extend_from_slice(name);
-    req.extend_from_slice(&80u16.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut reply = [0u8; 10];
-    s.read_exact(&mut reply).await.unwrap();
-    assert_eq!(reply[1], 4);
+    let source = client_ip.parse().unwrap();
+    let unknown = Socks5Target::Name("nope.demo.svc.cluster.local", 80);
+    let (_, code) = socks5_connect(socks, source, unknown).await.unwrap();
+    assert_eq!(code, 4);
     // The service hostname resolves from the mesh's state, and traffic still flows.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket
-        .bind(format!("{client_ip}:0").parse().unwrap())
-        .unwrap();
-    let mut s = socket.connect(socks).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    s.read_exact(&mut m).await.unwrap();
-    let name = b"web.demo.svc.cluster.local";
-    let mut req = vec![5, 1, 0, 3, name.len() as u8];
-    req.extend_from_slice(name);
-    req.extend_from_slice(&80u16.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    s.read_exact(&mut reply).await.unwrap();
-    assert_eq!(reply[1], 0, "service hostname resolved to its VIP");
+    let known = Socks5Target::Name("web.demo.svc.cluster.local", 80);
+    let (mut s, code) = socks5_connect(socks, source, known).await.unwrap();
+    assert_eq!(code, 0, "service hostname resolved to its VIP");
     assert_eq!(roundtrip(&mut s, "by name").await, "web: by name");
     // A port the service does not have: refused (5), and the node keeps serving.
     let (_, code) = socks5(

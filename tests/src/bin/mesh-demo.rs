@@ -23,7 +23,7 @@ use mesh::ca::CertificateAuthority;
 use mesh::ca::{AllowAny, CaKeySource, CaMetrics, CaServer, CaService, CaServingNames};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use ztunnel::config::{CaConfig, CaptureMode, Config};
 
@@ -119,20 +119,11 @@ async fn request(
     proxy: SocketAddr,
     source: std::net::IpAddr,
 ) -> anyhow::Result<Result<String, u8>> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let mut s = socket.connect(proxy).await?;
-    s.write_all(&[5, 1, 0]).await?;
-    let mut method = [0u8; 2];
-    s.read_exact(&mut method).await?;
-    let mut req = vec![5, 1, 0, 3, SERVICE.len() as u8];
-    req.extend_from_slice(SERVICE.as_bytes());
-    req.extend_from_slice(&80u16.to_be_bytes());
-    s.write_all(&req).await?;
-    let mut reply = [0u8; 10];
-    s.read_exact(&mut reply).await?;
-    if reply[1] != 0 {
-        return Ok(Err(reply[1]));
+    let (mut s, code) =
+        mesh_tests::socks5_connect(proxy, source, mesh_tests::Socks5Target::Name(SERVICE, 80))
+            .await?;
+    if code != 0 {
+        return Ok(Err(code));
     }
     s.write_all(
         format!("GET / HTTP/1.1\r\nHost: {SERVICE}\r\nConnection: close\r\n\r\n").as_bytes(),
