@@ -180,13 +180,12 @@ impl NetNs {
     /// The socket is blocking; for tokio, set it non-blocking and use
     /// `tokio::net::TcpSocket::from_std_stream(socket.into())`.
     pub fn outbound_socket(&self, domain: Domain, mark: u32) -> Result<Socket> {
-        let socket = self.new_socket(domain, "a marked outbound socket")?;
-        socket.set_mark(mark).map_err(|source| Error::Socket {
-            netns: self.description.clone(),
-            what: "a marked outbound socket (SO_MARK)",
-            source,
-        })?;
-        Ok(socket)
+        self.run(|| marked_tcp_socket(domain, mark))?
+            .map_err(|source| Error::Socket {
+                netns: self.description.clone(),
+                what: "a marked outbound socket (SO_MARK)",
+                source,
+            })
     }
 
     /// Whether an interface in this namespace carries `ip`.
@@ -291,6 +290,14 @@ fn interface_addresses() -> io::Result<Vec<IpAddr>> {
     }
 }
 
+/// A TCP socket in the calling thread's namespace with `SO_MARK` set, so the capture rules let
+/// its packets through.
+fn marked_tcp_socket(domain: Domain, mark: u32) -> io::Result<Socket> {
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(mark)?;
+    Ok(socket)
+}
+
 type SocketRequest = (
     Domain,
     u32,
@@ -326,9 +333,7 @@ impl NetNs {
                     return;
                 }
                 for (domain, mark, reply) in incoming {
-                    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
-                        .and_then(|s| s.set_mark(mark).map(|()| s));
-                    let _ = reply.send(socket);
+                    let _ = reply.send(marked_tcp_socket(domain, mark));
                 }
             })
             .map_err(|source| Error::SpawnThread {
