@@ -5,7 +5,9 @@
 //! here does I/O: the sources in [`crate::discovery`] feed objects in and publish the result.
 
 pub mod istio_crd;
+mod l7;
 pub mod translate;
 mod types;
 
+pub use l7::*;
 pub use types::*;

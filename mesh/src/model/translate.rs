@@ -749,6 +749,7 @@ fn service(
             port,
             target,
             protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+            app_protocol: app_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
         });
     }
 
@@ -763,10 +764,28 @@ fn service(
         ports,
         endpoints: Vec::new(),
         labels: labels(&svc.metadata),
+        waypoint: None,
     })
 }
 
 /// Headless services say `None`; services of type ExternalName have no cluster IP at all.
+/// Istio's protocol selection: `appProtocol` first, else the port name's prefix before `-`
+/// (`http-web`, `grpc`, `tcp-db`), lower-cased. `None`: undeclared.
+fn app_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Option<String> {
+    const KNOWN: [&str; 9] = [
+        "http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "redis",
+    ];
+    if let Some(p) = app_protocol.filter(|p| !p.is_empty()) {
+        return Some(p.to_ascii_lowercase());
+    }
+    let name = name?.to_ascii_lowercase();
+    let prefix = name.split('-').next().unwrap_or_default();
+    if name.starts_with("grpc-web") {
+        return Some("grpc-web".to_owned());
+    }
+    KNOWN.contains(&prefix).then(|| prefix.to_owned())
+}
+
 fn is_cluster_ip(s: &str) -> bool {
     !s.is_empty() && s != "None"
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::l7::*;
 use crate::identity::Identity;
 
 /// Label maps, sorted so output (config dumps, logs) is stable.
@@ -66,6 +67,9 @@ pub struct ServicePort {
     pub target: TargetPort,
     /// Only TCP ports are proxied; others are kept for the config dump.
     pub protocol: String,
+    /// `appProtocol`, else the Istio port-name prefix (`http-web` -> `http`), lower-cased:
+    /// how a waypoint treats the port (`http`, `http2`, `grpc`, `tcp`...; `None` = detect).
+    pub app_protocol: Option<String>,
 }
 
 /// One backend of a Service, from its EndpointSlices.
@@ -91,6 +95,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
     pub labels: Labels,
+    /// The waypoint that serves this service's traffic (`istio.io/use-waypoint` on the service,
+    /// else on its namespace; `none` opts out). ztunnel sends its traffic there.
+    pub waypoint: Option<WaypointRef>,
 }
 
 impl Service {
@@ -277,6 +284,13 @@ pub struct State {
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     /// Namespace labels, by namespace name.
     pub namespaces: BTreeMap<String, Labels>,
+    /// L7: what waypoints read. Sorted by key.
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+    /// AuthorizationPolicies as a waypoint evaluates them (targetRefs, or namespace-wide).
+    pub l7_authorization_policies: Vec<Arc<L7AuthorizationPolicy>>,
+    /// Waypoint `Gateway`s by `<namespace>/<name>`.
+    pub waypoint_gateways: BTreeMap<String, WaypointGateway>,
     pub root_namespace: String,
     #[serde(skip)]
     pub by_ip: HashMap<IpAddr, Arc<Workload>>,
