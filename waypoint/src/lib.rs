@@ -1,8 +1,14 @@
-//! The waypoint: the optional per-namespace L7 proxy.
+//! waypoint: the optional per-namespace L7 proxy of the ambient mesh.
 //!
-//! It will terminate HBONE from ztunnels, parse HTTP/1.1, HTTP/2 and gRPC, apply Istio
-//! `VirtualService`, `DestinationRule` and L7 `AuthorizationPolicy`, and open HBONE to the chosen
-//! endpoint. Nothing is built here yet: the crate holds the place DESIGN.md gives it so the
-//! workspace layout and dependency direction (`mesh` <- `waypoint`) are fixed from the start.
+//! ztunnel sends a service's traffic here over HBONE when the service (or its namespace) is
+//! labelled `istio.io/use-waypoint=<name>`. The waypoint terminates HBONE, serves HTTP/1.1 and
+//! HTTP/2, applies `VirtualService` routes ([`route`]), `DestinationRule` policies and the
+//! connection pools to the chosen endpoints ([`upstream`]) and L7 `AuthorizationPolicy`
+//! ([`authz`]), then opens HBONE to the endpoint's ztunnel.
 
 #![forbid(unsafe_code)]
+
+pub mod authz;
+pub mod request;
+pub mod route;
+pub mod upstream;

@@ -1,0 +1,1 @@
+//! VirtualService routing (to be written).

@@ -1,0 +1,1 @@
+//! Upstream clusters (to be written).
