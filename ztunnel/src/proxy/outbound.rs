@@ -81,7 +81,11 @@ pub async fn establish(
             identity,
             workload,
             service: svc,
+            waypoint,
         } => {
+            if let Some(waypoint) = &waypoint {
+                tracing::debug!(%waypoint, %authority, "through the waypoint");
+            }
             let mut guard = ConnectionGuard::new(
                 &ctx.metrics,
                 ConnectionInfo {

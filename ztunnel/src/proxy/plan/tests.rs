@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use mesh::model::ServicePort;
+use mesh::model::WaypointRef;
 
 fn workload(name: &str, ip: &str, enrolled: bool) -> Arc<Workload> {
     Arc::new(Workload {
@@ -60,9 +61,11 @@ fn service(endpoints: Vec<Endpoint>, target: TargetPort) -> Service {
             port: 80,
             target,
             protocol: "TCP".into(),
+            app_protocol: Some("http".into()),
         }],
         endpoints,
         labels: BTreeMap::new(),
+        waypoint: None,
     }
 }
 
@@ -201,5 +204,90 @@ fn vip_without_ready_endpoints_or_port_is_unreachable() {
             assert_eq!(reason, "service demo/web has no TCP port 443")
         }
         other => panic!("{other:?}"),
+    }
+}
+
+fn with_waypoint(mut svc: Service, name: &str) -> Service {
+    svc.waypoint = Some(WaypointRef {
+        namespace: "demo".into(),
+        name: name.into(),
+    });
+    svc
+}
+
+fn waypoint_service(endpoints: Vec<Endpoint>) -> Service {
+    let mut svc = service(endpoints, TargetPort::Number(15008));
+    svc.name = "waypoint".into();
+    svc.hostname = "waypoint.demo.svc.cluster.local".into();
+    svc.vips = vec!["10.96.0.99".parse().unwrap()];
+    svc
+}
+
+#[test]
+fn service_with_a_waypoint_goes_to_the_waypoint_with_the_vip_as_authority() {
+    let web = workload("web", "10.1.0.5", true);
+    let wp = workload("waypoint", "10.1.0.9", false);
+    let st = state(
+        vec![web.clone(), wp.clone()],
+        vec![
+            with_waypoint(
+                service(vec![endpoint(&web, true)], TargetPort::Number(8080)),
+                "waypoint",
+            ),
+            waypoint_service(vec![endpoint(&wp, true)]),
+        ],
+    );
+    match plan_outbound(&st, addr("10.96.0.10:80"), |_| 0) {
+        OutboundPlan::Hbone {
+            hbone_addr,
+            authority,
+            identity,
+            waypoint,
+            service,
+            ..
+        } => {
+            assert_eq!(hbone_addr, addr("10.1.0.9:15008"));
+            assert_eq!(
+                authority,
+                addr("10.96.0.10:80"),
+                "the waypoint gets the VIP:port"
+            );
+            assert_eq!(identity, wp.identity, "expects the waypoint's identity");
+            assert_eq!(waypoint.unwrap().name, "waypoint");
+            assert_eq!(service.unwrap().name, "web");
+        }
+        other => panic!("expected HBONE to the waypoint, got {other:?}"),
+    }
+    // A pod IP is not steered: workload-addressed traffic skips a service waypoint.
+    assert!(matches!(
+        plan_outbound(&st, addr("10.1.0.5:8080"), |_| 0),
+        OutboundPlan::Hbone { waypoint: None, .. }
+    ));
+}
+
+#[test]
+fn a_missing_or_unready_waypoint_fails_closed() {
+    let web = workload("web", "10.1.0.5", true);
+    let wp = workload("waypoint", "10.1.0.9", false);
+    let svc = with_waypoint(
+        service(vec![endpoint(&web, true)], TargetPort::Number(8080)),
+        "waypoint",
+    );
+    let st = state(vec![web.clone()], vec![svc.clone()]);
+    match plan_outbound(&st, addr("10.96.0.10:80"), |_| 0) {
+        OutboundPlan::Unreachable { reason } => {
+            assert!(reason.contains("no Service demo/waypoint"), "{reason}")
+        }
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+    let st = state(
+        vec![web.clone(), wp.clone()],
+        vec![svc, waypoint_service(vec![endpoint(&wp, false)])],
+    );
+    match plan_outbound(&st, addr("10.96.0.10:80"), |_| 0) {
+        OutboundPlan::Unreachable { reason } => {
+            assert!(reason.contains("no ready pod"), "{reason}")
+        }
+        other => panic!("expected unreachable, got {other:?}"),
     }
 }
