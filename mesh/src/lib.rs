@@ -15,6 +15,7 @@ pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod tls;
 
 pub use identity::Identity;

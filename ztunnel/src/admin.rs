@@ -2,24 +2,16 @@
 //! (15020: `/metrics`) and readiness (15021: `/healthz/ready`). Plain HTTP/1.1 with hyper; each
 //! listener is bound up front so a port conflict fails start-up with a clear error.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Context;
 
-/// Changes the log filter at run time (`/logging?level=debug` or `?filter=mesh=debug,info`).
-pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+use mesh::ops::text;
+pub use mesh::ops::{Handler, LogControl, bind, metrics_handler, serve};
 
 /// Readiness: the first state load happened, every local pod has its certificate, and the
 /// node is not draining.
@@ -53,46 +45,6 @@ impl Readiness {
     }
 }
 
-/// Binds `addr`, naming the role in the error.
-pub async fn bind(role: &str, addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("{role} listener on {addr}: {e} (is another ztunnel running?)"))
-}
-
-type Handler = Arc<dyn Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
-
-/// Serves `handler` on `listener` until `stop`.
-pub fn serve(listener: TcpListener, stop: CancellationToken, handler: Handler) {
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(_) => continue,
-                },
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-}
-
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.into())));
-    *r.status_mut() = status;
-    r
-}
-
 /// `/healthz/ready`.
 pub fn readiness_handler(ctx: Arc<Context>, readiness: Arc<Readiness>) -> Handler {
     Arc::new(move |req| {
@@ -104,32 +56,6 @@ pub fn readiness_handler(ctx: Arc<Context>, readiness: Arc<Readiness>) -> Handle
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
-            ),
-        }
-    })
-}
-
-/// `/metrics` in the Prometheus text format.
-pub fn metrics_handler(registry: Arc<Registry>) -> Handler {
-    Arc::new(move |req| {
-        if req.uri().path() != "/metrics" {
-            return text(StatusCode::NOT_FOUND, "try /metrics\n");
-        }
-        let mut body = String::new();
-        match prometheus_client::encoding::text::encode(&mut body, &registry) {
-            Ok(()) => {
-                let mut r = text(StatusCode::OK, body);
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                r
-            }
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("encoding metrics: {e}\n"),
             ),
         }
     })
@@ -191,39 +117,9 @@ pub fn admin_handler(
                     })
                     .collect(),
             };
-            match serde_json::to_string_pretty(&dump) {
-                Ok(json) => {
-                    let mut r = text(StatusCode::OK, json);
-                    r.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/json"),
-                    );
-                    r
-                }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-            }
+            mesh::ops::json(&dump)
         }
-        (_, "/logging") => {
-            let query = req.uri().query().unwrap_or("");
-            let filter = query.split('&').find_map(|kv| {
-                let (k, v) = kv.split_once('=')?;
-                matches!(k, "level" | "filter").then(|| v.replace("%2C", ",").replace("%3D", "="))
-            });
-            match (filter, &log) {
-                (Some(f), Some(set)) => match set(&f) {
-                    Ok(()) => text(StatusCode::OK, format!("log filter is now {f}\n")),
-                    Err(e) => text(StatusCode::BAD_REQUEST, format!("bad filter {f:?}: {e}\n")),
-                },
-                (None, _) => text(
-                    StatusCode::BAD_REQUEST,
-                    "give ?level=<trace|debug|info|warn|error> or ?filter=<RUST_LOG syntax>\n",
-                ),
-                (_, None) => text(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "log filter is fixed in this process\n",
-                ),
-            }
-        }
+        (_, "/logging") => mesh::ops::logging(req.uri().query(), log.as_ref()),
         (&Method::POST, "/quitquitquit") => {
             quit.cancel();
             text(StatusCode::OK, "draining\n")

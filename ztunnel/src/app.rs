@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use mesh::ca::{CaClientConfig, GrpcCaClient, TokenSource};
-use mesh::cert_manager::{CertManager, CertManagerConfig};
 use mesh::discovery::StoreWriter;
 use mesh::discovery::file::{FileSource, FileSourceConfig};
 use mesh::hbone::{ClientConfig, ServerConfig};
@@ -56,28 +54,9 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     let config = Arc::new(config);
     let mut registry = Registry::default();
 
-    let root = std::fs::read_to_string(&config.ca.root_cert)
-        .with_context(|| format!("reading CA root {}", config.ca.root_cert.display()))?;
-    let signer = GrpcCaClient::new(CaClientConfig {
-        address: config.ca.address.clone(),
-        root_cert_pem: root,
-        server_name: config.ca.server_name.clone(),
-        token: config
-            .ca
-            .token_file
-            .clone()
-            .map_or(TokenSource::None, TokenSource::File),
-        impersonate: true,
-        timeout: Duration::from_secs(10),
-    })?;
-    let certs = CertManager::new(
-        Arc::new(signer),
-        CertManagerConfig {
-            ttl: config.workload_cert_ttl,
-            ..CertManagerConfig::default()
-        },
-        &mut registry,
-    );
+    let certs = config
+        .ca
+        .cert_manager(true, config.workload_cert_ttl, &mut registry)?;
 
     let writer = StoreWriter::new();
     let store = writer.store();

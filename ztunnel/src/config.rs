@@ -2,7 +2,6 @@
 //! pass a map. Every variable name is a constant next to its default; a bad value is reported
 //! with the variable, the value and why.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,10 +11,7 @@ pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const CLUSTER_DOMAIN: &str = "CLUSTER_DOMAIN";
 pub const ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 pub const CONFIG_PATH: &str = "MESH_CONFIG_PATH";
-pub const CA_ADDRESS: &str = "CA_ADDRESS";
-pub const CA_ROOT_CERT: &str = "CA_ROOT_CERT";
-pub const CA_SERVER_NAME: &str = "CA_SERVER_NAME";
-pub const CA_TOKEN_FILE: &str = "CA_TOKEN_FILE";
+pub use mesh::ops::{CA_ADDRESS, CA_ROOT_CERT, CA_SERVER_NAME, CA_TOKEN_FILE};
 pub const CAPTURE_MODE: &str = "CAPTURE_MODE";
 pub const CAPTURE_PROBE_SOURCES: &str = "CAPTURE_PROBE_SOURCES";
 pub const ADMIN_ADDR: &str = "ADMIN_ADDR";
@@ -30,15 +26,7 @@ pub const DEFAULT_WORKER_THREADS: usize = 2;
 
 /// The runtime's worker count from [`WORKER_THREADS`]: a positive number, default 2.
 pub fn worker_threads(env: &dyn Env) -> Result<usize, ConfigError> {
-    let n: usize = parse(env, WORKER_THREADS, &DEFAULT_WORKER_THREADS.to_string())?;
-    if n == 0 {
-        return Err(ConfigError::Invalid {
-            var: WORKER_THREADS,
-            value: "0".into(),
-            why: "must be at least 1".into(),
-        });
-    }
-    Ok(n)
+    mesh::ops::worker_threads(env, WORKER_THREADS, DEFAULT_WORKER_THREADS)
 }
 
 const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -50,41 +38,8 @@ const DEFAULT_SOCKS5_ADDR: &str = "127.0.0.1:15080";
 const DEFAULT_DRAIN_DEADLINE_SECONDS: u64 = 30;
 const DEFAULT_WORKLOAD_CERT_TTL_SECONDS: u64 = 24 * 3600;
 
-/// Where variables come from: the process environment, or a map in tests.
-pub trait Env {
-    fn get(&self, key: &str) -> Option<String>;
-}
-
-/// The process environment.
-#[derive(Debug, Clone, Copy)]
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok().filter(|v| !v.is_empty())
-    }
-}
-
-impl Env for HashMap<&str, String> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).cloned()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{var}: required but not set ({hint})")]
-    Missing {
-        var: &'static str,
-        hint: &'static str,
-    },
-    #[error("{var}={value:?}: {why}")]
-    Invalid {
-        var: &'static str,
-        value: String,
-        why: String,
-    },
-}
+pub use mesh::ops::{CaConfig, ConfigError, Env, ProcessEnv};
+use mesh::ops::{parse, required};
 
 /// How pods' traffic reaches ztunnel.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -95,15 +50,6 @@ pub enum CaptureMode {
     /// Per-pod network namespaces found by name under `/var/run/netns/<prefix><pod-name>`:
     /// redirect rules and listeners are installed inside each (the virtual-cluster harness).
     NamedNetns { prefix: String },
-}
-
-/// Where workload certificates come from.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CaConfig {
-    pub address: String,
-    pub root_cert: PathBuf,
-    pub server_name: Option<String>,
-    pub token_file: Option<PathBuf>,
 }
 
 /// The resolved configuration, logged once at start-up.
@@ -126,26 +72,6 @@ pub struct Config {
     pub socks5_addr: Option<SocketAddr>,
     pub drain_deadline: Duration,
     pub workload_cert_ttl: Duration,
-}
-
-fn required(env: &dyn Env, var: &'static str, hint: &'static str) -> Result<String, ConfigError> {
-    env.get(var).ok_or(ConfigError::Missing { var, hint })
-}
-
-fn parse<T: std::str::FromStr>(
-    env: &dyn Env,
-    var: &'static str,
-    default: &str,
-) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    let value = env.get(var).unwrap_or_else(|| default.to_owned());
-    value.parse().map_err(|e: T::Err| ConfigError::Invalid {
-        var,
-        value: value.clone(),
-        why: e.to_string(),
-    })
 }
 
 impl Config {
@@ -205,13 +131,7 @@ impl Config {
                 .unwrap_or_else(|| mesh::model::DEFAULT_ROOT_NAMESPACE.to_owned()),
             config_path: required(env, CONFIG_PATH, "a YAML file or directory of mesh objects")?
                 .into(),
-            ca: CaConfig {
-                address: required(env, CA_ADDRESS, "host:port of the CA, e.g. 127.0.0.1:15012")?,
-                root_cert: required(env, CA_ROOT_CERT, "PEM root the CA's certificate chains to")?
-                    .into(),
-                server_name: env.get(CA_SERVER_NAME),
-                token_file: env.get(CA_TOKEN_FILE).map(PathBuf::from),
-            },
+            ca: CaConfig::from_env(env)?,
             capture,
             probe_sources,
             admin_addr: parse(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
@@ -235,6 +155,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn base() -> HashMap<&'static str, String> {
         [

@@ -41,18 +41,7 @@ enum Command {
 
 fn main() {
     if let Err(e) = run() {
-        // One line with the chain of causes (skipping a cause its parent already quotes); no
-        // backtrace noise for an operator's mistake.
-        let mut line = String::new();
-        for cause in e.chain().map(|c| c.to_string()) {
-            if !line.contains(&cause) {
-                if !line.is_empty() {
-                    line.push_str(": ");
-                }
-                line.push_str(&cause);
-            }
-        }
-        eprintln!("error: {line}");
+        eprintln!("error: {}", mesh::ops::one_line(&e));
         std::process::exit(1);
     }
 }

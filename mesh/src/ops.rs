@@ -1,0 +1,300 @@
+//! Plumbing both proxies share around the data path: configuration from environment variables
+//! ([`Env`]), the CA client and certificate manager from a [`CaConfig`], the operator's plain
+//! HTTP ports ([`bind`], [`serve`], [`metrics_handler`], [`logging`]) and the one-line error
+//! report of the binaries ([`one_line`]).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::{CaClientConfig, GrpcCaClient, TokenSource};
+use crate::cert_manager::{CertManager, CertManagerConfig};
+
+/// Where variables come from: the process environment, or a map in tests.
+pub trait Env {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment (empty values count as unset).
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Env for HashMap<&str, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: required but not set ({hint})")]
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
+    #[error("{var}={value:?}: {why}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// A variable that must be set; `hint` says what it should hold.
+pub fn required(
+    env: &dyn Env,
+    var: &'static str,
+    hint: &'static str,
+) -> Result<String, ConfigError> {
+    env.get(var).ok_or(ConfigError::Missing { var, hint })
+}
+
+/// A variable parsed as `T`, `default` when unset.
+pub fn parse<T: std::str::FromStr>(
+    env: &dyn Env,
+    var: &'static str,
+    default: &str,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    let value = env.get(var).unwrap_or_else(|| default.to_owned());
+    value.parse().map_err(|e: T::Err| ConfigError::Invalid {
+        var,
+        value: value.clone(),
+        why: e.to_string(),
+    })
+}
+
+/// A positive thread count from `var`.
+pub fn worker_threads(
+    env: &dyn Env,
+    var: &'static str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let n: usize = parse(env, var, &default.to_string())?;
+    if n == 0 {
+        return Err(ConfigError::Invalid {
+            var,
+            value: "0".into(),
+            why: "must be at least 1".into(),
+        });
+    }
+    Ok(n)
+}
+
+pub const CA_ADDRESS: &str = "CA_ADDRESS";
+pub const CA_ROOT_CERT: &str = "CA_ROOT_CERT";
+pub const CA_SERVER_NAME: &str = "CA_SERVER_NAME";
+pub const CA_TOKEN_FILE: &str = "CA_TOKEN_FILE";
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaConfig {
+    pub address: String,
+    pub root_cert: PathBuf,
+    pub server_name: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl CaConfig {
+    /// `CA_ADDRESS`, `CA_ROOT_CERT` (required), `CA_SERVER_NAME`, `CA_TOKEN_FILE`.
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(CaConfig {
+            address: required(env, CA_ADDRESS, "host:port of the CA, e.g. 127.0.0.1:15012")?,
+            root_cert: required(env, CA_ROOT_CERT, "PEM root the CA's certificate chains to")?
+                .into(),
+            server_name: env.get(CA_SERVER_NAME),
+            token_file: env.get(CA_TOKEN_FILE).map(PathBuf::from),
+        })
+    }
+
+    /// A certificate manager fetching from this CA. `impersonate`: the caller asks for other
+    /// identities than its own (ztunnel for its pods), sent as `ImpersonatedIdentity`.
+    pub fn cert_manager(
+        &self,
+        impersonate: bool,
+        ttl: Duration,
+        registry: &mut Registry,
+    ) -> anyhow::Result<CertManager> {
+        use anyhow::Context as _;
+        let root = std::fs::read_to_string(&self.root_cert)
+            .with_context(|| format!("reading CA root {}", self.root_cert.display()))?;
+        let signer = GrpcCaClient::new(CaClientConfig {
+            address: self.address.clone(),
+            root_cert_pem: root,
+            server_name: self.server_name.clone(),
+            token: self
+                .token_file
+                .clone()
+                .map_or(TokenSource::None, TokenSource::File),
+            impersonate,
+            timeout: Duration::from_secs(10),
+        })?;
+        Ok(CertManager::new(
+            Arc::new(signer),
+            CertManagerConfig {
+                ttl,
+                ..CertManagerConfig::default()
+            },
+            registry,
+        ))
+    }
+}
+
+/// Changes the log filter at run time (`/logging?level=debug` or `?filter=mesh=debug,info`).
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// A plain HTTP handler of an operator port.
+pub type Handler = Arc<dyn Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// Binds `addr`, naming the role in the error.
+pub async fn bind(role: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{role} listener on {addr}: {e} (is another proxy running?)"))
+}
+
+/// Serves `handler` over HTTP/1.1 on `listener` until `stop`.
+pub fn serve(listener: TcpListener, stop: CancellationToken, handler: Handler) {
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r
+}
+
+/// A JSON response of `value`.
+pub fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => {
+            let mut r = text(StatusCode::OK, json);
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// `/metrics` in the Prometheus text format.
+pub fn metrics_handler(registry: Arc<Registry>) -> Handler {
+    Arc::new(move |req| {
+        if req.uri().path() != "/metrics" {
+            return text(StatusCode::NOT_FOUND, "try /metrics\n");
+        }
+        let mut body = String::new();
+        match prometheus_client::encoding::text::encode(&mut body, &registry) {
+            Ok(()) => {
+                let mut r = text(StatusCode::OK, body);
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding metrics: {e}\n"),
+            ),
+        }
+    })
+}
+
+/// `/logging?level=` or `?filter=`: changes the log filter through `log`.
+pub fn logging(query: Option<&str>, log: Option<&LogControl>) -> Response<Full<Bytes>> {
+    let filter = query.unwrap_or("").split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        matches!(k, "level" | "filter").then(|| v.replace("%2C", ",").replace("%3D", "="))
+    });
+    match (filter, log) {
+        (Some(f), Some(set)) => match set(&f) {
+            Ok(()) => text(StatusCode::OK, format!("log filter is now {f}\n")),
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("bad filter {f:?}: {e}\n")),
+        },
+        (None, _) => text(
+            StatusCode::BAD_REQUEST,
+            "give ?level=<trace|debug|info|warn|error> or ?filter=<RUST_LOG syntax>\n",
+        ),
+        (_, None) => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "log filter is fixed in this process\n",
+        ),
+    }
+}
+
+/// An error and its causes on one line, skipping a cause its parent already quotes: what the
+/// binaries print for an operator's mistake, without backtrace noise.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !line.contains(&cause) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
