@@ -44,6 +44,29 @@ pub struct Peer {
     pub cluster: String,
 }
 
+impl Peer {
+    /// How the metrics label a side: from its workload when known, else from its identity.
+    pub fn of(workload: Option<&crate::model::Workload>, identity: Option<&Identity>) -> Peer {
+        match workload {
+            Some(w) => Peer {
+                workload: w.workload_name.clone(),
+                namespace: w.namespace.clone(),
+                principal: identity.cloned().or_else(|| Some(w.identity.clone())),
+                app: w.canonical_service.clone(),
+                version: w.canonical_revision.clone(),
+                cluster: String::new(),
+            },
+            None => Peer {
+                principal: identity.cloned(),
+                namespace: identity
+                    .map(|i| i.namespace().to_owned())
+                    .unwrap_or_default(),
+                ..Peer::default()
+            },
+        }
+    }
+}
+
 /// Istio's standard label set for TCP metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {

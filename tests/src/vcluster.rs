@@ -51,6 +51,10 @@ use ztunnel::capture::NetNs;
 
 use crate::{RunningCa, TRUST_DOMAIN, TestPki, start_ca};
 
+pub mod http;
+mod waypoint;
+pub use waypoint::Waypoint;
+
 /// The label that enrols a namespace (`=ambient`) or opts a pod out (`=none`).
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// ztunnel's inbound HBONE port in every captured pod.
@@ -139,19 +143,28 @@ where
 /// Finds the `ztunnel` binary built with the same profile as the running test: next to the test
 /// executable (`target/<profile>/deps/<test>` -> `target/<profile>/ztunnel`), or `ZTUNNEL_BIN`.
 pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("ZTUNNEL_BIN") {
+    workspace_binary("ztunnel", "ZTUNNEL_BIN")
+}
+
+/// The `waypoint` binary, found as [`ztunnel_binary`] finds ztunnel's (or `WAYPOINT_BIN`).
+pub fn waypoint_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("waypoint", "WAYPOINT_BIN")
+}
+
+fn workspace_binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
         let path = PathBuf::from(path);
         if path.is_file() {
             return Ok(path);
         }
-        bail!("ZTUNNEL_BIN={} is not a file", path.display());
+        bail!("{env_var}={} is not a file", path.display());
     }
     let exe = std::env::current_exe().context("locating the test executable")?;
     let candidates: Vec<PathBuf> = exe
         .ancestors()
         .skip(1)
         .take(3)
-        .map(|dir| dir.join("ztunnel"))
+        .map(|dir| dir.join(name))
         .collect();
     if let Some(found) = candidates.iter().find(|c| c.is_file()) {
         warn_if_stale(found);
@@ -163,13 +176,13 @@ pub fn ztunnel_binary() -> anyhow::Result<PathBuf> {
         .and_then(|p| p.file_name())
         .map_or_else(|| "debug".to_owned(), |p| p.to_string_lossy().into_owned());
     let build = match profile.as_str() {
-        "debug" => "cargo build -p ztunnel".to_owned(),
-        "release" => "cargo build -p ztunnel --release".to_owned(),
-        other => format!("cargo build -p ztunnel --profile {other}"),
+        "debug" => format!("cargo build -p {name}"),
+        "release" => format!("cargo build -p {name} --release"),
+        other => format!("cargo build -p {name} --profile {other}"),
     };
     bail!(
-        "the ztunnel binary is not next to the test executable {} (looked for {}); build it with \
-         the profile the tests use: `{build}` (set ZTUNNEL_BIN to use another binary)",
+        "the {name} binary is not next to the test executable {} (looked for {}); build it with \
+         the profile the tests use: `{build}` (set {env_var} to use another binary)",
         exe.display(),
         candidates
             .iter()
@@ -360,17 +373,7 @@ impl Netns {
     /// A plain TCP client: a `std::net::TcpStream` connected on a thread inside this namespace,
     /// then handed to tokio. No mark, no proxy settings: what an unmodified application does.
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let netns = self.open()?;
-        let stream = tokio::task::spawn_blocking(move || {
-            netns
-                .run(|| std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))
-                .map_err(io::Error::other)?
-        })
-        .await
-        .map_err(io::Error::other)??;
-        stream.set_nodelay(true)?;
-        stream.set_nonblocking(true)?;
-        TcpStream::from_std(stream)
+        connect_in(&self.name, addr).await
     }
 
     /// Connects to `addr`, sends `data`, half-closes and reads until the server closes; bounded
@@ -467,6 +470,21 @@ impl Drop for Netns {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// A plain TCP client from inside the named network namespace (see [`Netns::connect`]).
+pub async fn connect_in(netns: &str, addr: SocketAddr) -> io::Result<TcpStream> {
+    let netns = NetNs::from_name(netns).map_err(io::Error::other)?;
+    let stream = tokio::task::spawn_blocking(move || {
+        netns
+            .run(|| std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))
+            .map_err(io::Error::other)?
+    })
+    .await
+    .map_err(io::Error::other)??;
+    stream.set_nodelay(true)?;
+    stream.set_nonblocking(true)?;
+    TcpStream::from_std(stream)
 }
 
 /// Sends `data`, half-closes, and reads to EOF (both at once, so neither side's buffers can
@@ -753,8 +771,17 @@ fn parse_sample(line: &str) -> Option<Sample> {
 
 /// A minimal HTTP/1.1 GET on loopback: (status, body), bounded by [`IO_TIMEOUT`].
 pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    http_get_on(TcpStream::connect(addr), addr, path).await
+}
+
+/// [`http_get`] over a connection `connect` makes (e.g. from inside a namespace).
+pub async fn http_get_on(
+    connect: impl Future<Output = io::Result<TcpStream>>,
+    addr: SocketAddr,
+    path: &str,
+) -> io::Result<(u16, String)> {
     let request = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = connect.await?;
         stream
             .write_all(
                 format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
@@ -1107,6 +1134,9 @@ struct ServiceSpec {
     name: String,
     /// (port, targetPort).
     ports: Vec<(u16, u16)>,
+    /// The port-name prefix that declares the protocol (`tcp`, `http`, `grpc`).
+    protocol: &'static str,
+    labels: BTreeMap<String, String>,
     /// Assigned by `build`.
     vip: Option<Ipv4Addr>,
 }
@@ -1119,6 +1149,7 @@ struct Model {
     services: Vec<ServiceSpec>,
     /// Extra documents by name (`50-<name>.yaml`).
     files: BTreeMap<String, String>,
+    waypoints: Vec<waypoint::WaypointSpec>,
     generation: u64,
 }
 
@@ -1128,6 +1159,13 @@ impl Model {
             .iter_mut()
             .find(|n| n.name == name)
             .unwrap_or_else(|| panic!("no namespace {name:?} in the cluster"))
+    }
+
+    fn service_mut(&mut self, namespace: &str, name: &str) -> &mut ServiceSpec {
+        self.services
+            .iter_mut()
+            .find(|s| s.namespace == namespace && s.name == name)
+            .unwrap_or_else(|| panic!("no service {namespace}/{name} in the cluster"))
     }
 
     fn pod_mut(&mut self, name: &str) -> &mut PodSpec {
@@ -1162,11 +1200,11 @@ impl Model {
             }));
         }
         for service in &self.services {
-            let port_name = |port: u16| format!("tcp-{port}");
+            let port_name = |port: u16| format!("{}-{port}", service.protocol);
             documents.push(json!({
                 "apiVersion": "v1",
                 "kind": "Service",
-                "metadata": {"name": service.name, "namespace": service.namespace},
+                "metadata": {"name": service.name, "namespace": service.namespace, "labels": service.labels},
                 "spec": {
                     "clusterIP": service.vip.map(|ip| ip.to_string()),
                     "selector": {"app": service.name},
@@ -1205,6 +1243,9 @@ impl Model {
                     "name": port_name(*port), "port": target, "protocol": "TCP",
                 })).collect::<Vec<_>>(),
             }));
+        }
+        for waypoint in &self.waypoints {
+            documents.push(waypoint::gateway_document(waypoint));
         }
         // JSON documents are YAML; one per `---`.
         documents
@@ -1265,6 +1306,7 @@ fn write_atomically(dir: &Path, name: &str, content: &str) -> anyhow::Result<()>
 enum Last {
     Namespace(usize),
     Pod(usize),
+    Service(usize),
 }
 
 /// Describes a cluster; see [`Cluster::builder`].
@@ -1275,6 +1317,7 @@ pub struct ClusterBuilder {
     pods: Vec<PodSpec>,
     services: Vec<ServiceSpec>,
     files: BTreeMap<String, String>,
+    waypoints: Vec<waypoint::WaypointSpec>,
     drain_deadline: Duration,
     log_filter: String,
     last: Option<Last>,
@@ -1400,7 +1443,27 @@ impl ClusterBuilder {
     /// A service `name` in `namespace` selecting pods labelled `app=<name>`, with a VIP from
     /// the run's range, forwarding `port` to `target_port`. Call again to add ports.
     #[track_caller]
-    pub fn service(mut self, namespace: &str, name: &str, port: u16, target_port: u16) -> Self {
+    pub fn service(self, namespace: &str, name: &str, port: u16, target_port: u16) -> Self {
+        self.service_with_protocol(namespace, name, port, target_port, "tcp")
+    }
+
+    /// Like [`Self::service`], with its ports declared HTTP (`http-<port>`), so a waypoint
+    /// parses them.
+    #[track_caller]
+    pub fn http_service(self, namespace: &str, name: &str, port: u16, target_port: u16) -> Self {
+        self.service_with_protocol(namespace, name, port, target_port, "http")
+    }
+
+    /// Like [`Self::service`], with ports named `<protocol>-<port>` (`tcp`, `http`, `grpc`...).
+    #[track_caller]
+    pub fn service_with_protocol(
+        mut self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+        target_port: u16,
+        protocol: &'static str,
+    ) -> Self {
         assert_dns_label("service", name);
         assert!(
             self.namespaces.iter().any(|n| n.name == namespace),
@@ -1418,10 +1481,47 @@ impl ClusterBuilder {
                     namespace: namespace.to_owned(),
                     name: name.to_owned(),
                     ports: vec![(port, target_port)],
+                    protocol,
+                    labels: BTreeMap::new(),
                     vip: None,
                 });
             }
         }
+        let index = self
+            .services
+            .iter()
+            .position(|s| s.namespace == namespace && s.name == name);
+        self.last = index.map(Last::Service);
+        self
+    }
+
+    /// Labels the last service added (e.g. `istio.io/use-waypoint=waypoint`).
+    #[track_caller]
+    pub fn service_label(mut self, key: &str, value: &str) -> Self {
+        let Some(Last::Service(i)) = self.last else {
+            panic!("service_label({key:?}) must follow .service(..)");
+        };
+        self.services[i]
+            .labels
+            .insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// A waypoint `name` in `namespace`, running on `node`: a Gateway (class `istio-waypoint`),
+    /// a pod `name` (not captured: labelled as Istio labels waypoint pods) with service account
+    /// `name`, and its Service on port 15008. The real `waypoint` binary runs inside the pod's
+    /// network namespace. Label services or namespaces `istio.io/use-waypoint=<name>` to use it.
+    #[track_caller]
+    pub fn waypoint(mut self, node: &str, namespace: &str, name: &str) -> Self {
+        self = self
+            .pod(node, namespace, name)
+            .label(waypoint::MANAGED_LABEL, waypoint::MANAGED_VALUE)
+            .label(waypoint::GATEWAY_NAME_LABEL, name)
+            .service(namespace, name, HBONE_PORT, HBONE_PORT);
+        self.waypoints.push(waypoint::WaypointSpec {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
         self
     }
 
@@ -1462,6 +1562,7 @@ impl ClusterBuilder {
             pods: self.pods,
             services: self.services,
             files: self.files,
+            waypoints: self.waypoints,
             generation: 1,
         };
         for (i, node) in self.nodes.iter().enumerate() {
@@ -1557,17 +1658,23 @@ impl ClusterBuilder {
                 netns,
             })
             .collect();
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             run,
             config_dir,
             nodes,
             pods,
+            waypoints: Vec::new(),
             model: Mutex::new(model),
             underlay,
             ca,
             _pki: pki,
             dir,
         };
+        let specs = lock(&cluster.model).waypoints.clone();
+        for spec in specs {
+            let started = waypoint::Waypoint::start(&cluster, &launch, &spec).await?;
+            cluster.waypoints.push(started);
+        }
         cluster.wait_applied(1).await.map_err(|e| {
             anyhow!(
                 "the nodes did not load the configuration or capture their pods: {e}\n{}",
@@ -1665,7 +1772,7 @@ impl Topology {
     }
 }
 
-/// How every node's ztunnel is started.
+/// How every node's ztunnel (and every waypoint) is started.
 #[derive(Debug)]
 struct Launch {
     binary: PathBuf,
@@ -1776,6 +1883,7 @@ pub struct Cluster {
     config_dir: PathBuf,
     nodes: Vec<Node>,
     pods: Vec<Pod>,
+    waypoints: Vec<waypoint::Waypoint>,
     model: Mutex<Model>,
     underlay: Netns,
     ca: RunningCa,
@@ -1791,6 +1899,7 @@ impl Cluster {
             pods: Vec::new(),
             services: Vec::new(),
             files: BTreeMap::new(),
+            waypoints: Vec::new(),
             drain_deadline: Duration::from_secs(10),
             log_filter: "info".to_owned(),
             last: None,
@@ -1890,6 +1999,35 @@ impl Cluster {
         .await;
     }
 
+    /// Sets (`Some`) or removes (`None`) a service label (e.g. `istio.io/use-waypoint`), and
+    /// waits until every node applied it.
+    pub async fn set_service_label(
+        &self,
+        namespace: &str,
+        service: &str,
+        key: &str,
+        value: Option<&str>,
+    ) {
+        self.update(|model| {
+            let labels = &mut model.service_mut(namespace, service).labels;
+            match value {
+                Some(v) => labels.insert(key.to_owned(), v.to_owned()),
+                None => labels.remove(key),
+            };
+        })
+        .await;
+    }
+
+    /// # Panics
+    /// When there is no such waypoint.
+    #[track_caller]
+    pub fn waypoint(&self, name: &str) -> &Waypoint {
+        self.waypoints
+            .iter()
+            .find(|w| w.name() == name)
+            .unwrap_or_else(|| panic!("no waypoint {name:?}"))
+    }
+
     /// Enrols (`true`) or un-enrols a namespace, and waits until every node applied it.
     pub async fn set_ambient(&self, namespace: &str, ambient: bool) {
         self.set_namespace_label(namespace, DATAPLANE_MODE, ambient.then_some("ambient"))
@@ -1957,6 +2095,9 @@ impl Cluster {
         for node in self.nodes.iter().filter(|n| n.is_running()) {
             eventually(SYNC_TIMEOUT, || node.applied(generation)).await?;
         }
+        for waypoint in self.waypoints.iter().filter(|w| w.is_running()) {
+            eventually(SYNC_TIMEOUT, || waypoint.applied(generation)).await?;
+        }
         Ok(())
     }
 
@@ -1970,6 +2111,14 @@ impl Cluster {
                 node.name,
                 node.ztunnel.log.display(),
                 tail(&node.logs(), LOG_TAIL_LINES)
+            );
+        }
+        for waypoint in &self.waypoints {
+            let _ = writeln!(
+                out,
+                "--- waypoint {}:\n{}",
+                waypoint.name(),
+                tail(&waypoint.logs(), LOG_TAIL_LINES)
             );
         }
         out
@@ -1995,6 +2144,7 @@ impl Drop for Cluster {
         }
         // The processes go before the namespaces they hold sockets in; the namespaces (and
         // every link in them) are removed as the fields drop.
+        self.waypoints.clear();
         for node in &mut self.nodes {
             let child = node
                 .ztunnel

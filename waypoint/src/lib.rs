@@ -8,7 +8,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod authz;
+pub mod config;
+pub mod connector;
+pub mod inbound;
+pub mod metrics;
+pub mod proxy;
+pub mod record;
 pub mod request;
 pub mod route;
+pub mod tcp;
 pub mod upstream;

@@ -244,7 +244,9 @@ fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
     Scalar::deserialize(d).map(Scalar::into_string)
 }
 
-fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+/// `spec:` written empty (YAML null) is the same as `spec: {}`; shared with
+/// [`super::networking_crd`].
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de> + Default,

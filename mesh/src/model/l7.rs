@@ -488,7 +488,12 @@ pub struct L7Source {
     pub not_namespaces: Vec<StringMatch>,
     pub ip_blocks: Vec<IpBlock>,
     pub not_ip_blocks: Vec<IpBlock>,
-    /// `requestPrincipals` (JWT): not supported; a source using them never matches.
+    /// `remoteIpBlocks`: the original client address (from `X-Forwarded-For` when trusted
+    /// proxies are configured, else the peer address, as Envoy's `remote.ip`).
+    pub remote_ip_blocks: Vec<IpBlock>,
+    pub not_remote_ip_blocks: Vec<IpBlock>,
+    /// `requestPrincipals` or `notRequestPrincipals` (JWT): not supported; a source using them
+    /// never matches.
     pub request_principals: bool,
 }
 

@@ -1,11 +1,13 @@
 //! The domain model and the translation that builds it.
 //!
 //! [`translate`] turns Kubernetes and Istio objects (from whichever source) into one validated
-//! [`State`]; [`istio_crd`] holds the serde shapes of the Istio resources it reads. Nothing in
-//! here does I/O: the sources in [`crate::discovery`] feed objects in and publish the result.
+//! [`State`]; [`istio_crd`] and [`networking_crd`] hold the serde shapes of the Istio and Gateway
+//! API resources it reads. Nothing in here does I/O: the sources in [`crate::discovery`] feed
+//! objects in and publish the result.
 
 pub mod istio_crd;
 mod l7;
+pub mod networking_crd;
 pub mod translate;
 mod types;
 

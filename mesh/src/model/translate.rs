@@ -3,7 +3,11 @@
 //! Both transports (the file source today, the Kubernetes watcher later) hand the full set of
 //! objects they currently see to one [`Translator`]; it validates each object on its own, keeps
 //! the last good version of any object that fails, and assembles the cross-object view
-//! (enrolment from namespace labels, endpoints from slices, policy scopes). No I/O happens here.
+//! (enrolment from namespace labels, endpoints from slices, policy scopes, waypoint bindings,
+//! VirtualService precedence). No I/O happens here.
+//!
+//! The L7 half (VirtualService, DestinationRule, waypoint `Gateway`s, AuthorizationPolicies as a
+//! waypoint evaluates them) lives in the `networking` and `l7_policy` submodules.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,9 +22,18 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tracing::{debug, warn};
 
 use super::istio_crd as crd;
+use super::l7::*;
+use super::networking_crd as ncrd;
 use super::types::*;
 use crate::identity::{Identity, IdentityError};
 
+mod l7_policy;
+mod networking;
+
+pub use networking::{istio_default_retries, parse_duration};
+
+#[cfg(test)]
+mod l7_tests;
 #[cfg(test)]
 mod tests;
 
@@ -32,6 +45,14 @@ pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The EndpointSlice label naming the Service a slice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Pod label Istio's gateway controller puts on the pods it deploys; with
+/// [`WAYPOINT_CONTROLLER`] the pod is a waypoint.
+pub const GATEWAY_MANAGED_LABEL: &str = "gateway.istio.io/managed";
+/// The [`GATEWAY_MANAGED_LABEL`] value of waypoint pods (Istio's `ControllerLabel` for the
+/// `istio-waypoint` class).
+pub const WAYPOINT_CONTROLLER: &str = "istio.io-mesh-controller";
+/// Label on a Gateway's generated Service naming the Gateway.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// Cluster-wide facts the objects themselves do not carry. They must match the cluster's (and
 /// istiod's, when talking to Istio proxies), or identities and hostnames will not line up.
@@ -64,17 +85,24 @@ pub enum Kind {
     EndpointSlice,
     AuthorizationPolicy,
     PeerAuthentication,
+    VirtualService,
+    DestinationRule,
+    /// Gateway API `Gateway` (only class `istio-waypoint` matters).
+    Gateway,
 }
 
 impl Kind {
     /// Every kind, so metrics can report zero for kinds that have no objects.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::Gateway,
     ];
 
     /// The `kind` as Kubernetes spells it.
@@ -86,6 +114,9 @@ impl Kind {
             Kind::EndpointSlice => discoveryv1::EndpointSlice::KIND,
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Gateway => "Gateway",
         }
     }
 
@@ -109,6 +140,8 @@ impl Kind {
             Kind::Namespace | Kind::Pod | Kind::Service => corev1::Pod::GROUP,
             Kind::EndpointSlice => discoveryv1::EndpointSlice::GROUP,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => crd::SECURITY_GROUP,
+            Kind::VirtualService | Kind::DestinationRule => ncrd::NETWORKING_GROUP,
+            Kind::Gateway => ncrd::GATEWAY_API_GROUP,
         }
     }
 
@@ -118,6 +151,8 @@ impl Kind {
             Kind::Namespace | Kind::Pod | Kind::Service => &[corev1::Pod::API_VERSION],
             Kind::EndpointSlice => &[discoveryv1::EndpointSlice::API_VERSION],
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => &crd::SECURITY_API_VERSIONS,
+            Kind::VirtualService | Kind::DestinationRule => &ncrd::NETWORKING_API_VERSIONS,
+            Kind::Gateway => &ncrd::GATEWAY_API_VERSIONS,
         }
     }
 }
@@ -185,6 +220,9 @@ pub enum Object {
     EndpointSlice(Box<discoveryv1::EndpointSlice>),
     AuthorizationPolicy(Box<crd::AuthorizationPolicy>),
     PeerAuthentication(Box<crd::PeerAuthentication>),
+    VirtualService(Box<ncrd::VirtualService>),
+    DestinationRule(Box<ncrd::DestinationRule>),
+    Gateway(Box<ncrd::Gateway>),
 }
 
 impl Object {
@@ -196,6 +234,9 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::VirtualService(_) => Kind::VirtualService,
+            Object::DestinationRule(_) => Kind::DestinationRule,
+            Object::Gateway(_) => Kind::Gateway,
         }
     }
 
@@ -207,6 +248,9 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::PeerAuthentication(o) => &o.metadata,
+            Object::VirtualService(o) => &o.metadata,
+            Object::DestinationRule(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
         }
     }
 
@@ -250,6 +294,9 @@ impl Object {
             Kind::EndpointSlice => Object::EndpointSlice(parse(key, value)?),
             Kind::AuthorizationPolicy => Object::AuthorizationPolicy(parse(key, value)?),
             Kind::PeerAuthentication => Object::PeerAuthentication(parse(key, value)?),
+            Kind::VirtualService => Object::VirtualService(parse(key, value)?),
+            Kind::DestinationRule => Object::DestinationRule(parse(key, value)?),
+            Kind::Gateway => Object::Gateway(parse(key, value)?),
         })
     }
 }
@@ -425,9 +472,18 @@ enum Accepted {
     Pod(Option<PodWorkload>),
     Service(Service),
     EndpointSlice(Slice),
-    /// `None`: valid but not for ztunnel (waypoint-attached, AUDIT, CUSTOM).
-    AuthorizationPolicy(Option<AuthorizationPolicy>),
+    AuthorizationPolicy {
+        /// `None`: valid but not for ztunnel (waypoint-attached, AUDIT, CUSTOM).
+        l4: Option<AuthorizationPolicy>,
+        /// `None`: valid but not for waypoints (workload selector, AUDIT, CUSTOM).
+        l7: Option<L7AuthorizationPolicy>,
+    },
     PeerAuthentication(PeerAuthentication),
+    /// `None`: valid but not for waypoints (bound to gateways only, or a delegate).
+    VirtualService(Option<Box<networking::AcceptedRoute<VirtualService>>>),
+    DestinationRule(Box<networking::AcceptedRoute<DestinationRule>>),
+    /// `None`: a Gateway of another class.
+    Gateway(Option<WaypointGateway>),
 }
 
 #[derive(Debug)]
@@ -457,12 +513,20 @@ fn accept(
         Object::Pod(pod) => Accepted::Pod(pod_workload(config, key, pod)?),
         Object::Service(svc) => Accepted::Service(service(config, key, svc)?),
         Object::EndpointSlice(slice) => Accepted::EndpointSlice(endpoint_slice(key, slice)?),
-        Object::AuthorizationPolicy(policy) => {
-            Accepted::AuthorizationPolicy(authorization_policy(config, key, policy)?)
-        }
+        Object::AuthorizationPolicy(policy) => Accepted::AuthorizationPolicy {
+            l4: authorization_policy(config, key, policy)?,
+            l7: l7_policy::l7_authorization_policy(key, policy)?,
+        },
         Object::PeerAuthentication(pa) => {
             Accepted::PeerAuthentication(peer_authentication(config, key, pa)?)
         }
+        Object::VirtualService(vs) => {
+            Accepted::VirtualService(networking::virtual_service(config, key, vs)?.map(Box::new))
+        }
+        Object::DestinationRule(dr) => {
+            Accepted::DestinationRule(Box::new(networking::destination_rule(config, key, dr)?))
+        }
+        Object::Gateway(gw) => Accepted::Gateway(networking::waypoint_gateway(key, gw)),
     })
 }
 
@@ -932,76 +996,7 @@ fn translate_rule(key: &ObjectKey, path: &str, rule: &crd::Rule) -> Result<Rule,
         );
         l7(format!("{p}.remoteIpBlocks"), &s.remote_ip_blocks);
         l7(format!("{p}.notRemoteIpBlocks"), &s.not_remote_ip_blocks);
-        // serviceAccounts and trustDomains are matched on the principal, so they share its
-        // list; a rule with two of them in the positive lists would need an AND the list
-        // cannot express, so it is refused rather than widened into an OR.
-        let positive = [
-            ("principals", s.principals.len()),
-            ("serviceAccounts", s.service_accounts.len()),
-            ("trustDomains", s.trust_domains.len()),
-        ];
-        let used: Vec<&str> = positive
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(name, _)| *name)
-            .collect();
-        if let [first, second, ..] = used.as_slice() {
-            return Err(invalid(
-                key,
-                format!("{p}.{second}"),
-                format!("{second} cannot be combined with {first}"),
-            ));
-        }
-        let mut principals = string_matches(&s.principals);
-        let mut not_principals = string_matches(&s.not_principals);
-        for (field, values, out) in [
-            ("trustDomains", &s.trust_domains, &mut principals),
-            ("notTrustDomains", &s.not_trust_domains, &mut not_principals),
-        ] {
-            for (k, value) in values.iter().enumerate() {
-                let matcher = trust_domain_match(value).ok_or_else(|| {
-                    invalid(
-                        key,
-                        format!("{p}.{field}[{k}]"),
-                        format!("{value:?} is not a trust domain, `prefix*` or `*`"),
-                    )
-                })?;
-                out.push(matcher);
-            }
-        }
-        for (field, values, out) in [
-            ("serviceAccounts", &s.service_accounts, &mut principals),
-            (
-                "notServiceAccounts",
-                &s.not_service_accounts,
-                &mut not_principals,
-            ),
-        ] {
-            for (k, value) in values.iter().enumerate() {
-                let matcher = service_account_match(&key.namespace, value)
-                    .ok_or_else(|| invalid(
-                        key,
-                        format!("{p}.{field}[{k}]"),
-                        format!("{value:?} is not <namespace>/<service account> or <service account> (no wildcards)"),
-                    ))?;
-                out.push(matcher);
-            }
-        }
-        let ip_blocks = |field: &str, values: &[String]| {
-            values
-                .iter()
-                .enumerate()
-                .map(|(k, v)| ip_block(key, format!("{p}.{field}[{k}]"), v))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        from.push(Source {
-            principals,
-            not_principals,
-            namespaces: string_matches(&s.namespaces),
-            not_namespaces: string_matches(&s.not_namespaces),
-            ip_blocks: ip_blocks("ipBlocks", &s.ip_blocks)?,
-            not_ip_blocks: ip_blocks("notIpBlocks", &s.not_ip_blocks)?,
-        });
+        from.push(translate_source(key, &p, s)?);
     }
 
     let mut to = Vec::new();
@@ -1072,6 +1067,81 @@ fn translate_rule(key: &ObjectKey, path: &str, rule: &crd::Rule) -> Result<Rule,
         to,
         when,
         l7_fields,
+    })
+}
+
+/// The L4 part of `rules[].from[].source` (`p` is its field path), shared by ztunnel's
+/// translation and the waypoint's.
+fn translate_source(key: &ObjectKey, p: &str, s: &crd::Source) -> Result<Source, TranslateError> {
+    // serviceAccounts and trustDomains are matched on the principal, so they share its
+    // list; a rule with two of them in the positive lists would need an AND the list
+    // cannot express, so it is refused rather than widened into an OR.
+    let positive = [
+        ("principals", s.principals.len()),
+        ("serviceAccounts", s.service_accounts.len()),
+        ("trustDomains", s.trust_domains.len()),
+    ];
+    let used: Vec<&str> = positive
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, _)| *name)
+        .collect();
+    if let [first, second, ..] = used.as_slice() {
+        return Err(invalid(
+            key,
+            format!("{p}.{second}"),
+            format!("{second} cannot be combined with {first}"),
+        ));
+    }
+    let mut principals = string_matches(&s.principals);
+    let mut not_principals = string_matches(&s.not_principals);
+    for (field, values, out) in [
+        ("trustDomains", &s.trust_domains, &mut principals),
+        ("notTrustDomains", &s.not_trust_domains, &mut not_principals),
+    ] {
+        for (k, value) in values.iter().enumerate() {
+            let matcher = trust_domain_match(value).ok_or_else(|| {
+                invalid(
+                    key,
+                    format!("{p}.{field}[{k}]"),
+                    format!("{value:?} is not a trust domain, `prefix*` or `*`"),
+                )
+            })?;
+            out.push(matcher);
+        }
+    }
+    for (field, values, out) in [
+        ("serviceAccounts", &s.service_accounts, &mut principals),
+        (
+            "notServiceAccounts",
+            &s.not_service_accounts,
+            &mut not_principals,
+        ),
+    ] {
+        for (k, value) in values.iter().enumerate() {
+            let matcher = service_account_match(&key.namespace, value)
+                .ok_or_else(|| invalid(
+                    key,
+                    format!("{p}.{field}[{k}]"),
+                    format!("{value:?} is not <namespace>/<service account> or <service account> (no wildcards)"),
+                ))?;
+            out.push(matcher);
+        }
+    }
+    let ip_blocks = |field: &str, values: &[String]| {
+        values
+            .iter()
+            .enumerate()
+            .map(|(k, v)| ip_block(key, format!("{p}.{field}[{k}]"), v))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(Source {
+        principals,
+        not_principals,
+        namespaces: string_matches(&s.namespaces),
+        not_namespaces: string_matches(&s.not_namespaces),
+        ip_blocks: ip_blocks("ipBlocks", &s.ip_blocks)?,
+        not_ip_blocks: ip_blocks("notIpBlocks", &s.not_ip_blocks)?,
     })
 }
 
@@ -1160,9 +1230,14 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     }
 
     let mut slices = Vec::new();
+    let mut virtual_services = Vec::new();
+    let mut destination_rules = Vec::new();
     for (key, accepted) in in_force {
         match accepted.as_ref() {
-            Accepted::Namespace(_) | Accepted::Pod(None) | Accepted::AuthorizationPolicy(None) => {}
+            Accepted::Namespace(_)
+            | Accepted::Pod(None)
+            | Accepted::VirtualService(None)
+            | Accepted::Gateway(None) => {}
             Accepted::Pod(Some(pod)) => {
                 let mut workload = pod.workload.clone();
                 let namespace_ambient = state
@@ -1174,7 +1249,16 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
                     .labels
                     .get(DATAPLANE_MODE_LABEL)
                     .is_some_and(|v| v == DATAPLANE_MODE_NONE);
-                workload.enrolled = namespace_ambient && !opted_out && !pod.host_network;
+                // Istio's waypoint template labels its pods `istio.io/dataplane-mode=none`,
+                // which the opt-out above already honours; the controller label also catches
+                // waypoints deployed by hand without it. A waypoint captured by ztunnel would
+                // send its own upstream traffic back to itself.
+                let waypoint = workload
+                    .labels
+                    .get(GATEWAY_MANAGED_LABEL)
+                    .is_some_and(|v| v == WAYPOINT_CONTROLLER);
+                workload.enrolled =
+                    namespace_ambient && !opted_out && !waypoint && !pod.host_network;
                 let workload = Arc::new(workload);
                 if !pod.host_network {
                     for ip in &workload.ips {
@@ -1186,16 +1270,32 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
                 state.workloads.insert(workload.uid.clone(), workload);
             }
             Accepted::Service(service) => {
-                state
-                    .services
-                    .insert(service.key(), Arc::new(service.clone()));
+                let mut service = service.clone();
+                service.waypoint = waypoint_binding(&service, &state.namespaces);
+                state.services.insert(service.key(), Arc::new(service));
             }
             Accepted::EndpointSlice(slice) => slices.push((key, slice)),
-            Accepted::AuthorizationPolicy(Some(policy)) => {
-                state.authorization_policies.push(Arc::new(policy.clone()));
+            Accepted::AuthorizationPolicy { l4, l7 } => {
+                if let Some(policy) = l4 {
+                    state.authorization_policies.push(Arc::new(policy.clone()));
+                }
+                // `in_force` iterates by key, so these stay sorted by key.
+                if let Some(policy) = l7 {
+                    state
+                        .l7_authorization_policies
+                        .push(Arc::new(policy.clone()));
+                }
             }
             Accepted::PeerAuthentication(pa) => {
                 state.peer_authentications.push(Arc::new(pa.clone()));
+            }
+            Accepted::VirtualService(Some(vs)) => virtual_services.push(vs.as_ref()),
+            Accepted::DestinationRule(dr) => destination_rules.push(dr.as_ref()),
+            Accepted::Gateway(Some(gateway)) => {
+                state.waypoint_gateways.insert(
+                    format!("{}/{}", gateway.namespace, gateway.name),
+                    gateway.clone(),
+                );
             }
         }
     }
@@ -1234,6 +1334,53 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
         for vip in &service.vips {
             state.by_vip.insert(*vip, service.clone());
         }
+        if let Some(waypoint) = &service.waypoint
+            && !state.services.contains_key(&waypoint.service_key())
+        {
+            debug!(service = %service.key(), %waypoint, "the service's waypoint has no Service (yet)");
+        }
     }
+    let (virtual_services, destination_rules) =
+        networking::assemble_routes(&state.services, virtual_services, destination_rules);
+    state.virtual_services = virtual_services;
+    state.destination_rules = destination_rules;
     state
+}
+
+/// Which waypoint serves `service`, as Istio decides it: `istio.io/use-waypoint` on the Service,
+/// else on its Namespace; `none` opts out (on the Service, it also overrides its namespace's
+/// waypoint). `istio.io/use-waypoint-namespace`, read from the same object as the name, names
+/// the waypoint's namespace (default: the service's own).
+///
+/// A waypoint's own Service (named after its Gateway, in the waypoint's namespace, as Istio's
+/// waypoint template names it; or carrying the Gateway API's gateway-name label) never gets a
+/// waypoint, so a namespace-wide label cannot make a waypoint send traffic to itself.
+fn waypoint_binding(
+    service: &Service,
+    namespaces: &BTreeMap<String, Labels>,
+) -> Option<WaypointRef> {
+    let labels = if service.labels.contains_key(USE_WAYPOINT_LABEL) {
+        &service.labels
+    } else {
+        namespaces.get(&service.namespace)?
+    };
+    let name = labels
+        .get(USE_WAYPOINT_LABEL)
+        .filter(|n| !n.is_empty() && n.as_str() != "none")?;
+    let namespace = labels
+        .get(USE_WAYPOINT_NAMESPACE_LABEL)
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(&service.namespace);
+    let waypoint = WaypointRef {
+        namespace: namespace.clone(),
+        name: name.clone(),
+    };
+    let is_the_waypoint = waypoint.namespace == service.namespace
+        && (waypoint.name == service.name
+            || service.labels.get(GATEWAY_NAME_LABEL) == Some(&waypoint.name));
+    if is_the_waypoint {
+        debug!(service = %service.key(), "a waypoint's own Service is not served by a waypoint");
+        return None;
+    }
+    Some(waypoint)
 }

@@ -74,23 +74,7 @@ impl Context {
 
 /// How the metrics label one side of a connection.
 pub(crate) fn peer_of(workload: Option<&Workload>, identity: Option<&Identity>) -> Peer {
-    match workload {
-        Some(w) => Peer {
-            workload: w.workload_name.clone(),
-            namespace: w.namespace.clone(),
-            principal: identity.cloned().or_else(|| Some(w.identity.clone())),
-            app: w.canonical_service.clone(),
-            version: w.canonical_revision.clone(),
-            cluster: String::new(),
-        },
-        None => Peer {
-            principal: identity.cloned(),
-            namespace: identity
-                .map(|i| i.namespace().to_owned())
-                .unwrap_or_default(),
-            ..Peer::default()
-        },
-    }
+    Peer::of(workload, identity)
 }
 
 /// Runs `copy` (client on side A, upstream on side B) until it ends, fails, or `cancelled`

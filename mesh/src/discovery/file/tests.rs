@@ -535,3 +535,111 @@ fn the_store_handle_is_shared() {
     writer.apply(State::default());
     assert!(Arc::ptr_eq(&a.snapshot(), &b.snapshot()));
 }
+
+#[tokio::test]
+async fn traffic_objects_and_waypoints_load_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("traffic.yaml");
+    let good = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+# Istio's own (ingress) Gateway kind: somebody else's, counted as ignored.
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: public, namespace: demo}
+spec: {selector: {istio: ingressgateway}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - {destination: {host: web, subset: v1}, weight: 90}
+    - {destination: {host: web, subset: v2}, weight: 10}
+    timeout: 3s
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+";
+    write(&file, good);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!((report.objects, report.ignored), (5, 1));
+
+    let state = store.snapshot();
+    assert_eq!(
+        state.services["demo/web"]
+            .waypoint
+            .as_ref()
+            .map(|w| w.service_key()),
+        Some("demo/waypoint".to_owned())
+    );
+    assert!(state.waypoint_gateways.contains_key("demo/waypoint"));
+    assert_eq!(
+        state.virtual_services[0].hosts,
+        ["web.demo.svc.cluster.local"]
+    );
+    assert_eq!(
+        state.virtual_services[0].http[0].timeout,
+        Some(Duration::from_secs(3))
+    );
+    assert_eq!(state.destination_rules[0].subsets.len(), 2);
+    for kind in ["VirtualService", "DestinationRule", "Gateway"] {
+        assert_eq!(
+            metric(
+                &registry,
+                &format!(r#"mesh_config_objects{{kind="{kind}"}}"#)
+            ),
+            Some(1.0),
+            "{kind}"
+        );
+    }
+
+    // A bad duration rejects the VirtualService, naming file, document and field; the last
+    // good version stays in force.
+    write(&file, &good.replace("timeout: 3s", "timeout: 3 seconds"));
+    let report = source.load_once(&writer).await.unwrap();
+    let messages: Vec<_> = report.rejected.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        vec![format!(
+            r#"{}: document 5: VirtualService demo/web: spec.http[0].timeout: "3 seconds" is not a duration (the unit is not one of ns, us, ms, s, m, h); write it like 100ms, 0.5s, 3s, 1m or 1h"#,
+            file.display()
+        )]
+    );
+    assert_eq!(
+        store.snapshot().virtual_services[0].http[0].timeout,
+        Some(Duration::from_secs(3))
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_rejected_total{kind="VirtualService"}"#
+        ),
+        Some(1.0)
+    );
+}

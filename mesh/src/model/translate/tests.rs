@@ -6,7 +6,7 @@ use serde::Deserialize;
 use super::*;
 
 /// Parses YAML documents the way a source does: YAML -> JSON value -> typed object.
-fn parse(yaml: &str) -> Vec<SourceObject> {
+pub(super) fn parse(yaml: &str) -> Vec<SourceObject> {
     serde_yaml::Deserializer::from_str(yaml)
         .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
         .filter(|yaml| !yaml.is_null())
@@ -25,11 +25,11 @@ fn parse(yaml: &str) -> Vec<SourceObject> {
         .collect()
 }
 
-fn translate(yaml: &str) -> Translation {
+pub(super) fn translate(yaml: &str) -> Translation {
     Translator::new(TranslateConfig::default()).translate(parse(yaml))
 }
 
-fn messages(t: &Translation) -> Vec<String> {
+pub(super) fn messages(t: &Translation) -> Vec<String> {
     t.rejections.iter().map(|r| r.error.to_string()).collect()
 }
 
@@ -44,14 +44,14 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-fn namespace(name: &str, labels: &str) -> String {
+pub(super) fn namespace(name: &str, labels: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\n---\n"
     )
 }
 
 /// A running pod; `labels` and `extra_spec` are spliced in as YAML flow/block text.
-fn pod(ns: &str, name: &str, ip: &str, labels: &str, extra_spec: &str) -> String {
+pub(super) fn pod(ns: &str, name: &str, ip: &str, labels: &str, extra_spec: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -72,7 +72,7 @@ status:
     )
 }
 
-const AMBIENT: &str = "istio.io/dataplane-mode: ambient";
+pub(super) const AMBIENT: &str = "istio.io/dataplane-mode: ambient";
 
 // ---------------------------------------------------------------------------------------------
 // Pods and enrolment
@@ -545,7 +545,7 @@ fn service_and_slice_errors_name_the_field() {
 // ---------------------------------------------------------------------------------------------
 // AuthorizationPolicy
 
-fn policy(ns: &str, name: &str, spec: &str) -> String {
+pub(super) fn policy(ns: &str, name: &str, spec: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n---\n"
     )
@@ -1181,10 +1181,27 @@ fn kinds_are_recognised_by_group_and_kind() {
             "PeerAuthentication",
             Some(Kind::PeerAuthentication),
         ),
+        (
+            "networking.istio.io/v1",
+            "VirtualService",
+            Some(Kind::VirtualService),
+        ),
+        (
+            "networking.istio.io/v1alpha3",
+            "DestinationRule",
+            Some(Kind::DestinationRule),
+        ),
+        (
+            "gateway.networking.k8s.io/v1",
+            "Gateway",
+            Some(Kind::Gateway),
+        ),
         // Somebody else's kinds.
         ("serving.knative.dev/v1", "Service", None),
         ("apps/v1", "Deployment", None),
-        ("networking.istio.io/v1", "VirtualService", None),
+        // Istio's own (ingress) Gateway is not the Gateway API's.
+        ("networking.istio.io/v1", "Gateway", None),
+        ("networking.istio.io/v1", "ServiceEntry", None),
     ];
     for (api_version, kind, expected) in cases {
         assert_eq!(

@@ -1,0 +1,664 @@
+//! End-to-end tests of the waypoint on the virtual cluster: real `ztunnel` processes per node,
+//! a real `waypoint` process in its own pod, unmodified HTTP clients and sample backends that
+//! report their version. They reproduce Istio's traffic-management tasks (traffic shifting,
+//! request routing, fault injection, timeouts, retries, circuit breaking, outlier detection)
+//! and L7 authorization, with the YAML Istio users write. Each needs root and skips without it
+//! (but fails under `CI=true`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_tests::vcluster::http::{
+    Backend, HttpClient, HttpVersion, grpc_frame, grpc_unframe, serve_backend,
+};
+use mesh_tests::vcluster::{Cluster, ClusterBuilder, eventually, needs_root};
+
+const PORT: u16 = 9080;
+
+/// Two nodes; `demo` is ambient and uses waypoint `waypoint` (on node a). Clients `sleep` and
+/// `other` on node a; `reviews` v1 and v2 on node b behind HTTP service `reviews`, plus a
+/// DestinationRule with subsets v1 and v2.
+fn bookinfo() -> ClusterBuilder {
+    Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("demo")
+        .ambient()
+        .namespace_label("istio.io/use-waypoint", "waypoint")
+        .waypoint("a", "demo", "waypoint")
+        .pod("a", "demo", "sleep")
+        .pod("a", "demo", "other")
+        .pod("b", "demo", "reviews-v1")
+        .label("app", "reviews")
+        .label("version", "v1")
+        .pod("b", "demo", "reviews-v2")
+        .label("app", "reviews")
+        .label("version", "v2")
+        .http_service("demo", "reviews", PORT, PORT)
+        .yaml("destination-rule", SUBSETS)
+}
+
+const SUBSETS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+"#;
+
+struct Bookinfo {
+    cluster: Cluster,
+    v1: Backend,
+    v2: Backend,
+}
+
+async fn start(builder: ClusterBuilder) -> Bookinfo {
+    let cluster = builder.build().await.unwrap();
+    let v1 = serve_backend(cluster.pod("reviews-v1"), PORT, "v1")
+        .await
+        .unwrap();
+    let v2 = serve_backend(cluster.pod("reviews-v2"), PORT, "v2")
+        .await
+        .unwrap();
+    Bookinfo { cluster, v1, v2 }
+}
+
+impl Bookinfo {
+    async fn client(&self, pod: &str, version: HttpVersion) -> HttpClient {
+        let addr = self.cluster.service_addr("demo", "reviews", PORT);
+        HttpClient::connect(self.cluster.pod(pod), addr, version)
+            .await
+            .unwrap()
+    }
+
+    /// `n` GETs on one keep-alive connection; the versions that answered, counted.
+    async fn versions(&self, n: usize, headers: &[(&str, &str)]) -> BTreeMap<String, usize> {
+        let mut client = self.client("sleep", HttpVersion::Http1).await;
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let answer = client.get("/reviews", headers).await.unwrap();
+            assert_eq!(answer.status, 200, "{}", answer.text());
+            *seen.entry(answer.version().to_owned()).or_default() += 1;
+        }
+        seen
+    }
+}
+
+fn virtual_service(http: &str) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  hosts: [reviews]
+  http:
+{http}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_shifting_50_50_then_all_to_v2() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+    - destination: {host: reviews, subset: v2}
+      weight: 50
+"#,
+            ),
+        )
+        .await;
+    let seen = bi.versions(200, &[]).await;
+    let (v1, v2) = (
+        seen.get("v1").copied().unwrap_or(0),
+        seen.get("v2").copied().unwrap_or(0),
+    );
+    assert_eq!(v1 + v2, 200, "{seen:?}");
+    // 50% +-10% of 200 (a 1-in-200,000 miss for a fair split).
+    assert!(
+        (80..=120).contains(&v1),
+        "50/50 split over 200 requests gave {seen:?}"
+    );
+
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - route:
+    - destination: {host: reviews, subset: v2}
+"#,
+            ),
+        )
+        .await;
+    let seen = bi.versions(50, &[]).await;
+    assert_eq!(seen.get("v2"), Some(&50), "100% to v2 gave {seen:?}");
+
+    // Every hop was the mesh's: the waypoint reported the requests with mTLS and the client's
+    // identity, and the backends were reached from the waypoint through their ztunnel.
+    let metrics = bi.cluster.waypoint("waypoint").metrics().await;
+    let sleep = bi.cluster.pod("sleep").identity();
+    let total = metrics.sum(
+        "istio_requests_total",
+        &[
+            ("reporter", "waypoint"),
+            ("source_principal", sleep.as_str()),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_code", "200"),
+        ],
+    );
+    assert!(
+        total >= 250.0,
+        "waypoint counted {total} requests from {sleep}"
+    );
+    assert!(bi.v1.requests() > 0 && bi.v2.requests() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_match_routes_jason_to_v2() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - match:
+    - headers:
+        end-user: {exact: jason}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#,
+            ),
+        )
+        .await;
+    let jason = bi.versions(20, &[("end-user", "jason")]).await;
+    assert_eq!(jason.get("v2"), Some(&20), "{jason:?}");
+    let others = bi.versions(20, &[("end-user", "mallory")]).await;
+    assert_eq!(others.get("v1"), Some(&20), "{others:?}");
+    let anonymous = bi.versions(20, &[]).await;
+    assert_eq!(anonymous.get("v1"), Some(&20), "{anonymous:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_delay_for_jason_and_abort() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - match:
+    - headers:
+        end-user: {exact: jason}
+    fault:
+      delay:
+        percentage: {value: 100}
+        fixedDelay: 7s
+    route:
+    - destination: {host: reviews, subset: v1}
+  - match:
+    - headers:
+        end-user: {exact: abort-me}
+    fault:
+      abort:
+        percentage: {value: 100}
+        httpStatus: 500
+    route:
+    - destination: {host: reviews, subset: v1}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#,
+            ),
+        )
+        .await;
+    // A client with a 3 s timeout gives up on jason's requests...
+    let mut client = bi.client("sleep", HttpVersion::Http1).await;
+    let jason = client
+        .send_within(
+            Duration::from_secs(3),
+            "GET",
+            "/reviews",
+            &[("end-user", "jason")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        jason.as_ref().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::TimedOut),
+        "jason's request should hang for 7 s: {jason:?}"
+    );
+    // ...while everybody else is fast.
+    let mut client = bi.client("sleep", HttpVersion::Http1).await;
+    let fast = client
+        .get("/reviews", &[("end-user", "bob")])
+        .await
+        .unwrap();
+    assert_eq!(fast.status, 200);
+    assert!(fast.elapsed < Duration::from_secs(2), "{:?}", fast.elapsed);
+    // Abort: 500 for that user only, made by the waypoint (the backend never sees it).
+    let before = bi.v1.requests();
+    let aborted = client
+        .get("/reviews", &[("end-user", "abort-me")])
+        .await
+        .unwrap();
+    assert_eq!(aborted.status, 500, "{}", aborted.text());
+    assert_eq!(aborted.version(), "", "the abort comes from the waypoint");
+    assert_eq!(
+        bi.v1.requests(),
+        before,
+        "an aborted request never reaches the backend"
+    );
+    let metrics = bi.cluster.waypoint("waypoint").metrics().await;
+    assert!(
+        metrics.sum(
+            "istio_requests_total",
+            &[("response_code", "500"), ("response_flags", "FI")]
+        ) >= 1.0,
+        "the abort is counted with flag FI"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_of_the_requests_get_a_3s_delay() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - fault:
+      delay:
+        percentage: {value: 50}
+        fixedDelay: 3s
+    route:
+    - destination: {host: reviews, subset: v1}
+"#,
+            ),
+        )
+        .await;
+    // 24 requests at once, each on its own connection: the run takes ~3 s whatever the split.
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let mut client = bi.client("sleep", HttpVersion::Http1).await;
+        tasks.push(tokio::spawn(async move {
+            client.get("/reviews", &[]).await.unwrap()
+        }));
+    }
+    let mut delayed = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.status, 200);
+        if answer.elapsed >= Duration::from_secs(3) {
+            delayed += 1;
+        } else {
+            assert!(
+                answer.elapsed < Duration::from_secs(2),
+                "{:?}",
+                answer.elapsed
+            );
+        }
+    }
+    // Binomial(24, 0.5): 5..=19 holds with probability > 99.8%.
+    assert!((5..=19).contains(&delayed), "{delayed} of 24 delayed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_answers_504() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    bi.v1.behaviour.delay_ms.store(2000, Ordering::Relaxed);
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - timeout: 0.5s
+    route:
+    - destination: {host: reviews, subset: v1}
+"#,
+            ),
+        )
+        .await;
+    let mut client = bi.client("sleep", HttpVersion::Http1).await;
+    let answer = client.get("/reviews", &[]).await.unwrap();
+    assert_eq!(answer.status, 504, "{}", answer.text());
+    assert!(
+        answer.elapsed >= Duration::from_millis(450)
+            && answer.elapsed < Duration::from_millis(1500),
+        "504 after {:?}, expected about 0.5 s",
+        answer.elapsed
+    );
+    assert_eq!(answer.text(), "upstream request timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_a_flaky_backends_503s_into_200s() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - match:
+    - headers:
+        x-no-retry: {exact: "1"}
+    retries: {attempts: 0}
+    route:
+    - destination: {host: reviews, subset: v1}
+  - retries:
+      attempts: 3
+      perTryTimeout: 2s
+      retryOn: 5xx
+    route:
+    - destination: {host: reviews, subset: v1}
+"#,
+            ),
+        )
+        .await;
+    let mut client = bi.client("sleep", HttpVersion::Http1).await;
+    for round in 0..5 {
+        // Two failures, then success: within 3 retries.
+        bi.v1.behaviour.fail_next.store(2, Ordering::Relaxed);
+        let answer = client.get("/reviews", &[]).await.unwrap();
+        assert_eq!(answer.status, 200, "round {round}: {}", answer.text());
+        assert_eq!(answer.version(), "v1");
+    }
+    // Without retries the flaky 503 reaches the client.
+    bi.v1.behaviour.fail_next.store(1, Ordering::Relaxed);
+    let answer = client
+        .get("/reviews", &[("x-no-retry", "1")])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_overflows_with_503_uo() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo().yaml(
+        "destination-rule",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+"#,
+    ))
+    .await;
+    bi.v1.behaviour.delay_ms.store(300, Ordering::Relaxed);
+    bi.v2.behaviour.delay_ms.store(300, Ordering::Relaxed);
+    // Three concurrent clients, several rounds: one request in flight, one pending, the third
+    // overflows at once.
+    let mut statuses = BTreeMap::new();
+    for _ in 0..4 {
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let mut client = bi.client("sleep", HttpVersion::Http1).await;
+            tasks.push(tokio::spawn(async move {
+                let answer = client.get("/reviews", &[]).await.unwrap();
+                answer.status
+            }));
+        }
+        for task in tasks {
+            *statuses.entry(task.await.unwrap()).or_insert(0) += 1;
+        }
+    }
+    assert!(statuses.contains_key(&200), "{statuses:?}");
+    assert!(statuses.contains_key(&503), "{statuses:?}");
+    let metrics = bi.cluster.waypoint("waypoint").metrics().await;
+    let overflowed = metrics.sum(
+        "istio_requests_total",
+        &[("response_code", "503"), ("response_flags", "UO")],
+    );
+    assert_eq!(
+        overflowed as usize, statuses[&503],
+        "every 503 is flagged UO"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_stops_sending_to_a_failing_endpoint() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo().yaml(
+        "destination-rule",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection:
+      consecutive5xxErrors: 2
+      interval: 1s
+      baseEjectionTime: 1m
+      maxEjectionPercent: 100
+"#,
+    ))
+    .await;
+    bi.v2.behaviour.status.store(500, Ordering::Relaxed);
+    let mut client = bi.client("sleep", HttpVersion::Http1).await;
+    let mut failures = 0;
+    for _ in 0..10 {
+        if client.get("/reviews", &[]).await.unwrap().status == 500 {
+            failures += 1;
+        }
+    }
+    assert!(failures >= 2, "v2 should have failed before being ejected");
+    // Ejected: every further request goes to v1.
+    for i in 0..20 {
+        let answer = client.get("/reviews", &[]).await.unwrap();
+        assert_eq!(answer.status, 200, "request {i} after ejection");
+        assert_eq!(answer.version(), "v1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_policy_denies_a_path_and_sees_the_original_client() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    let other = bi.cluster.pod("other").principal();
+    bi.cluster
+        .apply(
+            "policy",
+            &format!(
+                r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-admin, namespace: demo}}
+spec:
+  targetRefs:
+  - {{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin*"]
+  - from:
+    - source:
+        principals: ["{other}"]
+"#
+            ),
+        )
+        .await;
+    let mut client = bi.client("sleep", HttpVersion::Http1).await;
+    let admin = client.get("/admin/users", &[]).await.unwrap();
+    assert_eq!(admin.status, 403);
+    assert_eq!(admin.text(), "RBAC: access denied");
+    let fine = client.get("/reviews", &[]).await.unwrap();
+    assert_eq!(fine.status, 200);
+    // The waypoint sees `other`'s own identity (from its ztunnel), not a node's.
+    let mut client = bi.client("other", HttpVersion::Http1).await;
+    let denied = client.get("/reviews", &[]).await.unwrap();
+    assert_eq!(denied.status, 403);
+
+    // The destination ztunnel sees the waypoint's identity: an L4 policy on the backends that
+    // allows only the waypoint keeps the mesh working.
+    let waypoint_principal = "cluster.local/ns/demo/sa/waypoint";
+    bi.cluster
+        .apply(
+            "l4",
+            &format!(
+                r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: only-waypoint, namespace: demo}}
+spec:
+  selector:
+    matchLabels: {{app: reviews}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{waypoint_principal}"]
+"#
+            ),
+        )
+        .await;
+    let mut client = bi.client("sleep", HttpVersion::Http1).await;
+    let through = client.get("/reviews", &[]).await.unwrap();
+    assert_eq!(through.status, 200, "{}", through.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_http2_through_the_waypoint() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(bookinfo()).await;
+    bi.cluster
+        .apply(
+            "vs",
+            &virtual_service(
+                r#"
+  - route:
+    - destination: {host: reviews, subset: v2}
+"#,
+            ),
+        )
+        .await;
+    let mut client = bi.client("sleep", HttpVersion::Http2).await;
+    // Plain HTTP/2, several streams on one connection.
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(client.get("/reviews", &[]).await.unwrap());
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.status == 200 && a.version() == "v2")
+    );
+    // gRPC: the message comes back and the trailers (grpc-status) pass through.
+    let message = b"hello over grpc";
+    let answer = client
+        .send(
+            "POST",
+            "/demo.Echo/Echo",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            grpc_frame(message),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        grpc_unframe(answer.body.clone()).as_deref(),
+        Some(&message[..])
+    );
+    let trailers = answer.trailers.clone().expect("gRPC trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    let metrics = bi.cluster.waypoint("waypoint").metrics().await;
+    assert!(
+        metrics.sum(
+            "istio_requests_total",
+            &[("request_protocol", "grpc"), ("grpc_response_status", "0")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_a_waypoint_label_bypasses_it() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(
+        bookinfo()
+            .pod("b", "demo", "ratings")
+            .http_service("demo", "ratings", PORT, PORT)
+            .service_label("istio.io/use-waypoint", "none"),
+    )
+    .await;
+    let _ratings = serve_backend(bi.cluster.pod("ratings"), PORT, "ratings")
+        .await
+        .unwrap();
+    let addr = bi.cluster.service_addr("demo", "ratings", PORT);
+    let mut client = HttpClient::connect(bi.cluster.pod("sleep"), addr, HttpVersion::Http1)
+        .await
+        .unwrap();
+    assert_eq!(client.get("/", &[]).await.unwrap().status, 200);
+    let waypoint = bi.cluster.waypoint("waypoint");
+    // Give the metrics a moment: nothing for ratings may show up at the waypoint.
+    let counted = eventually(Duration::from_millis(300), || async {
+        let m = waypoint.metrics().await;
+        let n = m.sum(
+            "istio_requests_total",
+            &[("destination_service_name", "ratings")],
+        );
+        if n > 0.0 { Ok(n) } else { Err(n) }
+    })
+    .await;
+    assert!(
+        counted.is_err(),
+        "ratings opted out but the waypoint saw it"
+    );
+}

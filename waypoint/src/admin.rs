@@ -1,0 +1,115 @@
+//! The operator's ports: admin (`/config_dump`, `/logging`, `/quitquitquit`) and readiness
+//! (`/healthz/ready`); `/metrics` is [`mesh::ops::metrics_handler`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Method, StatusCode};
+use mesh::ops::{Handler, LogControl, text};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Context;
+
+/// What `/config_dump` shows: the waypoint, the services it serves with the VirtualServices and
+/// DestinationRules that apply to them, the upstream clusters (endpoints, ejections, pools) and
+/// its certificate.
+#[derive(serde::Serialize)]
+struct ConfigDump<'a> {
+    config: &'a crate::config::Config,
+    services: Vec<ServedService>,
+    upstreams: serde_json::Value,
+    certificates: Vec<mesh::cert_manager::CertSummary>,
+    state: &'a mesh::model::State,
+}
+
+#[derive(serde::Serialize)]
+struct ServedService {
+    service: String,
+    hostname: String,
+    virtual_service: Option<String>,
+    destination_rule: Option<String>,
+}
+
+/// `/healthz/ready`: the first state applied, the waypoint's certificate available, not
+/// draining.
+pub fn readiness_handler(
+    ctx: Arc<Context>,
+    applied: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
+) -> Handler {
+    Arc::new(move |req| {
+        if req.uri().path() != "/healthz/ready" {
+            return text(StatusCode::NOT_FOUND, "try /healthz/ready\n");
+        }
+        let why = if draining.load(Ordering::Acquire) {
+            Some("draining".to_owned())
+        } else if !applied.load(Ordering::Acquire) {
+            Some("waiting for the first configuration load".to_owned())
+        } else {
+            ctx.certs
+                .summaries()
+                .into_iter()
+                .find(|c| c.state != "available")
+                .map(|c| format!("certificate {} is {}", c.identity, c.state))
+        };
+        match why {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        }
+    })
+}
+
+/// `/config_dump`, `/logging`, `/quitquitquit`.
+pub fn admin_handler(
+    ctx: Arc<Context>,
+    log: Option<LogControl>,
+    quit: CancellationToken,
+) -> Handler {
+    Arc::new(move |req| match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") => {
+            // The state the routes were compiled from (not the store's newest), so a reader
+            // that sees a change here knows requests are routed by it.
+            let routing = ctx.routes.load();
+            let state = &routing.state;
+            let services = state
+                .services
+                .values()
+                .filter(|s| s.waypoint.as_ref() == Some(&ctx.config.waypoint))
+                .map(|s| ServedService {
+                    service: s.key(),
+                    hostname: s.hostname.clone(),
+                    virtual_service: state
+                        .virtual_services
+                        .iter()
+                        .find(|vs| vs.hosts.contains(&s.hostname))
+                        .map(|vs| vs.key()),
+                    destination_rule: state
+                        .destination_rules
+                        .iter()
+                        .find(|dr| dr.host == s.hostname)
+                        .map(|dr| dr.key()),
+                })
+                .collect();
+            let dump = ConfigDump {
+                config: &ctx.config,
+                services,
+                upstreams: serde_json::to_value(ctx.upstreams.snapshot()).unwrap_or_default(),
+                certificates: ctx.certs.summaries(),
+                state,
+            };
+            mesh::ops::json(&dump)
+        }
+        (_, "/logging") => mesh::ops::logging(req.uri().query(), log.as_ref()),
+        (&Method::POST, "/quitquitquit") => {
+            quit.cancel();
+            text(StatusCode::OK, "draining\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "endpoints: GET /config_dump, /logging?level=, POST /quitquitquit\n",
+        ),
+    })
+}

@@ -1,0 +1,174 @@
+//! The waypoint's configuration: plain data from environment variables (through
+//! [`mesh::ops::Env`], so tests pass a map). Every variable is a constant next to its default;
+//! a bad value is reported with the variable, the value and why.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh::identity::Identity;
+use mesh::model::WaypointRef;
+use mesh::ops::{CaConfig, ConfigError, Env, parse, required};
+
+/// The waypoint's name: its Gateway's and its Service's (`istio.io/use-waypoint=<name>`).
+pub const WAYPOINT_NAME: &str = "WAYPOINT_NAME";
+/// Its namespace (in Kubernetes, from the downward API).
+pub const WAYPOINT_NAMESPACE: &str = "WAYPOINT_NAMESPACE";
+/// The service account of its pods, which makes its identity (default: the waypoint's name, as
+/// Istio's deployment controller names it).
+pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+pub const CLUSTER_DOMAIN: &str = "CLUSTER_DOMAIN";
+pub const ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
+pub const CONFIG_PATH: &str = "MESH_CONFIG_PATH";
+pub const HBONE_ADDR: &str = "HBONE_ADDR";
+pub const ADMIN_ADDR: &str = "ADMIN_ADDR";
+pub const METRICS_ADDR: &str = "METRICS_ADDR";
+pub const READINESS_ADDR: &str = "READINESS_ADDR";
+pub const DRAIN_DEADLINE: &str = "DRAIN_DEADLINE_SECONDS";
+pub const WORKLOAD_CERT_TTL: &str = "WORKLOAD_CERT_TTL_SECONDS";
+/// How long to wait for a client's first bytes on a port whose protocol is not declared
+/// before treating it as opaque TCP; 0 (the default, as Istio's `protocolDetectionTimeout`)
+/// waits for ever, so server-first protocols must declare their port (`tcp-...`).
+pub const PROTOCOL_DETECTION_TIMEOUT_MS: &str = "PROTOCOL_DETECTION_TIMEOUT_MS";
+/// Worker threads of the runtime (read by `main` before the runtime exists).
+pub const WORKER_THREADS: &str = "WAYPOINT_WORKER_THREADS";
+pub const DEFAULT_WORKER_THREADS: usize = 2;
+
+const DEFAULT_HBONE_ADDR: &str = "0.0.0.0:15008";
+const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+const DEFAULT_DRAIN_DEADLINE_SECONDS: u64 = 30;
+const DEFAULT_WORKLOAD_CERT_TTL_SECONDS: u64 = 24 * 3600;
+
+/// The runtime's worker count from [`WORKER_THREADS`].
+pub fn worker_threads(env: &dyn Env) -> Result<usize, ConfigError> {
+    mesh::ops::worker_threads(env, WORKER_THREADS, DEFAULT_WORKER_THREADS)
+}
+
+/// The resolved configuration, logged once at start-up.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    pub waypoint: WaypointRef,
+    pub identity: Identity,
+    pub trust_domain: String,
+    pub cluster_domain: String,
+    pub root_namespace: String,
+    /// A YAML file or directory (the file source).
+    pub config_path: PathBuf,
+    pub ca: CaConfig,
+    pub hbone_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub drain_deadline: Duration,
+    pub workload_cert_ttl: Duration,
+    /// `None`: wait for the first bytes for ever.
+    pub protocol_detection_timeout: Option<Duration>,
+}
+
+impl Config {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let trust_domain = env
+            .get(TRUST_DOMAIN)
+            .unwrap_or_else(|| mesh::model::translate::DEFAULT_TRUST_DOMAIN.to_owned());
+        let name = required(env, WAYPOINT_NAME, "the waypoint's Gateway/Service name")?;
+        let namespace = required(env, WAYPOINT_NAMESPACE, "the waypoint's namespace")?;
+        let service_account = env.get(SERVICE_ACCOUNT).unwrap_or_else(|| name.clone());
+        let identity = Identity::new(&trust_domain, &namespace, &service_account).map_err(|e| {
+            ConfigError::Invalid {
+                var: SERVICE_ACCOUNT,
+                value: format!("{trust_domain}/ns/{namespace}/sa/{service_account}"),
+                why: format!("not a valid identity: {e} (check TRUST_DOMAIN, WAYPOINT_NAMESPACE and SERVICE_ACCOUNT)"),
+            }
+        })?;
+        let detection_ms: u64 = parse(env, PROTOCOL_DETECTION_TIMEOUT_MS, "0")?;
+        Ok(Config {
+            waypoint: WaypointRef { namespace, name },
+            identity,
+            trust_domain,
+            cluster_domain: env
+                .get(CLUSTER_DOMAIN)
+                .unwrap_or_else(|| mesh::model::translate::DEFAULT_CLUSTER_DOMAIN.to_owned()),
+            root_namespace: env
+                .get(ROOT_NAMESPACE)
+                .unwrap_or_else(|| mesh::model::DEFAULT_ROOT_NAMESPACE.to_owned()),
+            config_path: required(env, CONFIG_PATH, "a YAML file or directory of mesh objects")?
+                .into(),
+            ca: CaConfig::from_env(env)?,
+            hbone_addr: parse(env, HBONE_ADDR, DEFAULT_HBONE_ADDR)?,
+            admin_addr: parse(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
+            metrics_addr: parse(env, METRICS_ADDR, DEFAULT_METRICS_ADDR)?,
+            readiness_addr: parse(env, READINESS_ADDR, DEFAULT_READINESS_ADDR)?,
+            drain_deadline: Duration::from_secs(parse(
+                env,
+                DRAIN_DEADLINE,
+                &DEFAULT_DRAIN_DEADLINE_SECONDS.to_string(),
+            )?),
+            workload_cert_ttl: Duration::from_secs(parse(
+                env,
+                WORKLOAD_CERT_TTL,
+                &DEFAULT_WORKLOAD_CERT_TTL_SECONDS.to_string(),
+            )?),
+            protocol_detection_timeout: (detection_ms > 0)
+                .then(|| Duration::from_millis(detection_ms)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::collections::HashMap;
+
+    fn base() -> HashMap<&'static str, String> {
+        [
+            (WAYPOINT_NAME, "waypoint"),
+            (WAYPOINT_NAMESPACE, "demo"),
+            (CONFIG_PATH, "/etc/mesh"),
+            (mesh::ops::CA_ADDRESS, "127.0.0.1:15012"),
+            (mesh::ops::CA_ROOT_CERT, "/etc/mesh/root.pem"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults_and_identity() {
+        let c = Config::from_env(&base()).unwrap();
+        assert_eq!(
+            c.identity.to_string(),
+            "spiffe://cluster.local/ns/demo/sa/waypoint"
+        );
+        assert_eq!(c.hbone_addr.port(), 15008);
+        assert_eq!(c.protocol_detection_timeout, None);
+        let mut env = base();
+        env.insert(SERVICE_ACCOUNT, "wp-sa".into());
+        env.insert(PROTOCOL_DETECTION_TIMEOUT_MS, "250".into());
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!(c.identity.service_account(), "wp-sa");
+        assert_eq!(
+            c.protocol_detection_timeout,
+            Some(Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let mut env = base();
+        env.remove(WAYPOINT_NAME);
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("WAYPOINT_NAME: required"), "{e}");
+        let mut env = base();
+        env.insert(SERVICE_ACCOUNT, "Bad SA".into());
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("SERVICE_ACCOUNT="), "{e}");
+        let mut env = base();
+        env.insert(HBONE_ADDR, "15008".into());
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("HBONE_ADDR=\"15008\""), "{e}");
+    }
+}

@@ -1,0 +1,57 @@
+//! How the waypoint reaches an endpoint: HBONE to the endpoint's ztunnel (`pod-ip:15008`,
+//! `:authority` = `pod-ip:target-port`) with the waypoint's own certificate, expecting the
+//! endpoint's identity, when the endpoint is in the mesh; plain TCP otherwise. The destination
+//! ztunnel therefore authorizes the waypoint's identity (as in Istio).
+
+use std::net::SocketAddr;
+
+use futures::future::BoxFuture;
+use mesh::hbone::{ConnectRequest, HBONE_PORT, HboneAuthority, HboneClient};
+use mesh::identity::Identity;
+
+use crate::upstream::{Connector, Io, UpstreamTarget};
+
+/// The production [`Connector`].
+#[derive(Debug, Clone)]
+pub struct HboneConnector {
+    pub client: HboneClient,
+    /// The waypoint's identity, presented to endpoints.
+    pub identity: Identity,
+}
+
+impl Connector for HboneConnector {
+    fn connect(&self, target: &UpstreamTarget) -> BoxFuture<'static, std::io::Result<Box<dyn Io>>> {
+        let addr = target.addr;
+        let enrolled = target.workload.as_ref().filter(|w| w.enrolled).cloned();
+        let client = self.client.clone();
+        let source = self.identity.clone();
+        Box::pin(async move {
+            match enrolled {
+                Some(workload) => {
+                    let request = ConnectRequest {
+                        source,
+                        destination: workload.identity.clone(),
+                        hbone_addr: SocketAddr::new(addr.ip(), HBONE_PORT),
+                        authority: HboneAuthority(addr),
+                        headers: http::HeaderMap::new(),
+                    };
+                    let stream = client.connect(request).await.map_err(|e| {
+                        let kind = match e.status() {
+                            Some(http::StatusCode::UNAUTHORIZED) => {
+                                std::io::ErrorKind::PermissionDenied
+                            }
+                            _ => std::io::ErrorKind::ConnectionRefused,
+                        };
+                        std::io::Error::new(kind, e.to_string())
+                    })?;
+                    Ok(Box::new(stream) as Box<dyn Io>)
+                }
+                None => {
+                    let stream = tokio::net::TcpStream::connect(addr).await?;
+                    let _ = stream.set_nodelay(true);
+                    Ok(Box::new(stream) as Box<dyn Io>)
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,267 @@
+//! Inbound: HBONE tunnels from ztunnels arrive here, one per client connection, with the
+//! service `VIP:port` as `:authority`. The tunnel's service and port decide how its bytes are
+//! read: HTTP (HTTP/1.1 or HTTP/2 with prior knowledge, served by hyper and handled request by
+//! request in [`crate::proxy`]) or opaque TCP (TCP routes, [`crate::tcp`]).
+//!
+//! Protocol selection follows Istio: the port's `appProtocol` or name prefix (`http`, `http2`,
+//! `grpc` -> HTTP; `tcp`, `tls`, `https`, `mongo`, `redis`... -> TCP); an undeclared port is
+//! sniffed from the client's first bytes (an HTTP/1 method and a space, or the HTTP/2
+//! preface), which means a server-first protocol must declare its port.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh::hbone::{H2Stream, InboundTunnel};
+use mesh::model::{Service, ServicePort};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::app::Context;
+use crate::request::SourceInfo;
+
+/// How long a client may take to send a request's headers (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head (HTTP/1 buffer, HTTP/2 header list); beyond it the client gets 431.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What one tunnel carries, as the waypoint knows it before reading any byte.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    pub service: Arc<Service>,
+    pub port: ServicePort,
+    /// The VIP:port the client dialled.
+    pub vip: SocketAddr,
+    pub source: SourceInfo,
+    /// The ztunnel (or other peer) that opened the HBONE connection.
+    pub peer_addr: SocketAddr,
+}
+
+/// How the tunnel's bytes are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Tcp,
+    /// Undeclared: sniff.
+    Detect,
+}
+
+/// Istio's protocol selection from the port's declared protocol.
+pub fn declared_protocol(port: &ServicePort) -> Protocol {
+    match port.app_protocol.as_deref() {
+        None => Protocol::Detect,
+        Some("http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c") => {
+            Protocol::Http
+        }
+        Some(_) => Protocol::Tcp,
+    }
+}
+
+const HTTP1_METHODS: [&[u8]; 9] = [
+    b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE",
+];
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Sniffs `prefix`: `Some(true)` HTTP, `Some(false)` not HTTP, `None` need more bytes.
+pub fn sniff(prefix: &[u8]) -> Option<bool> {
+    let n = prefix.len().min(H2_PREFACE.len());
+    if prefix[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(true);
+    }
+    let mut undecided = false;
+    for method in HTTP1_METHODS {
+        let want = method.len() + 1;
+        let n = prefix.len().min(want);
+        let mut expected = method.to_vec();
+        expected.push(b' ');
+        if prefix[..n] == expected[..n] {
+            if n == want {
+                return Some(true);
+            }
+            undecided = true;
+        }
+    }
+    if undecided { None } else { Some(false) }
+}
+
+/// Handles one HBONE tunnel request.
+pub async fn tunnel(ctx: Arc<Context>, tunnel: InboundTunnel) {
+    let state = ctx.store.snapshot();
+    let vip = tunnel.authority.0;
+    let Some(service) = state.service_by_vip(vip.ip()).cloned() else {
+        tracing::warn!(authority = %vip, peer = %tunnel.peer_identity, "refused: the authority is not a service VIP (400)");
+        tunnel.reject(StatusCode::BAD_REQUEST);
+        return;
+    };
+    if service.waypoint.as_ref() != Some(&ctx.config.waypoint) {
+        tracing::warn!(
+            service = %service.key(),
+            waypoint = %ctx.config.waypoint,
+            uses = ?service.waypoint.as_ref().map(ToString::to_string),
+            "refused: the service is not bound to this waypoint (check its istio.io/use-waypoint label) (503)"
+        );
+        tunnel.reject(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    }
+    let Some(port) = service.ports.iter().find(|p| p.port == vip.port()).cloned() else {
+        tracing::warn!(service = %service.key(), port = vip.port(), "refused: the service has no such port (400)");
+        tunnel.reject(StatusCode::BAD_REQUEST);
+        return;
+    };
+    let ip = tunnel.forwarded_for();
+    let source = SourceInfo {
+        identity: Some(tunnel.peer_identity.clone()),
+        ip,
+        workload: ip.and_then(|ip| state.workload_by_ip(ip).cloned()),
+    };
+    let downstream = Arc::new(Downstream {
+        service,
+        port,
+        vip,
+        source,
+        peer_addr: tunnel.peer_addr,
+    });
+    let stream = match tunnel.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "tunnel closed before it was accepted");
+            return;
+        }
+    };
+    let live = ctx.clone();
+    let _live = live.live.enter();
+    match declared_protocol(&downstream.port) {
+        Protocol::Http => serve_http(ctx, downstream, Rewind::new(Bytes::new(), stream)).await,
+        Protocol::Tcp => {
+            crate::tcp::proxy(ctx, downstream, Rewind::new(Bytes::new(), stream)).await
+        }
+        Protocol::Detect => {
+            let timeout = ctx.config.protocol_detection_timeout;
+            match detect(stream, timeout).await {
+                Ok((true, io)) => serve_http(ctx, downstream, io).await,
+                Ok((false, io)) => crate::tcp::proxy(ctx, downstream, io).await,
+                Err(e) => tracing::debug!(error = %e, "tunnel ended before its protocol was known"),
+            }
+        }
+    }
+}
+
+/// Reads until the first bytes say whether this is HTTP; the bytes read are replayed.
+async fn detect(
+    mut stream: H2Stream,
+    timeout: Option<Duration>,
+) -> io::Result<(bool, Rewind<H2Stream>)> {
+    let mut buf = BytesMut::with_capacity(64);
+    let read = async {
+        loop {
+            if stream.read_buf(&mut buf).await? == 0 {
+                // The client closed before deciding: treat what it sent as TCP.
+                return Ok::<bool, io::Error>(false);
+            }
+            if let Some(http) = sniff(&buf) {
+                return Ok(http);
+            }
+        }
+    };
+    let is_http = match timeout {
+        None => read.await?,
+        Some(t) => tokio::time::timeout(t, read).await.unwrap_or(Ok(false))?,
+    };
+    Ok((is_http, Rewind::new(buf.freeze(), stream)))
+}
+
+async fn serve_http(ctx: Arc<Context>, downstream: Arc<Downstream>, io: Rewind<H2Stream>) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(1000);
+    let service = hyper::service::service_fn(move |request| {
+        let ctx = ctx.clone();
+        let downstream = downstream.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(crate::proxy::handle(ctx, downstream, request).await)
+        }
+    });
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// A stream with some already-read bytes put back in front.
+#[derive(Debug)]
+pub struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing() {
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(sniff(b"GE"), None);
+        assert_eq!(sniff(b"POST "), Some(true));
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(true));
+        assert_eq!(sniff(b"PRI * HTTP/2"), None);
+        assert_eq!(sniff(b"\x16\x03\x01"), Some(false));
+        assert_eq!(sniff(b"GETX"), Some(false));
+        assert_eq!(sniff(b"hello"), Some(false));
+    }
+}

@@ -1,0 +1,95 @@
+//! Opaque TCP through the waypoint: the service's `tcp` routes (weighted destinations) pick a
+//! destination, the upstream layer picks an endpoint of it (subset, load balancing, outlier
+//! state), and bytes are copied both ways. One `istio_tcp_*` record per connection with
+//! `reporter="waypoint"`.
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+use mesh::metrics::{ConnectionGuard, ConnectionInfo, Peer, Reporter};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::app::Context;
+use crate::inbound::Downstream;
+use crate::upstream::{ClusterKey, HashInput};
+
+/// Proxies one tunnel's bytes at L4.
+pub async fn proxy<S>(ctx: Arc<Context>, downstream: Arc<Downstream>, client: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let routing = ctx.routes.load_full();
+    let mut rng = fastrand::Rng::new();
+    let service = &downstream.service;
+    let source_peer = Peer::of(
+        downstream.source.workload.as_deref(),
+        downstream.source.identity.as_ref(),
+    );
+    let mut guard = ConnectionGuard::new(
+        &ctx.tcp_metrics,
+        ConnectionInfo {
+            reporter: Reporter::Waypoint,
+            source: source_peer,
+            destination: Peer::default(),
+            service: Some((
+                service.hostname.clone(),
+                service.name.clone(),
+                service.namespace.clone(),
+            )),
+            mutual_tls: true,
+            source_addr: std::net::SocketAddr::new(
+                downstream.source.ip.unwrap_or(downstream.peer_addr.ip()),
+                0,
+            ),
+            destination_addr: downstream.vip,
+        },
+    );
+    let Some(destination) = routing.table.select_tcp(
+        &service.key(),
+        downstream.port.port,
+        &downstream.source,
+        downstream.vip.ip(),
+        &mut rng,
+    ) else {
+        guard.fail("NR", format!("no TCP route for {}", service.key()));
+        return;
+    };
+    let target_service = routing
+        .hosts
+        .get(&destination.destination.host)
+        .and_then(|key| routing.state.services.get(key))
+        .cloned();
+    let Some(target_service) = target_service else {
+        guard.fail(
+            "NC",
+            format!(
+                "TCP route destination {} is not a known service",
+                destination.destination.host
+            ),
+        );
+        return;
+    };
+    let port = destination.destination.port.unwrap_or(downstream.port.port);
+    let key = ClusterKey {
+        service: target_service.key(),
+        subset: destination.destination.subset.clone(),
+        port,
+    };
+    let empty = HeaderMap::new();
+    let hash = HashInput {
+        source_ip: downstream.source.ip,
+        headers: &empty,
+        query: None,
+    };
+    let upstream = match ctx.upstreams.connect_tcp(&key, &hash).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            guard.fail(e.response_flag(), e.to_string());
+            return;
+        }
+    };
+    let bytes = guard.bytes.clone();
+    if let Err(e) = mesh::copy::copy_bidirectional(client, upstream, &bytes).await {
+        guard.fail("UR", e.to_string());
+    }
+}
