@@ -22,76 +22,112 @@ fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo")
 }
 
-/// The count printed for `backend`, e.g. `  echo-v1       31 (52%)`.
-fn count(stdout: &str, backend: &str) -> u64 {
+/// The count printed for `who`, e.g. `  echo-v1       31 (52%)` or `  >= 3 s  ####  31 (52%)`:
+/// the number before the percentage.
+fn count(stdout: &str, who: &str) -> u64 {
     stdout
         .lines()
-        .find(|l| l.trim_start().starts_with(backend) && l.contains('%'))
-        .and_then(|l| l.split_whitespace().nth(1))
+        .find(|l| l.trim_start().starts_with(who) && l.ends_with("%)"))
+        .and_then(|l| l.split_whitespace().rev().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
 
+/// The example YAML moved to other loopback addresses (so runs can go in parallel), with
+/// `edit` applied to the traffic rules and `extra` files added.
+fn edited_examples(
+    octet: u8,
+    edit: impl Fn(String) -> String,
+    extra: &[&str],
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let moved = |text: String| {
+        text.replace("127.0.50.", &format!("127.0.{octet}."))
+            .replace("10.96.50.", &format!("10.96.{octet}."))
+    };
+    let cluster = std::fs::read_to_string(examples().join("cluster.yaml")).unwrap();
+    std::fs::write(dir.path().join("cluster.yaml"), moved(cluster)).unwrap();
+    let traffic = std::fs::read_to_string(examples().join("traffic.yaml")).unwrap();
+    std::fs::write(dir.path().join("traffic.yaml"), edit(traffic)).unwrap();
+    for name in extra {
+        std::fs::copy(
+            examples().join(format!("{name}.off")),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    dir
+}
+
 #[test]
-fn demo_spreads_requests_over_both_versions_with_mtls_identities() {
-    let (ok, stdout, stderr) = run_demo(&["--requests", "60"]);
+fn demo_runs_the_canary_with_the_delay_through_the_waypoint() {
+    let (ok, stdout, stderr) = run_demo(&["--requests", "60", "--concurrency", "30"]);
     assert!(ok, "demo failed:\n{stdout}\n{stderr}");
     assert!(
-        stdout.contains("60 answered, 0 refused by policy, 0 failed"),
+        stdout.contains("60 answered 200, 0 answered otherwise, 0 failed"),
         "{stdout}"
     );
     let (v1, v2) = (count(&stdout, "echo-v1"), count(&stdout, "echo-v2"));
     assert_eq!(v1 + v2, 60, "{stdout}");
+    // 90/10: v2 gets about 6 of 60; v1 the rest.
+    assert!(v1 > 40, "the canary split is 90/10: {stdout}");
+    // Half the requests carry the injected 3 s delay, the others do not.
+    let delayed = count(&stdout, ">= 3 s");
+    assert!((10..=50).contains(&delayed), "{stdout}");
+    // Each hop verified the identity of the one before, over mutual TLS.
     assert!(
-        v1 > 0 && v2 > 0,
-        "both endpoints of the service serve: {stdout}"
+        stdout.contains(
+            "waypoint saw spiffe://cluster.local/ns/demo/sa/sleep -> echo-v1  mutual TLS"
+        ),
+        "{stdout}"
     );
-    for backend in ["echo-v1", "echo-v2"] {
-        assert!(
-            stdout.contains(&format!(
-                "{backend} <- spiffe://cluster.local/ns/demo/sa/sleep  mutual TLS 1.3 (HBONE)"
-            )),
-            "{stdout}"
-        );
-    }
     assert!(
-        stdout.contains("node-a  spiffe://cluster.local/ns/demo/sa/sleep"),
+        stdout.contains(
+            "node-b saw  spiffe://cluster.local/ns/demo/sa/waypoint -> echo-v1  mutual TLS"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("waypoint  spiffe://cluster.local/ns/demo/sa/waypoint"),
         "{stdout}"
     );
 }
 
 #[test]
 fn editing_the_yaml_changes_the_result() {
-    // The example YAML with a DENY policy for echo-v2 added (on other loopback addresses, so it
-    // can run beside the test above).
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = std::fs::read_to_string(examples().join("cluster.yaml"))
-        .unwrap()
-        .replace("127.0.50.", "127.0.51.")
-        .replace("10.96.50.", "10.96.51.");
-    std::fs::write(dir.path().join("cluster.yaml"), cluster).unwrap();
-    std::fs::copy(
-        examples().join("deny-v2.yaml.off"),
-        dir.path().join("deny-v2.yaml"),
-    )
-    .unwrap();
+    // A blue-green switch: everything to v2, no delay.
+    let dir = edited_examples(
+        51,
+        |t| {
+            t.replace("weight: 90", "weight: 0")
+                .replace("weight: 10", "weight: 100")
+                .replace("value: 50", "value: 0")
+        },
+        &[],
+    );
     let (ok, stdout, stderr) =
         run_demo(&["--requests", "40", "--config", dir.path().to_str().unwrap()]);
     assert!(ok, "demo failed:\n{stdout}\n{stderr}");
-    let v1 = count(&stdout, "echo-v1");
-    assert_eq!(count(&stdout, "echo-v2"), 0, "{stdout}");
-    assert!(v1 > 0 && v1 < 40, "{stdout}");
+    assert_eq!(count(&stdout, "echo-v2"), 40, "{stdout}");
+    assert_eq!(count(&stdout, "echo-v1"), 0, "{stdout}");
+    assert_eq!(count(&stdout, ">= 3 s"), 0, "{stdout}");
+}
+
+#[test]
+fn an_l7_deny_policy_makes_the_waypoint_answer_403() {
+    let dir = edited_examples(
+        52,
+        |t| t.replace("value: 50", "value: 0"),
+        &["deny-sleep.yaml"],
+    );
+    let (ok, stdout, stderr) =
+        run_demo(&["--requests", "20", "--config", dir.path().to_str().unwrap()]);
+    assert!(ok, "demo failed:\n{stdout}\n{stderr}");
     assert!(
-        stdout.contains(&format!(
-            "{v1} answered, {} refused by policy, 0 failed",
-            40 - v1
-        )),
+        stdout.contains("0 answered 200, 20 answered otherwise, 0 failed"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("echo-v2 refused spiffe://cluster.local/ns/demo/sa/sleep by policy"),
-        "{stdout}"
-    );
+    assert_eq!(count(&stdout, "HTTP 403 from the waypoint"), 20, "{stdout}");
 }
 
 #[test]

@@ -276,6 +276,9 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
             );
         }
         sources_stop.cancel();
+        // Pooled upstream connections (HBONE tunnels to the endpoints' ztunnels) close now,
+        // so the far side sees a clean end instead of waiting for its own drain deadline.
+        drain_ctx.upstreams.update(&State::default());
         ops_stop.cancel();
         tracing::info!("drained");
     });

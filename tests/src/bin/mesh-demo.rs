@@ -1,62 +1,75 @@
 //! The local mesh demo: no cluster, no root, nothing installed.
 //!
-//! It starts the mesh's CA (gRPC over TLS) and two real ztunnels (`ztunnel::app::build`, the
-//! same code `ztunnel run` uses) as two "nodes" on loopback, loads the cluster from
-//! `examples/demo/*.yaml`, and runs the backends `echo-v1` and `echo-v2` on node B. The client
-//! pod `sleep` on node A sends HTTP requests to `echo.demo.svc.cluster.local` through node A's
-//! ztunnel (its SOCKS5 port, since nothing is captured without root); ztunnel load-balances over
-//! the service's endpoints and carries each request in an HBONE tunnel (HTTP/2 CONNECT over
-//! mutual TLS 1.3) to node B. The demo prints what happened: requests per version, latency, the
-//! identities node B verified (from its metrics), the protection of the hop, and the
-//! certificates each node holds. Edit the YAML and run again to change the result.
+//! It starts the mesh's CA (gRPC over TLS), two real ztunnels (`ztunnel::app::build`, the same
+//! code `ztunnel run` uses) as two "nodes" and a waypoint (`waypoint::app::build`) on loopback,
+//! loads the cluster and its traffic rules from `examples/demo/*.yaml`, and runs the backends
+//! `echo-v1` and `echo-v2` on node B. The client pod `sleep` on node A sends HTTP requests to
+//! `echo.demo.svc.cluster.local` through node A's ztunnel (its SOCKS5 port, since nothing is
+//! captured without root). Because the namespace uses the waypoint, ztunnel carries each
+//! connection over HBONE (HTTP/2 CONNECT over mutual TLS 1.3) to the waypoint, which applies the
+//! VirtualService (a 90/10 canary and a 3 s delay for half of the requests) and the
+//! DestinationRule's subsets, then opens HBONE to the chosen pod's ztunnel on node B. The demo
+//! prints what happened: requests per version, the latency distribution with the injected
+//! delay, the identities each hop verified (from the proxies' Istio metrics), and the
+//! certificates. Edit the YAML and run again to change the result.
 //!
-//! Run: `cargo run --release -p mesh-tests --bin mesh-demo -- [--requests N] [--config DIR]`
+//! Run: `cargo run --release -p mesh-tests --bin mesh-demo -- [--requests N] [--concurrency C]
+//! [--config DIR]`
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use mesh::ca::CertificateAuthority;
 use mesh::ca::{AllowAny, CaKeySource, CaMetrics, CaServer, CaService, CaServingNames};
+use mesh::ops::CaConfig;
+use mesh_tests::vcluster::http::{HttpClient, HttpVersion};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use ztunnel::config::{CaConfig, CaptureMode, Config};
+use ztunnel::config::{CaptureMode, Config};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const SERVICE: &str = "echo.demo.svc.cluster.local";
 
 struct Args {
     requests: usize,
+    concurrency: usize,
     config: PathBuf,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut args = Args {
-        requests: 200,
+        requests: 100,
+        concurrency: 20,
         config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"),
+    };
+    let positive = |value: Option<String>, flag: &str| -> anyhow::Result<usize> {
+        let n: usize = value
+            .with_context(|| format!("{flag} needs a number"))?
+            .parse()
+            .with_context(|| format!("{flag} must be a positive number"))?;
+        if n == 0 {
+            bail!("{flag} must be at least 1");
+        }
+        Ok(n)
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--requests" => {
-                args.requests = it
-                    .next()
-                    .context("--requests needs a number")?
-                    .parse()
-                    .context("--requests must be a positive number")?;
-                if args.requests == 0 {
-                    bail!("--requests must be at least 1");
-                }
-            }
+            "--requests" => args.requests = positive(it.next(), "--requests")?,
+            "--concurrency" => args.concurrency = positive(it.next(), "--concurrency")?,
             "--config" => args.config = it.next().context("--config needs a directory")?.into(),
             "-h" | "--help" => {
                 println!(
-                    "usage: mesh-demo [--requests N (default 200)] [--config DIR (default examples/demo)]"
+                    "usage: mesh-demo [--requests N (default 100)] [--concurrency C (default 20)] \
+                     [--config DIR (default examples/demo)]"
                 );
                 return Ok(None);
             }
@@ -83,55 +96,32 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(args))
 }
 
-/// A minimal HTTP/1.1 backend that names its version.
-async fn start_backend(addr: SocketAddr, name: &str) -> anyhow::Result<()> {
+/// A minimal HTTP/1.1 keep-alive backend that names its pod and version.
+async fn start_backend(addr: SocketAddr, name: &str, version: &str) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {name} on {addr}"))?;
-    let body = format!("hello from {name}\n");
+    let body = Bytes::from(format!("hello from {name}\n"));
+    let version = version.to_owned();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((stream, _)) = listener.accept().await {
             let body = body.clone();
+            let version = version.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(response.as_bytes()).await;
-                let _ = s.shutdown().await;
+                let service = hyper::service::service_fn(move |_req| {
+                    let response = http::Response::builder()
+                        .header("content-type", "text/plain")
+                        .header("x-version", version.as_str())
+                        .body(http_body_util::Full::new(body.clone()));
+                    async move { response }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
     Ok(())
-}
-
-/// One request from `source` through SOCKS5 at `proxy` to the service; returns the response,
-/// or the SOCKS5 reply code when the mesh refused.
-async fn request(
-    proxy: SocketAddr,
-    source: std::net::IpAddr,
-) -> anyhow::Result<Result<String, u8>> {
-    let (mut s, code) =
-        mesh_tests::socks5_connect(proxy, source, mesh_tests::Socks5Target::Name(SERVICE, 80))
-            .await?;
-    if code != 0 {
-        return Ok(Err(code));
-    }
-    s.write_all(
-        format!("GET / HTTP/1.1\r\nHost: {SERVICE}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).await?;
-    Ok(Ok(response))
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
@@ -151,6 +141,70 @@ fn label<'a>(line: &'a str, label: &str) -> Option<&'a str> {
     let start = line.find(&format!("{label}=\""))? + label.len() + 2;
     let end = line[start..].find('"')? + start;
     Some(&line[start..end])
+}
+
+/// What one worker saw.
+#[derive(Default)]
+struct Tally {
+    /// By `x-version` (or status, for answers the waypoint made).
+    answers: BTreeMap<String, u64>,
+    statuses: BTreeMap<u16, u64>,
+    latencies: Vec<Duration>,
+    failed: Vec<String>,
+}
+
+/// One client connection of pod `sleep`: SOCKS5 to node A's ztunnel, then HTTP/1.1 keep-alive
+/// requests to the service, `count` of them.
+async fn worker(
+    socks: SocketAddr,
+    source: std::net::IpAddr,
+    count: usize,
+    done: Arc<AtomicUsize>,
+    total: usize,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut client = None;
+    for _ in 0..count {
+        if client.is_none() {
+            match mesh_tests::socks5_connect(
+                socks,
+                source,
+                mesh_tests::Socks5Target::Name(SERVICE, 80),
+            )
+            .await
+            {
+                Ok((stream, 0)) => {
+                    match HttpClient::on(stream, SERVICE.to_owned(), HttpVersion::Http1).await {
+                        Ok(c) => client = Some(c),
+                        Err(e) => tally.failed.push(format!("HTTP handshake: {e}")),
+                    }
+                }
+                Ok((_, code)) => tally.failed.push(format!("SOCKS5 refused: code {code}")),
+                Err(e) => tally.failed.push(format!("SOCKS5: {e}")),
+            }
+        }
+        if let Some(c) = client.as_mut() {
+            let started = Instant::now();
+            match c.send("GET", "/", &[], Bytes::new()).await {
+                Ok(answer) => {
+                    tally.latencies.push(started.elapsed());
+                    *tally.statuses.entry(answer.status).or_default() += 1;
+                    let who = match answer.version() {
+                        "" => format!("HTTP {} from the waypoint", answer.status),
+                        v => format!("echo-{v}"),
+                    };
+                    *tally.answers.entry(who).or_default() += 1;
+                }
+                Err(e) => {
+                    tally.failed.push(format!("request: {e}"));
+                    client = None;
+                }
+            }
+        }
+        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+        progress(n, total);
+    }
+    tally
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -175,29 +229,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ca_addr = ca.local_addr();
     let stop = CancellationToken::new();
     tokio::spawn(ca.run(stop.clone().cancelled_owned()));
+    let ca_config = CaConfig {
+        address: ca_addr.to_string(),
+        root_cert: root.clone(),
+        server_name: Some("localhost".into()),
+        token_file: None,
+    };
 
-    // The cluster from the example YAML: pods, their IPs and the service.
+    // The cluster from the example YAML: pods, their IPs, the service and its waypoint.
     let state = {
         let writer = mesh::discovery::StoreWriter::new();
         let mut source = mesh::discovery::file::FileSource::new(
             mesh::discovery::file::FileSourceConfig::new(args.config.clone()),
             &mut Registry::default(),
         );
-        source
+        let report = source
             .load_once(&writer)
             .await
             .with_context(|| format!("loading {}", args.config.display()))?;
+        for rejected in &report.rejected {
+            eprintln!("warning: {rejected}");
+        }
         writer.store().snapshot()
     };
     let client = state
         .workloads
         .values()
-        .find(|w| w.node == "node-a")
-        .context("the example YAML has no pod on node-a to send from")?
+        .find(|w| w.node == "node-a" && w.name == "sleep")
+        .context("the example YAML has no pod `sleep` on node-a to send from")?
+        .clone();
+    let service = state
+        .services
+        .get("demo/echo")
+        .context("the example YAML has no service demo/echo")?
         .clone();
     for w in state.workloads.values().filter(|w| w.node == "node-b") {
-        start_backend(SocketAddr::new(w.ips[0], 8080), &w.name).await?;
+        start_backend(
+            SocketAddr::new(w.ips[0], 8080),
+            &w.name,
+            &w.canonical_revision,
+        )
+        .await?;
     }
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
 
     let node = |name: &str| Config {
         node_name: name.into(),
@@ -205,18 +279,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cluster_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         config_path: args.config.clone(),
-        ca: CaConfig {
-            address: ca_addr.to_string(),
-            root_cert: root.clone(),
-            server_name: Some("localhost".into()),
-            token_file: None,
-        },
+        ca: ca_config.clone(),
         capture: CaptureMode::None,
         probe_sources: vec![],
-        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        readiness_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        socks5_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        admin_addr: any,
+        metrics_addr: any,
+        readiness_addr: any,
+        socks5_addr: Some(any),
         drain_deadline: Duration::from_secs(1),
         workload_cert_ttl: Duration::from_secs(3600),
     };
@@ -226,9 +295,52 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let b = ztunnel::app::build(node("node-b"), None)
         .await
         .context("starting ztunnel node-b")?;
-    for (name, bound) in [("node-a", &a), ("node-b", &b)] {
+
+    // The waypoint, if the service uses one: on its pod's IP, as in a cluster.
+    let waypoint = match &service.waypoint {
+        None => None,
+        Some(waypoint) => {
+            let pod = state
+                .workloads
+                .values()
+                .find(|w| {
+                    w.namespace == waypoint.namespace
+                        && w.labels.get("gateway.networking.k8s.io/gateway-name")
+                            == Some(&waypoint.name)
+                })
+                .with_context(|| format!("no pod for waypoint {waypoint} in the example YAML"))?;
+            let identity =
+                mesh::identity::Identity::new(TRUST_DOMAIN, &pod.namespace, &pod.service_account)?;
+            let config = waypoint::config::Config {
+                waypoint: waypoint.clone(),
+                identity,
+                trust_domain: TRUST_DOMAIN.into(),
+                cluster_domain: "cluster.local".into(),
+                root_namespace: "istio-system".into(),
+                config_path: args.config.clone(),
+                ca: ca_config.clone(),
+                hbone_addr: SocketAddr::new(pod.ips[0], mesh::hbone::HBONE_PORT),
+                admin_addr: any,
+                metrics_addr: any,
+                readiness_addr: any,
+                drain_deadline: Duration::from_secs(1),
+                workload_cert_ttl: Duration::from_secs(3600),
+                protocol_detection_timeout: None,
+            };
+            Some(
+                waypoint::app::build(config, None)
+                    .await
+                    .context("starting the waypoint")?,
+            )
+        }
+    };
+    let mut readiness = vec![("node-a", a.readiness_addr), ("node-b", b.readiness_addr)];
+    if let Some(w) = &waypoint {
+        readiness.push(("waypoint", w.readiness_addr));
+    }
+    for (name, addr) in readiness {
         let ready = async {
-            while !http_get(bound.readiness_addr, "/healthz/ready")
+            while !http_get(addr, "/healthz/ready")
                 .await
                 .unwrap_or_default()
                 .starts_with("ready")
@@ -245,13 +357,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "Ambient mesh demo: local, no cluster (config {})",
         args.config.display()
     );
-    println!("  CA       {ca_addr} (gRPC over TLS, trust domain {TRUST_DOMAIN})");
+    println!("  CA        {ca_addr} (gRPC over TLS, trust domain {TRUST_DOMAIN})");
     println!(
-        "  node-a   ztunnel, client pod {} ({})",
+        "  node-a    ztunnel, client pod {} ({})",
         client.name, client.ips[0]
     );
+    match (&waypoint, &service.waypoint) {
+        (Some(w), Some(name)) => println!(
+            "  waypoint  {name} on {} (VirtualService and DestinationRule for {SERVICE})",
+            w.hbone_addr
+        ),
+        _ => println!("  waypoint  none: {SERVICE} does not use one"),
+    }
     println!(
-        "  node-b   ztunnel, pods {}",
+        "  node-b    ztunnel, pods {}",
         state
             .workloads
             .values()
@@ -260,113 +379,100 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  sending {} requests to http://{SERVICE}/", args.requests);
+    println!(
+        "  sending {} requests to http://{SERVICE}/ on {} keep-alive connections",
+        args.requests,
+        args.concurrency.min(args.requests)
+    );
     println!();
 
     let socks = a.socks5_addr.context("node-a has no SOCKS5 listener")?;
-    let mut per_backend: BTreeMap<String, u64> = BTreeMap::new();
-    let mut latencies = Vec::with_capacity(args.requests);
-    let mut refused = 0usize;
-    let mut failed = 0usize;
     let started = Instant::now();
-    for i in 0..args.requests {
-        let t = Instant::now();
-        match request(socks, client.ips[0]).await {
-            Ok(Ok(body)) if body.starts_with("HTTP/1.1 200") => {
-                let who = body
-                    .lines()
-                    .last()
-                    .and_then(|l| l.strip_prefix("hello from "))
-                    .unwrap_or("?")
-                    .to_owned();
-                *per_backend.entry(who).or_default() += 1;
-                latencies.push(t.elapsed());
-            }
-            Ok(Err(_)) => refused += 1,
-            Ok(Ok(body)) => {
-                failed += 1;
-                eprintln!(
-                    "\nunexpected response: {}",
-                    body.lines().next().unwrap_or("")
-                );
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!("\nrequest failed: {e:#}");
-            }
+    let done = Arc::new(AtomicUsize::new(0));
+    let workers = args.concurrency.min(args.requests);
+    let mut tasks = Vec::new();
+    for i in 0..workers {
+        let count = args.requests / workers + usize::from(i < args.requests % workers);
+        tasks.push(tokio::spawn(worker(
+            socks,
+            client.ips[0],
+            count,
+            done.clone(),
+            args.requests,
+        )));
+    }
+    let mut tally = Tally::default();
+    for task in tasks {
+        let t = task.await?;
+        for (k, v) in t.answers {
+            *tally.answers.entry(k).or_default() += v;
         }
-        progress(i + 1, args.requests);
+        for (k, v) in t.statuses {
+            *tally.statuses.entry(k).or_default() += v;
+        }
+        tally.latencies.extend(t.latencies);
+        tally.failed.extend(t.failed);
     }
     let elapsed = started.elapsed();
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
+    report(&args, &tally, elapsed);
 
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
-            .unwrap_or_else(|| "-".into())
-    };
+    // What each hop verified, from the proxies' own Istio metrics.
     println!(
-        "Requests: {} in {:.2} s, {} answered, {refused} refused by policy, {failed} failed",
-        args.requests,
-        elapsed.as_secs_f64(),
-        latencies.len()
+        "Hops (each is HBONE: HTTP/2 CONNECT over mutual TLS 1.3, from the proxies' metrics):"
     );
-    for (backend, count) in &per_backend {
-        println!(
-            "  {backend:<10} {count:>5} ({:.0}%)",
-            *count as f64 * 100.0 / args.requests as f64
-        );
+    if let Some(w) = &waypoint {
+        let metrics = http_get(w.metrics_addr, "/metrics").await?;
+        let mut lines: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{") && l.contains("reporter=\"waypoint\"")
+            })
+            .collect();
+        lines.sort_by_key(|l| {
+            (
+                label(l, "destination_workload"),
+                label(l, "response_code"),
+                label(l, "response_flags"),
+            )
+        });
+        for line in lines {
+            println!(
+                "  waypoint saw {} -> {}  {}  HTTP {} {}  ({} requests)",
+                label(line, "source_principal").unwrap_or("?"),
+                label(line, "destination_workload").unwrap_or("?"),
+                security(label(line, "connection_security_policy")),
+                label(line, "response_code").unwrap_or("?"),
+                label(line, "response_flags").unwrap_or("-"),
+                line.rsplit(' ').next().unwrap_or("?")
+            );
+        }
     }
-    println!(
-        "Latency: p50 {}  p90 {}  p99 {}",
-        pct(0.5),
-        pct(0.9),
-        pct(0.99)
-    );
-
-    // What node B saw, from its Istio metrics.
     let metrics = http_get(b.metrics_addr, "/metrics").await?;
-    println!(
-        "Seen by node-b's ztunnel (istio_tcp_connections_opened_total, reporter=destination):"
-    );
     for line in metrics.lines().filter(|l| {
         l.starts_with("istio_tcp_connections_opened_total{")
             && l.contains("reporter=\"destination\"")
     }) {
-        let count = line.rsplit(' ').next().unwrap_or("?");
         println!(
-            "  {} <- {}  {}  ({count} connections)",
-            label(line, "destination_workload").unwrap_or("?"),
+            "  node-b saw  {} -> {}  {}  ({} connections)",
             label(line, "source_principal").unwrap_or("?"),
-            match label(line, "connection_security_policy") {
-                Some("mutual_tls") => "mutual TLS 1.3 (HBONE)",
-                Some(other) => other,
-                None => "?",
-            },
-        );
-    }
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("istio_tcp_connections_failed_total{")
-            && l.contains("response_flags=\"RBAC\"")
-    }) {
-        println!(
-            "  {} refused {} by policy ({} connections)",
             label(line, "destination_workload").unwrap_or("?"),
-            label(line, "source_principal").unwrap_or("?"),
+            security(label(line, "connection_security_policy")),
             line.rsplit(' ').next().unwrap_or("?")
         );
     }
-    println!("Certificates (from each node's /config_dump):");
-    for (name, bound) in [("node-a", &a), ("node-b", &b)] {
-        let dump: serde_json::Value =
-            serde_json::from_str(&http_get(bound.admin_addr, "/config_dump").await?)?;
+    println!("Certificates (from each proxy's /config_dump):");
+    let mut admins = vec![("node-a", a.admin_addr), ("node-b", b.admin_addr)];
+    if let Some(w) = &waypoint {
+        admins.push(("waypoint", w.admin_addr));
+    }
+    for (name, addr) in admins {
+        let dump: serde_json::Value = serde_json::from_str(&http_get(addr, "/config_dump").await?)?;
         for c in dump["certificates"].as_array().into_iter().flatten() {
             println!(
-                "  {name}  {:<45} {} serial {}",
+                "  {name:<9} {:<45} {} serial {}",
                 c["identity"].as_str().unwrap_or("?"),
                 c["state"].as_str().unwrap_or("?"),
                 c["serial"].as_str().unwrap_or("-")
@@ -374,15 +480,91 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // The waypoint first: its pooled tunnels to node B close with it.
+    if let Some(w) = waypoint {
+        w.shutdown_trigger().cancel();
+        w.wait().await?;
+    }
     a.shutdown_trigger().cancel();
     b.shutdown_trigger().cancel();
     a.wait().await?;
     b.wait().await?;
     stop.cancel();
-    if failed > 0 {
-        bail!("{failed} of {} requests failed", args.requests);
+    if !tally.failed.is_empty() {
+        bail!(
+            "{} of {} requests failed: {}",
+            tally.failed.len(),
+            args.requests,
+            tally.failed[0]
+        );
     }
     Ok(())
+}
+
+fn security(policy: Option<&str>) -> &'static str {
+    match policy {
+        Some("mutual_tls") => "mutual TLS",
+        Some(_) => "PLAINTEXT",
+        None => "?",
+    }
+}
+
+/// The summary: answers per version, statuses, and the latency distribution.
+fn report(args: &Args, tally: &Tally, elapsed: Duration) {
+    let answered: u64 = tally.statuses.values().sum();
+    let ok = tally.statuses.get(&200).copied().unwrap_or(0);
+    println!(
+        "Requests: {} in {:.2} s: {ok} answered 200, {} answered otherwise, {} failed",
+        args.requests,
+        elapsed.as_secs_f64(),
+        answered - ok,
+        tally.failed.len()
+    );
+    for (who, count) in &tally.answers {
+        println!(
+            "  {who:<10} {count:>5} ({:.0}%)",
+            *count as f64 * 100.0 / args.requests as f64
+        );
+    }
+    let mut sorted = tally.latencies.clone();
+    sorted.sort();
+    let pct = |p: f64| {
+        sorted
+            .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+            .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "Latency: p50 {}  p90 {}  p99 {}  max {}",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0)
+    );
+    let buckets: [(&str, Duration, Duration); 5] = [
+        ("< 10 ms", Duration::ZERO, Duration::from_millis(10)),
+        (
+            "10-100 ms",
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        ),
+        (
+            "0.1-1 s",
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ),
+        ("1-3 s", Duration::from_secs(1), Duration::from_secs(3)),
+        (">= 3 s", Duration::from_secs(3), Duration::MAX),
+    ];
+    let total = sorted.len().max(1);
+    for (name, low, high) in buckets {
+        let n = sorted.iter().filter(|d| **d >= low && **d < high).count();
+        println!(
+            "  {name:<10} {:<40} {n:>5} ({:.0}%)",
+            "#".repeat(n * 40 / total),
+            n as f64 * 100.0 / total as f64
+        );
+    }
 }
 
 /// A progress bar on stderr, only when a person is watching it.
