@@ -225,8 +225,13 @@ fn workloads(dump: &Value, out: &mut String) {
                         } else {
                             "yes (other node)".into()
                         },
-                        // Waypoints arrive with the waypoint issue.
-                        "-".into(),
+                        // Waypoints serve services (Istio's default `waypoint-for:
+                        // service`); traffic to a pod IP goes direct. Waypoint pods say so.
+                        if w["labels"]["gateway.istio.io/managed"].is_string() {
+                            "(is a waypoint)".into()
+                        } else {
+                            "-".into()
+                        },
                     ]
                 })
                 .collect()
@@ -282,7 +287,14 @@ fn services(dump: &Value, out: &mut String) {
                         list(&svc["vips"]),
                         ports,
                         format!("{ready}/{total}"),
-                        "-".into(),
+                        match &svc["waypoint"] {
+                            Value::Object(w) => format!(
+                                "{}/{}",
+                                w.get("namespace").map(s).unwrap_or_default(),
+                                w.get("name").map(s).unwrap_or_default()
+                            ),
+                            _ => "-".into(),
+                        },
                     ]
                 })
                 .collect()
@@ -460,4 +472,46 @@ fn connections(dump: &Value, out: &mut String) {
 pub async fn run(args: ConfigArgs) -> Result<String, OperatorError> {
     let dump = fetch(args.admin).await?;
     render(&dump, args.section, args.output)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn tables_name_the_waypoint_of_a_service_and_mark_waypoint_pods() {
+        let dump = serde_json::json!({
+            "pods": [],
+            "state": {
+                "workloads": {
+                    "demo/waypoint": {
+                        "uid": "demo/waypoint", "namespace": "demo", "name": "waypoint",
+                        "ips": ["10.0.0.5"], "node": "a", "enrolled": false,
+                        "identity": "spiffe://cluster.local/ns/demo/sa/waypoint",
+                        "labels": {"gateway.istio.io/managed": "istio.io-mesh-controller"},
+                    },
+                },
+                "services": {
+                    "demo/reviews": {
+                        "namespace": "demo", "name": "reviews", "vips": ["10.96.0.1"],
+                        "ports": [{"port": 9080, "target": {"Number": 9080}}],
+                        "endpoints": [],
+                        "waypoint": {"namespace": "demo", "name": "waypoint"},
+                    },
+                    "demo/ratings": {
+                        "namespace": "demo", "name": "ratings", "vips": ["10.96.0.2"],
+                        "ports": [], "endpoints": [], "waypoint": null,
+                    },
+                },
+            },
+        });
+        let services = render(&dump, Section::Services, Output::Table).unwrap();
+        let reviews = services.lines().find(|l| l.contains("reviews")).unwrap();
+        assert!(reviews.trim_end().ends_with("demo/waypoint"), "{services}");
+        let ratings = services.lines().find(|l| l.contains("ratings")).unwrap();
+        assert!(ratings.trim_end().ends_with('-'), "{services}");
+        let workloads = render(&dump, Section::Workloads, Output::Table).unwrap();
+        assert!(workloads.contains("(is a waypoint)"), "{workloads}");
+    }
 }
