@@ -41,10 +41,10 @@ impl UpstreamBody {
     }
 
     fn finish(&mut self, complete: bool) {
-        if let Some(mut completion) = self.completion.take() {
-            if complete {
-                completion.complete();
-            }
+        if let Some(mut completion) = self.completion.take()
+            && complete
+        {
+            completion.complete();
         }
     }
 }

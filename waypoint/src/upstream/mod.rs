@@ -3,8 +3,8 @@
 //!
 //! [`Upstreams`] keeps one cluster per (service, subset, service port), built lazily from the
 //! current [`State`] and kept in step by [`Upstreams::update`]: its endpoints, its
-//! DestinationRule traffic policy, its load balancer ([`lb`]), its connection pools with Istio's
-//! circuit breakers ([`pool`]) and its outlier detection ([`outlier`]). Connections go through a
+//! DestinationRule traffic policy, its load balancer (`lb`), its connection pools with Istio's
+//! circuit breakers (`pool`) and its outlier detection (`outlier`). Connections go through a
 //! [`Connector`] (HBONE to the endpoint's ztunnel in production, plain TCP in tests) and speak
 //! HTTP/1.1 or HTTP/2 with hyper's client connections. Routing, retries, timeouts and faults are
 //! the caller's; this layer reports errors with Envoy's response flags so the caller can decide.
@@ -77,7 +77,9 @@ pub enum UpstreamProtocol {
 /// (for the HBONE connector: the node and the identity to expect).
 #[derive(Debug, Clone)]
 pub struct UpstreamTarget {
+    /// Pod IP and the service port's target port on that pod.
     pub addr: SocketAddr,
+    /// The pod behind the endpoint, when the state knows it.
     pub workload: Option<Arc<Workload>>,
 }
 
@@ -89,6 +91,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 /// Opens streams to endpoints. Production: HBONE to the endpoint's ztunnel; tests: plain TCP.
 /// [`Upstreams`] bounds each call by the cluster's `connectTimeout`.
 pub trait Connector: Send + Sync + 'static {
+    /// A stream to `target`; errors are reported as connect failures (UF).
     fn connect(&self, target: &UpstreamTarget) -> BoxFuture<'static, io::Result<Box<dyn Io>>>;
 }
 
@@ -111,7 +114,9 @@ pub struct UpstreamResponse {
     /// `hyper::upgrade::on(&mut response)` yields the upgraded stream; that connection has left
     /// the pool and is never reused.
     pub response: http::Response<UpstreamBody>,
+    /// The endpoint that answered.
     pub endpoint: SocketAddr,
+    /// Its workload (for metrics and access logs).
     pub workload: Option<Arc<Workload>>,
     /// A `Set-Cookie` to add to the response: consistent hashing on a cookie with a `ttl`
     /// generated one because the request had none.
@@ -121,7 +126,8 @@ pub struct UpstreamResponse {
 /// Why [`Upstreams::send`] got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The service, its port, or the DestinationRule subset does not exist.
+    /// The service, its port, or the DestinationRule subset does not exist. (Field names are
+    /// self-explanatory: the cluster asked for and why it cannot serve.)
     #[error("no cluster for {cluster}: {reason}")]
     NoCluster { cluster: ClusterKey, reason: String },
     /// No ready endpoint, or every endpoint is ejected by outlier detection.
@@ -144,7 +150,7 @@ pub enum UpstreamError {
         error: Arc<io::Error>,
     },
     #[error(
-        "connect to {endpoint} timed out after {timeout:?} (DestinationRule connectionPool.tcp.connectTimeout): is the endpoint's node reachable on 15008?"
+        "connect to {endpoint} timed out after {timeout:?} (DestinationRule connectionPool.tcp.connectTimeout): is the endpoint, or its node's ztunnel on 15008, reachable?"
     )]
     ConnectTimeout {
         endpoint: SocketAddr,
@@ -329,7 +335,7 @@ impl Upstreams {
         hash: &HashInput<'_>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let cluster = self.cluster(key);
-        let hash = hash_outcome(&cluster, &request, hash);
+        let hash = hash_outcome(&cluster, hash, request.uri().query());
         let set_cookie = match &hash {
             Some(HashOutcome::Generated { set_cookie, .. }) => {
                 HeaderValue::from_str(set_cookie).ok()
@@ -338,6 +344,7 @@ impl Upstreams {
         };
         let upgrade_possible = protocol == UpstreamProtocol::Http1;
         let is_connect = request.method() == Method::CONNECT;
+        let is_grpc = is_grpc(request.headers());
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -359,7 +366,11 @@ impl Upstreams {
             match result {
                 Ok(response) => {
                     let status = response.status();
-                    cluster.record(addr, generation, Outcome::Status(status.as_u16()));
+                    let observed = is_grpc
+                        .then(|| grpc_status_as_http(response.headers()))
+                        .flatten()
+                        .unwrap_or(status.as_u16());
+                    cluster.record(addr, generation, Outcome::Status(observed));
                     if upgrade_possible
                         && (status == http::StatusCode::SWITCHING_PROTOCOLS
                             || (is_connect && status.is_success()))
@@ -402,8 +413,7 @@ impl Upstreams {
         hash: &HashInput<'_>,
     ) -> Result<TcpUpstream, UpstreamError> {
         let cluster = self.cluster(key);
-        let no_request = http::Request::new(crate::request::empty_body());
-        let hash = hash_outcome(&cluster, &no_request, hash);
+        let hash = hash_outcome(&cluster, hash, None);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -469,10 +479,12 @@ pub struct TcpUpstream {
 }
 
 impl TcpUpstream {
+    /// The endpoint connected to.
     pub fn endpoint(&self) -> SocketAddr {
         self.endpoint
     }
 
+    /// Its workload, when known.
     pub fn workload(&self) -> Option<&Arc<Workload>> {
         self.workload.as_ref()
     }
@@ -535,20 +547,24 @@ impl AsyncWrite for TcpUpstream {
 /// Every cluster, for `/config_dump`-style views.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpstreamsSnapshot {
+    /// Sorted by service, port and subset.
     pub clusters: Vec<ClusterSnapshot>,
 }
 
 /// One cluster's counters and endpoints.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterSnapshot {
+    /// `namespace/name`.
     pub service: String,
     pub subset: Option<String>,
+    /// The service port.
     pub port: u16,
     pub hostname: String,
     /// `namespace/name` of the DestinationRule that applies.
     pub destination_rule: Option<String>,
     /// Why the cluster cannot serve (unknown port or subset).
     pub error: Option<String>,
+    /// The load balancer in force.
     pub load_balancer: LoadBalancer,
     /// Open connections (all endpoints and protocols, upgraded ones included).
     pub connections: u32,
@@ -556,6 +572,7 @@ pub struct ClusterSnapshot {
     pub pending: u32,
     /// Requests on a connection, until their response body ends.
     pub active_requests: u32,
+    /// Retry permits held.
     pub active_retries: u32,
     pub overflow: OverflowCounts,
     pub endpoints: Vec<EndpointSnapshot>,
@@ -578,12 +595,15 @@ pub struct OverflowCounts {
     pub ejections: u64,
 }
 
+/// One endpoint of a cluster: outlier state and pools.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EndpointSnapshot {
     pub address: SocketAddr,
     /// The workload's uid (`namespace/pod`).
     pub workload: Option<String>,
+    /// Ejected by outlier detection (skipped by load balancing).
     pub ejected: bool,
+    /// Time left in the current ejection.
     pub ejection_left_ms: Option<u64>,
     /// Ejections since the endpoint joined the cluster.
     pub ejections: u64,
@@ -595,9 +615,12 @@ pub struct EndpointSnapshot {
     pub http2: PoolSnapshot,
 }
 
+/// One endpoint's connections of one protocol.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PoolSnapshot {
+    /// Connections of the pool (idle, busy or draining); upgraded ones have left it.
     pub open: u32,
+    /// Connect attempts in progress.
     pub connecting: u32,
     /// HTTP/1 idle connections, or HTTP/2 connections without streams.
     pub idle: u32,
@@ -607,10 +630,12 @@ pub struct PoolSnapshot {
     pub waiting: u32,
 }
 
+/// The consistent-hash outcome for a request, when the cluster hashes; `uri_query` stands in
+/// for a missing [`HashInput::query`].
 fn hash_outcome(
     cluster: &Cluster,
-    request: &http::Request<Body>,
     input: &HashInput<'_>,
+    uri_query: Option<&str>,
 ) -> Option<HashOutcome> {
     let key = match &cluster.lock().policy.load_balancer {
         LoadBalancer::ConsistentHash(key) => key.clone(),
@@ -619,7 +644,7 @@ fn hash_outcome(
     let source = HashSource {
         source_ip: input.source_ip,
         headers: input.headers,
-        query: input.query.or(request.uri().query()),
+        query: input.query.or(uri_query),
     };
     Some(lb::hash_request(&key, &source, || {
         format!("{:016x}", fastrand::u64(..))
@@ -655,15 +680,19 @@ fn prepare(request: &mut http::Request<Body>, protocol: UpstreamProtocol, endpoi
         }
         UpstreamProtocol::Http2 => {
             *request.version_mut() = Version::HTTP_2;
+            // HTTP/2 carries the host as `:authority` (Envoy treats `Host` and `:authority` as
+            // one): a `Host` header, possibly rewritten by the route, becomes the authority.
             let host = request.headers_mut().remove(HOST);
+            let host = host.as_ref().and_then(|h| h.to_str().ok());
             let uri = request.uri();
-            if uri.scheme().is_some() && uri.authority().is_some() {
+            if host.is_none() && uri.scheme().is_some() && uri.authority().is_some() {
                 return;
             }
-            let authority = host
-                .as_ref()
-                .and_then(|h| h.to_str().ok())
-                .map_or_else(|| endpoint.to_string(), str::to_owned);
+            let authority = match (host, uri.authority()) {
+                (Some(host), _) => host.to_owned(),
+                (None, Some(authority)) => authority.as_str().to_owned(),
+                (None, None) => endpoint.to_string(),
+            };
             let rebuilt = Uri::builder()
                 .scheme(uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP))
                 .authority(authority)
@@ -674,6 +703,41 @@ fn prepare(request: &mut http::Request<Body>, protocol: UpstreamProtocol, endpoi
             }
         }
     }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Envoy's router feeds outlier detection the `grpc-status` of a gRPC response's *headers*
+/// (a trailers-only response) as an HTTP status (`Grpc::Utility::grpcToHttpStatus`); a status
+/// in the trailers is not counted.
+fn grpc_status_as_http(headers: &HeaderMap) -> Option<u16> {
+    let code: u64 = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        // 2 unknown, 13 internal, 15 data loss, and codes gRPC does not define.
+        _ => 500,
+    })
 }
 
 fn to_error(key: &ClusterKey, endpoint: Option<SocketAddr>, failure: Failure) -> UpstreamError {

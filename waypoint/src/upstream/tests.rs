@@ -59,7 +59,11 @@ impl Connector for StalledConnector {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ServerProto {
     Http1,
-    Http2 { max_streams: Option<u32> },
+    /// HTTP/1.1 answering `connection: close`.
+    Http1Close,
+    Http2 {
+        max_streams: Option<u32>,
+    },
 }
 
 /// A test server: answers `status` with its name as body; requests carrying `x-hold` wait
@@ -73,9 +77,12 @@ struct TestServer {
     hits: Arc<AtomicUsize>,
     status: Arc<AtomicU16>,
     gate: watch::Sender<bool>,
+    /// `x-id` of requests in arrival order.
+    arrivals: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 struct ServerState {
+    arrivals: Arc<std::sync::Mutex<Vec<String>>>,
     name: String,
     in_flight: Arc<AtomicUsize>,
     hits: Arc<AtomicUsize>,
@@ -100,8 +107,10 @@ impl TestServer {
             hits: Arc::default(),
             status: Arc::new(AtomicU16::new(200)),
             gate,
+            arrivals: Arc::default(),
         };
         let state = Arc::new(ServerState {
+            arrivals: server.arrivals.clone(),
             name: name.to_owned(),
             in_flight: server.in_flight.clone(),
             hits: server.hits.clone(),
@@ -121,8 +130,9 @@ impl TestServer {
                     let service = service_fn(move |req| handle(state.clone(), req));
                     let io = TokioIo::new(stream);
                     match proto {
-                        ServerProto::Http1 => {
+                        ServerProto::Http1 | ServerProto::Http1Close => {
                             let _ = hyper::server::conn::http1::Builder::new()
+                                .keep_alive(proto == ServerProto::Http1)
                                 .serve_connection(io, service)
                                 .with_upgrades()
                                 .await;
@@ -171,6 +181,13 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     state.hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(id) = req.headers().get("x-id").and_then(|v| v.to_str().ok()) {
+        state
+            .arrivals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(id.to_owned());
+    }
     state.in_flight.fetch_add(1, Ordering::SeqCst);
     let _in_flight = InFlight(state.in_flight.clone());
     if req.headers().contains_key("x-hold") {
@@ -620,6 +637,21 @@ async fn sequential_requests_reuse_one_connection() {
 }
 
 #[tokio::test]
+async fn connections_the_server_closes_are_not_reused() {
+    let a = TestServer::start("a", 1, ServerProto::Http1Close).await;
+    let upstreams = upstreams(&state(&[ep(&a)], None));
+    for _ in 0..5 {
+        ok(&upstreams, &key(), &[]).await;
+    }
+    assert_eq!(a.accepts(), 5);
+    eventually("slots given back", || {
+        cluster_snapshot(&upstreams, &key()).connections == 0
+    })
+    .await;
+    assert_quiet(&upstreams, &key()).await;
+}
+
+#[tokio::test]
 async fn max_requests_per_connection_one_opens_a_connection_per_request() {
     let a = TestServer::start("a", 1, ServerProto::Http1).await;
     let pool = ConnectionPool {
@@ -692,6 +724,108 @@ async fn one_connection_one_pending_then_overflow() {
     // The pending request took the first request's connection.
     assert_eq!(a.accepts(), 1);
     assert_quiet(&upstreams, &key()).await;
+}
+
+#[tokio::test]
+async fn pending_requests_are_served_first_come_first_served() {
+    let a = TestServer::start("a", 1, ServerProto::Http1).await;
+    let pool = ConnectionPool {
+        max_connections: 1,
+        ..ConnectionPool::default()
+    };
+    let upstreams = upstreams(&state(
+        &[ep(&a)],
+        Some(rule(with_pool(LoadBalancer::RoundRobin, pool), vec![])),
+    ));
+    let mut tasks = Vec::new();
+    for id in 1..=5 {
+        let upstreams2 = upstreams.clone();
+        let id_value = id.to_string();
+        tasks.push(tokio::spawn(async move {
+            ok(&upstreams2, &key(), &[("x-hold", "1"), ("x-id", &id_value)]).await
+        }));
+        if id == 1 {
+            eventually("first at the server", || a.hits() == 1).await;
+        } else {
+            eventually("queued", || {
+                cluster_snapshot(&upstreams, &key()).pending == id - 1
+            })
+            .await;
+        }
+    }
+    a.release();
+    for task in tasks {
+        task.await.expect("request");
+    }
+    let arrivals = a
+        .arrivals
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert_eq!(arrivals, ["1", "2", "3", "4", "5"]);
+    assert_eq!(a.accepts(), 1);
+    assert_quiet(&upstreams, &key()).await;
+}
+
+#[tokio::test]
+async fn dropped_waiters_and_bodies_give_their_counts_back() {
+    let a = TestServer::start("a", 1, ServerProto::Http1).await;
+    let pool = ConnectionPool {
+        max_connections: 1,
+        http1_max_pending_requests: 1,
+        ..ConnectionPool::default()
+    };
+    let upstreams = upstreams(&state(
+        &[ep(&a)],
+        Some(rule(with_pool(LoadBalancer::RoundRobin, pool), vec![])),
+    ));
+    let held = {
+        let upstreams = upstreams.clone();
+        tokio::spawn(async move { ok(&upstreams, &key(), &[("x-hold", "1")]).await })
+    };
+    eventually("held at the server", || a.hits() == 1).await;
+    let waiting = {
+        let upstreams = upstreams.clone();
+        tokio::spawn(async move { ok(&upstreams, &key(), &[]).await })
+    };
+    eventually("one pending", || {
+        cluster_snapshot(&upstreams, &key()).pending == 1
+    })
+    .await;
+    waiting.abort();
+    eventually("pending released", || {
+        cluster_snapshot(&upstreams, &key()).pending == 0
+    })
+    .await;
+    // The freed pending slot is usable again (not an overflow).
+    let again = {
+        let upstreams = upstreams.clone();
+        tokio::spawn(async move { ok(&upstreams, &key(), &[]).await })
+    };
+    eventually("pending again", || {
+        cluster_snapshot(&upstreams, &key()).pending == 1
+    })
+    .await;
+    a.release();
+    held.await.expect("held");
+    again.await.expect("again");
+    // A response whose body is dropped unread: the request ends, its connection is not
+    // reused, and the slot comes back for the next request.
+    let request = request(&[]);
+    let headers = request.headers().clone();
+    let hash = HashInput {
+        source_ip: None,
+        headers: &headers,
+        query: None,
+    };
+    let response = upstreams
+        .send(&key(), UpstreamProtocol::Http1, request, &hash)
+        .await
+        .expect("response");
+    drop(response);
+    ok(&upstreams, &key(), &[]).await;
+    assert_quiet(&upstreams, &key()).await;
+    assert!(cluster_snapshot(&upstreams, &key()).connections <= 1);
 }
 
 #[tokio::test]
@@ -800,6 +934,7 @@ async fn connect_refused_is_a_connect_failure() {
         hits: Arc::default(),
         status: Arc::new(AtomicU16::new(200)),
         gate: watch::channel(false).0,
+        arrivals: Arc::default(),
     };
     let upstreams = upstreams(&state(&[ep(&fake)], None));
     let err = call(&upstreams, &key(), UpstreamProtocol::Http1, &[])
@@ -1155,4 +1290,68 @@ async fn removed_endpoints_stop_getting_traffic() {
     })
     .await;
     assert_quiet(&upstreams, &key()).await;
+}
+
+#[test]
+fn grpc_status_in_headers_maps_to_http_as_envoy() {
+    let table = [
+        ("0", Some(200)),
+        ("1", Some(499)),
+        ("4", Some(504)),
+        ("8", Some(429)),
+        ("13", Some(500)),
+        ("14", Some(503)),
+        ("16", Some(401)),
+        ("99", Some(500)),
+        ("x", None),
+    ];
+    for (code, expected) in table {
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-status", code.parse().expect("value"));
+        assert_eq!(
+            grpc_status_as_http(&headers),
+            expected,
+            "grpc-status {code}"
+        );
+    }
+    assert_eq!(grpc_status_as_http(&HeaderMap::new()), None);
+    let mut grpc = HeaderMap::new();
+    grpc.insert(
+        "content-type",
+        "application/grpc+proto".parse().expect("value"),
+    );
+    assert!(is_grpc(&grpc));
+    assert!(!is_grpc(&HeaderMap::new()));
+}
+
+#[test]
+fn requests_are_adapted_to_the_upstream_protocol() {
+    let endpoint = SocketAddr::from(([10, 1, 0, 5], 8080));
+    let build = |uri: &str, host: Option<&str>| {
+        let mut builder = Request::builder().uri(uri);
+        if let Some(host) = host {
+            builder = builder.header("host", host);
+        }
+        builder.body(empty_body()).expect("request")
+    };
+    // HTTP/1: origin form, Host from an absolute URI when missing.
+    let mut r = build("http://svc.default/a?b=1", None);
+    prepare(&mut r, UpstreamProtocol::Http1, endpoint);
+    assert_eq!(r.uri().to_string(), "/a?b=1");
+    assert_eq!(r.headers()["host"], "svc.default");
+    let mut r = build("http://svc.default/a", Some("rewritten"));
+    prepare(&mut r, UpstreamProtocol::Http1, endpoint);
+    assert_eq!(r.headers()["host"], "rewritten");
+    // HTTP/2: scheme and authority; Host becomes :authority; else the endpoint.
+    let mut r = build("/a", Some("svc.default:80"));
+    prepare(&mut r, UpstreamProtocol::Http2, endpoint);
+    assert_eq!(r.uri().to_string(), "http://svc.default:80/a");
+    assert!(r.headers().get("host").is_none());
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    let mut r = build("http://old/a", Some("new"));
+    prepare(&mut r, UpstreamProtocol::Http2, endpoint);
+    assert_eq!(r.uri().to_string(), "http://new/a");
+    let mut r = build("/a", None);
+    prepare(&mut r, UpstreamProtocol::Http2, endpoint);
+    assert_eq!(r.uri().to_string(), "http://10.1.0.5:8080/a");
 }
