@@ -298,3 +298,162 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+/// Operator views (`ztunnel config`, `waypoint config`): fetching a proxy's `/config_dump` and
+/// printing tables, JSON or YAML.
+pub mod view {
+    use std::fmt::Write as _;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    /// How to print a view.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+    pub enum Output {
+        Table,
+        Json,
+        Yaml,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum ViewError {
+        #[error(
+            "cannot reach {proxy}'s admin port at {addr}: {source} (is {proxy} running, and is \
+             --admin its ADMIN_ADDR?)"
+        )]
+        Unreachable {
+            proxy: &'static str,
+            addr: SocketAddr,
+            source: std::io::Error,
+        },
+        #[error("{addr} did not answer within {after:?}")]
+        Timeout { addr: SocketAddr, after: Duration },
+        #[error("{addr} is not a {proxy} admin port: {why}")]
+        NotThisProxy {
+            proxy: &'static str,
+            addr: SocketAddr,
+            why: String,
+        },
+        #[error("formatting: {0}")]
+        Format(String),
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Fetches `/config_dump` from `proxy`'s admin port at `addr`; the dump must have every key
+    /// of `required` (so another program on that port is reported as such).
+    pub async fn fetch(
+        proxy: &'static str,
+        addr: SocketAddr,
+        required: &[&str],
+    ) -> Result<Value, ViewError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let unreachable = |source| ViewError::Unreachable {
+            proxy,
+            addr,
+            source,
+        };
+        let request = async {
+            let mut s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(unreachable)?;
+            s.write_all(b"GET /config_dump HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                .await
+                .map_err(unreachable)?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await.map_err(unreachable)?;
+            Ok::<_, ViewError>(raw)
+        };
+        let raw =
+            tokio::time::timeout(TIMEOUT, request)
+                .await
+                .map_err(|_| ViewError::Timeout {
+                    addr,
+                    after: TIMEOUT,
+                })??;
+        let text = String::from_utf8_lossy(&raw);
+        let not = |why: &str| ViewError::NotThisProxy {
+            proxy,
+            addr,
+            why: why.to_owned(),
+        };
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| not("the answer is not HTTP"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(not(head.lines().next().unwrap_or("no status line")));
+        }
+        let dump: Value =
+            serde_json::from_str(body).map_err(|_| not("/config_dump is not JSON"))?;
+        if let Some(missing) = required.iter().find(|k| dump.get(**k).is_none()) {
+            return Err(not(&format!("/config_dump lacks `{missing}`")));
+        }
+        Ok(dump)
+    }
+
+    /// `value` as pretty JSON or YAML.
+    pub fn serialize(value: &Value, output: Output) -> Result<String, ViewError> {
+        match output {
+            Output::Yaml => {
+                serde_yaml::to_string(value).map_err(|e| ViewError::Format(e.to_string()))
+            }
+            _ => serde_json::to_string_pretty(value)
+                .map(|s| s + "\n")
+                .map_err(|e| ViewError::Format(e.to_string())),
+        }
+    }
+
+    /// A JSON value as a cell: strings bare, null as `-`.
+    pub fn cell(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// A JSON array as a comma-separated cell, `-` when empty.
+    pub fn list(v: &Value) -> String {
+        match v.as_array() {
+            Some(items) if !items.is_empty() => {
+                items.iter().map(cell).collect::<Vec<_>>().join(",")
+            }
+            _ => "-".into(),
+        }
+    }
+
+    /// Left-aligned columns separated by two spaces, with a title and a header.
+    pub fn table(out: &mut String, title: &str, header: &[&str], rows: Vec<Vec<String>>) {
+        let _ = writeln!(out, "{title}");
+        let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |cells: Vec<String>| {
+            let mut l = String::new();
+            for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+                if i + 1 == cells.len() {
+                    l.push_str(cell);
+                } else {
+                    let _ = write!(l, "{cell:<w$}  ");
+                }
+            }
+            l.trim_end().to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "{}",
+            line(header.iter().map(|h| h.to_string()).collect())
+        );
+        if rows.is_empty() {
+            let _ = writeln!(out, "(none)");
+        }
+        for row in rows {
+            let _ = writeln!(out, "{}", line(row));
+        }
+        out.push('\n');
+    }
+}

@@ -500,6 +500,25 @@ spec:
         assert_eq!(answer.status, 200, "request {i} after ejection");
         assert_eq!(answer.version(), "v1");
     }
+    // `waypoint config upstreams` shows it.
+    let dump = bi
+        .cluster
+        .waypoint("waypoint")
+        .try_config_dump()
+        .await
+        .unwrap();
+    let view = waypoint::operator::render(
+        &dump,
+        waypoint::operator::Section::Upstreams,
+        mesh::ops::view::Output::Table,
+    )
+    .unwrap();
+    let v2 = bi.cluster.pod("reviews-v2").addr(PORT).to_string();
+    let row = view
+        .lines()
+        .find(|l| l.contains(&v2))
+        .unwrap_or_else(|| panic!("{view}"));
+    assert!(row.contains("ejected ("), "{view}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

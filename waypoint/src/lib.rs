@@ -15,6 +15,7 @@ pub mod config;
 pub mod connector;
 pub mod inbound;
 pub mod metrics;
+pub mod operator;
 pub mod proxy;
 pub mod record;
 pub mod request;

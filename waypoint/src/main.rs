@@ -32,6 +32,9 @@ enum Command {
     /// WORKLOAD_CERT_TTL_SECONDS, PROTOCOL_DETECTION_TIMEOUT_MS (0 = wait),
     /// WAYPOINT_WORKER_THREADS (default 2).
     Run,
+    /// Show what a running waypoint serves: services with their routes, upstream clusters with
+    /// endpoint health and overflows, its certificate (reads its admin port).
+    Config(waypoint::operator::ConfigArgs),
 }
 
 fn main() {
@@ -61,6 +64,10 @@ fn run() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Config(args) => {
+                print!("{}", waypoint::operator::run(args).await?);
+                Ok(())
+            }
             Command::Run => {
                 let config = waypoint::config::Config::from_env(&mesh::ops::ProcessEnv)?;
                 let bound = waypoint::app::build(config, Some(log)).await?;

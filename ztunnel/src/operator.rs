@@ -2,9 +2,7 @@
 //! `istioctl ztunnel-config`. It reads the admin endpoint's `/config_dump` and prints workloads,
 //! services, policies, certificates or live connections as a table, JSON or YAML.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -19,13 +17,8 @@ pub enum Section {
     All,
 }
 
-/// How to print it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-    Yaml,
-}
+pub use mesh::ops::view::{Output, ViewError as OperatorError};
+use mesh::ops::view::{cell as s, list, table};
 
 /// Flags of `ztunnel config`.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,78 +34,17 @@ pub struct ConfigArgs {
     pub output: Output,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OperatorError {
-    #[error(
-        "cannot reach ztunnel's admin port at {addr}: {source} (is ztunnel running, and is \
-         --admin its ADMIN_ADDR?)"
-    )]
-    Unreachable {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{addr} did not answer within {after:?}")]
-    Timeout { addr: SocketAddr, after: Duration },
-    #[error("{addr} is not a ztunnel admin port: {why}")]
-    NotZtunnel { addr: SocketAddr, why: String },
-    #[error("formatting: {0}")]
-    Format(String),
-}
-
-const TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Fetches `/config_dump` from `addr`.
 pub async fn fetch(addr: SocketAddr) -> Result<Value, OperatorError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|source| OperatorError::Unreachable { addr, source })?;
-        s.write_all(b"GET /config_dump HTTP/1.1\r\nHost: ztunnel\r\nConnection: close\r\n\r\n")
-            .await
-            .map_err(|source| OperatorError::Unreachable { addr, source })?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)
-            .await
-            .map_err(|source| OperatorError::Unreachable { addr, source })?;
-        Ok::<_, OperatorError>(raw)
-    };
-    let raw =
-        tokio::time::timeout(TIMEOUT, request)
-            .await
-            .map_err(|_| OperatorError::Timeout {
-                addr,
-                after: TIMEOUT,
-            })??;
-    let text = String::from_utf8_lossy(&raw);
-    let not = |why: &str| OperatorError::NotZtunnel {
-        addr,
-        why: why.to_owned(),
-    };
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| not("the answer is not HTTP"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(not(head.lines().next().unwrap_or("no status line")));
-    }
-    let dump: Value = serde_json::from_str(body).map_err(|_| not("/config_dump is not JSON"))?;
-    if dump.get("state").is_none() || dump.get("certificates").is_none() {
-        return Err(not("/config_dump lacks state and certificates"));
-    }
-    Ok(dump)
+    mesh::ops::view::fetch("ztunnel", addr, &["state", "certificates"]).await
 }
 
 /// Renders `section` of a config dump in `output`.
 pub fn render(dump: &Value, section: Section, output: Output) -> Result<String, OperatorError> {
     let selected = select(dump, section);
     match output {
-        Output::Json => serde_json::to_string_pretty(&selected)
-            .map(|s| s + "\n")
-            .map_err(|e| OperatorError::Format(e.to_string())),
-        Output::Yaml => {
-            serde_yaml::to_string(&selected).map_err(|e| OperatorError::Format(e.to_string()))
-        }
         Output::Table => Ok(tables(dump, section)),
+        other => mesh::ops::view::serialize(&selected, other),
     }
 }
 
@@ -150,55 +82,6 @@ fn tables(dump: &Value, section: Section) -> String {
         connections(dump, &mut out);
     }
     out
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-fn list(v: &Value) -> String {
-    match v.as_array() {
-        Some(items) if !items.is_empty() => items.iter().map(s).collect::<Vec<_>>().join(","),
-        _ => "-".into(),
-    }
-}
-
-/// Left-aligned columns separated by two spaces, with a header.
-fn table(out: &mut String, title: &str, header: &[&str], rows: Vec<Vec<String>>) {
-    let _ = writeln!(out, "{title}");
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                let _ = write!(l, "{cell:<w$}  ");
-            }
-        }
-        l.trim_end().to_owned()
-    };
-    let _ = writeln!(
-        out,
-        "{}",
-        line(header.iter().map(|h| h.to_string()).collect())
-    );
-    if rows.is_empty() {
-        let _ = writeln!(out, "(none)");
-    }
-    for row in rows {
-        let _ = writeln!(out, "{}", line(row));
-    }
-    out.push('\n');
 }
 
 fn workloads(dump: &Value, out: &mut String) {
