@@ -253,6 +253,27 @@ pub struct RetryPolicy {
     pub retry_on: RetryOn,
 }
 
+impl RetryPolicy {
+    /// Istio's policy for routes that set no `retries`: 2 retries on
+    /// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` with 503.
+    pub fn istio_default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn {
+                conditions: vec![
+                    RetryCondition::ConnectFailure,
+                    RetryCondition::RefusedStream,
+                    RetryCondition::GrpcUnavailable,
+                    RetryCondition::GrpcCancelled,
+                    RetryCondition::RetriableStatusCodes,
+                ],
+                status_codes: vec![503],
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FaultDelay {
     pub delay: Duration,

@@ -291,6 +291,9 @@ pub struct State {
     pub l7_authorization_policies: Vec<Arc<L7AuthorizationPolicy>>,
     /// Waypoint `Gateway`s by `<namespace>/<name>`.
     pub waypoint_gateways: BTreeMap<String, WaypointGateway>,
+    /// `RateLimitPolicy`s (`mesh.ambient.dev`) waypoints enforce, sorted by key, targets
+    /// resolved against `services` and `waypoint_gateways`.
+    pub rate_limit_policies: Vec<Arc<super::ratelimit::RateLimitPolicy>>,
     pub root_namespace: String,
     #[serde(skip)]
     pub by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -305,5 +308,32 @@ impl State {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
+    }
+
+    /// The workload behind an endpoint: its slice's `targetRef`, else the pod with its IP.
+    pub fn endpoint_workload(&self, endpoint: &Endpoint) -> Option<Arc<Workload>> {
+        endpoint
+            .workload_uid
+            .as_ref()
+            .and_then(|uid| self.workloads.get(uid))
+            .or_else(|| self.workload_by_ip(endpoint.ip))
+            .cloned()
+    }
+}
+
+impl ServicePort {
+    /// The port this service port reaches on `endpoint`: a numeric `targetPort` as is; a named
+    /// one from the EndpointSlice (whose ports carry the service port's name), else from the
+    /// pod's container port of that name. `None`: the endpoint does not expose it.
+    pub fn target_on(&self, endpoint: &Endpoint, workload: Option<&Workload>) -> Option<u16> {
+        match &self.target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Named(target) => self
+                .name
+                .as_ref()
+                .and_then(|name| endpoint.ports.get(name))
+                .copied()
+                .or_else(|| workload.and_then(|w| w.named_ports.get(target).copied())),
+        }
     }
 }

@@ -99,21 +99,7 @@ pub fn retry_backoff(retry: u32, rng: &mut fastrand::Rng) -> Duration {
     Duration::from_millis(rng.u64(0..ceiling))
 }
 
-/// Istio's retry policy for routes that set none: 2 retries on
-/// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` with 503.
+/// Istio's retry policy for routes that set none (see [`RetryPolicy::istio_default`]).
 pub fn default_retry_policy() -> RetryPolicy {
-    RetryPolicy {
-        attempts: 2,
-        per_try_timeout: None,
-        retry_on: RetryOn {
-            conditions: vec![
-                RetryCondition::ConnectFailure,
-                RetryCondition::RefusedStream,
-                RetryCondition::GrpcUnavailable,
-                RetryCondition::GrpcCancelled,
-                RetryCondition::RetriableStatusCodes,
-            ],
-            status_codes: vec![503],
-        },
-    }
+    RetryPolicy::istio_default()
 }

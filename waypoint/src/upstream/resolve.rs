@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh::model::{Endpoint, State, TargetPort, TrafficPolicy, Workload};
+use mesh::model::{State, TrafficPolicy, Workload};
 
 use super::ClusterKey;
 
@@ -91,7 +91,7 @@ pub(super) fn resolve(state: &State, key: &ClusterKey) -> Result<ClusterSpec, Un
         .iter()
         .filter(|e| e.ready)
         .filter_map(|e| {
-            let workload = endpoint_workload(state, e);
+            let workload = state.endpoint_workload(e);
             if let Some(labels) = labels {
                 let carries_all = workload.as_ref().is_some_and(|w| {
                     labels
@@ -102,19 +102,7 @@ pub(super) fn resolve(state: &State, key: &ClusterKey) -> Result<ClusterSpec, Un
                     return None;
                 }
             }
-            let port = match &service_port.target {
-                TargetPort::Number(n) => Some(*n),
-                TargetPort::Named(target) => service_port
-                    .name
-                    .as_ref()
-                    .and_then(|name| e.ports.get(name))
-                    .copied()
-                    .or_else(|| {
-                        workload
-                            .as_ref()
-                            .and_then(|w| w.named_ports.get(target).copied())
-                    }),
-            }?;
+            let port = service_port.target_on(e, workload.as_deref())?;
             let addr = SocketAddr::new(e.ip, port);
             seen.insert(addr)
                 .then_some(ResolvedEndpoint { addr, workload })
@@ -128,11 +116,3 @@ pub(super) fn resolve(state: &State, key: &ClusterKey) -> Result<ClusterSpec, Un
     })
 }
 
-fn endpoint_workload(state: &State, endpoint: &Endpoint) -> Option<Arc<Workload>> {
-    endpoint
-        .workload_uid
-        .as_ref()
-        .and_then(|uid| state.workloads.get(uid))
-        .or_else(|| state.workload_by_ip(endpoint.ip))
-        .cloned()
-}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use mesh::hbone::HBONE_PORT;
 use mesh::identity::Identity;
-use mesh::model::{Endpoint, Service, State, TargetPort, WaypointRef, Workload};
+use mesh::model::{Service, State, WaypointRef, Workload};
 
 /// The decision for one outbound connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,7 +130,7 @@ fn plan_waypoint(
         .endpoints
         .iter()
         .filter(|e| e.ready)
-        .filter_map(|e| endpoint_workload(state, e))
+        .filter_map(|e| state.endpoint_workload(e))
         .collect();
     if candidates.is_empty() {
         return OutboundPlan::Unreachable {
@@ -174,15 +174,8 @@ fn resolve_service(
         .iter()
         .filter(|e| e.ready)
         .filter_map(|e| {
-            let workload = endpoint_workload(state, e);
-            let target = match &service_port.target {
-                TargetPort::Number(n) => Some(*n),
-                TargetPort::Named(name) => e.ports.get(name).copied().or_else(|| {
-                    workload
-                        .as_ref()
-                        .and_then(|w| w.named_ports.get(name).copied())
-                }),
-            }?;
+            let workload = state.endpoint_workload(e);
+            let target = service_port.target_on(e, workload.as_deref())?;
             Some((SocketAddr::new(e.ip, target), workload))
         })
         .collect();
@@ -197,14 +190,6 @@ fn resolve_service(
     Ok(candidates.swap_remove(index))
 }
 
-fn endpoint_workload(state: &State, endpoint: &Endpoint) -> Option<Arc<Workload>> {
-    endpoint
-        .workload_uid
-        .as_ref()
-        .and_then(|uid| state.workloads.get(uid))
-        .or_else(|| state.workload_by_ip(endpoint.ip))
-        .cloned()
-}
 
 #[cfg(test)]
 mod tests;

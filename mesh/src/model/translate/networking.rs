@@ -89,20 +89,7 @@ pub(super) struct AcceptedRoute<T> {
 
 /// Istio's default retry policy, applied to routes without `retries`.
 pub fn istio_default_retries() -> RetryPolicy {
-    RetryPolicy {
-        attempts: 2,
-        per_try_timeout: None,
-        retry_on: RetryOn {
-            conditions: vec![
-                RetryCondition::ConnectFailure,
-                RetryCondition::RefusedStream,
-                RetryCondition::GrpcUnavailable,
-                RetryCondition::GrpcCancelled,
-                RetryCondition::RetriableStatusCodes,
-            ],
-            status_codes: vec![503],
-        },
-    }
+    RetryPolicy::istio_default()
 }
 
 /// `attempts: 0`: no retries.

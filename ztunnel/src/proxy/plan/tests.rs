@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use mesh::model::ServicePort;
+use mesh::model::{Endpoint, ServicePort, TargetPort};
 use mesh::model::WaypointRef;
 
 fn workload(name: &str, ip: &str, enrolled: bool) -> Arc<Workload> {
