@@ -163,6 +163,26 @@ impl CaConfig {
 /// Changes the log filter at run time (`/logging?level=debug` or `?filter=mesh=debug,info`).
 pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// Installs the process' log output (stdout, ANSI colours only on a terminal) with `filter`
+/// (RUST_LOG syntax) and returns the control `/logging` uses to change it at run time.
+pub fn init_logging(filter: &str) -> anyhow::Result<LogControl> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, reload};
+    let (filter, handle) = reload::Layer::new(EnvFilter::try_new(filter)?);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+        )
+        .init();
+    Ok(Arc::new(move |f: &str| {
+        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
+}
+
 /// A plain HTTP handler of an operator port.
 pub type Handler = Arc<dyn Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 

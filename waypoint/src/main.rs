@@ -1,16 +1,11 @@
 //! The `waypoint` command: `run` serves the services bound to this waypoint.
 
-use std::sync::Arc;
-
 /// The data path allocates per request and per chunk; mimalloc keeps that memory pooled per
 /// thread (the same choice as ztunnel, where glibc's allocator cost 40-70% of bulk throughput).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, reload};
 
 #[derive(Debug, Parser)]
 #[command(name = "waypoint", version, about = "Ambient mesh L7 proxy (waypoint)")]
@@ -46,18 +41,7 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&cli.log)?);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
-        )
-        .init();
-    let log: mesh::ops::LogControl = Arc::new(move |f: &str| {
-        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-        handle.reload(filter).map_err(|e| e.to_string())
-    });
+    let log = mesh::ops::init_logging(&cli.log)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(waypoint::config::worker_threads(&mesh::ops::ProcessEnv)?)
         .enable_all()

@@ -1,7 +1,5 @@
 //! The `ztunnel` command: `run` serves this node's pods, `ca` runs the certificate authority.
 
-use std::sync::Arc;
-
 /// The data path allocates a buffer per chunk it moves; glibc's allocator serves chunks of a
 /// few hundred KiB with fresh mmaps (a page fault per page, every time), which the benchmark
 /// showed dominating bulk transfers. mimalloc keeps such memory pooled per thread.
@@ -9,9 +7,6 @@ use std::sync::Arc;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, reload};
 
 #[derive(Debug, Parser)]
 #[command(name = "ztunnel", version, about = "Ambient mesh node proxy")]
@@ -48,18 +43,7 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&cli.log)?);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
-        )
-        .init();
-    let log: ztunnel::admin::LogControl = Arc::new(move |f: &str| {
-        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-        handle.reload(filter).map_err(|e| e.to_string())
-    });
+    let log = mesh::ops::init_logging(&cli.log)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(ztunnel::config::worker_threads(
             &ztunnel::config::ProcessEnv,
