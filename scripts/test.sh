@@ -19,6 +19,16 @@ if ! command -v ip >/dev/null 2>&1; then
     fi
 fi
 
+# tests/tests/manifests.rs checks that manifests/rendered/ is what manifests/render.py makes
+# from the charts; the renderer reads YAML with PyYAML.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import yaml' >/dev/null 2>&1; then
+    echo "PyYAML not found; installing it for the manifest checks" >&2
+    python3 -m pip install --quiet pyyaml 2>/dev/null \
+        || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+             && apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-yaml; } \
+        || echo "warning: PyYAML cannot be installed here; the manifest render check needs it" >&2
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
