@@ -3,8 +3,9 @@
 //! ztunnel sends a service's traffic here over HBONE when the service (or its namespace) is
 //! labelled `istio.io/use-waypoint=<name>`. The waypoint terminates HBONE, serves HTTP/1.1 and
 //! HTTP/2, applies `VirtualService` routes ([`route`]), `DestinationRule` policies and the
-//! connection pools to the chosen endpoints ([`upstream`]) and L7 `AuthorizationPolicy`
-//! ([`authz`]), then opens HBONE to the endpoint's ztunnel.
+//! connection pools to the chosen endpoints ([`upstream`]), L7 `AuthorizationPolicy`
+//! ([`authz`]) and this project's `RateLimitPolicy` ([`ratelimit`]), then opens HBONE to the
+//! endpoint's ztunnel.
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod operator;
 pub mod proxy;
+pub mod ratelimit;
 pub mod record;
 pub mod request;
 pub mod route;

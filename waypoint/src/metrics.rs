@@ -180,6 +180,8 @@ pub enum LocalReply {
     DirectResponse,
     /// The route's `redirect`.
     Redirect,
+    /// 429 (gRPC `RESOURCE_EXHAUSTED`): a RateLimitPolicy rule's bucket was empty.
+    RateLimited,
 }
 
 impl LocalReply {
@@ -194,6 +196,7 @@ impl LocalReply {
             LocalReply::FaultAbort => "fault_abort",
             LocalReply::DirectResponse => "direct_response",
             LocalReply::Redirect => "redirect",
+            LocalReply::RateLimited => "rate_limited",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! One HTTP request through the waypoint, in the order Envoy's HTTP filter chain applies it:
-//! L7 authorization, route selection, CORS, fault injection, the route's action (redirect,
-//! direct response, or forwarding with rewrites, header edits, mirrors, retries and the route
-//! timeout), then the response's header edits. Every request ends in exactly one metrics
+//! L7 authorization, rate limits, route selection, CORS, fault injection, the route's action
+//! (redirect, direct response, or forwarding with rewrites, header edits, mirrors, retries and
+//! the route timeout), then the response's header edits. Every request ends in exactly one metrics
 //! record and one access-log line ([`Finish`]), including local replies, so an operator can
 //! explain every 403, 404, 429, 503 and 504 from the log alone.
 
@@ -55,6 +55,7 @@ pub async fn handle(
 ) -> Response<Body> {
     let routing = ctx.routes.load_full();
     let mut finish = Finish::new(&ctx, &downstream, &request);
+    strip_h2c_upgrade(request.headers_mut());
     let upgrade = request
         .headers()
         .contains_key(header::UPGRADE)
@@ -71,6 +72,17 @@ pub async fn handle(
     if let Err(denied) = check_authz(&ctx, &downstream, &parts) {
         finish.reason = denied;
         return finish.local(StatusCode::FORBIDDEN, "RBAC", DENIED_BODY);
+    }
+
+    // 1b. Rate limits (RateLimitPolicy), after authorization so a denied request spends no
+    // token; their `x-ratelimit-*` headers go on whatever this request is answered.
+    let rate_limit = crate::ratelimit::check(&ctx, &downstream, &parts);
+    finish.extra_response_headers = rate_limit.headers;
+    if let Some(limited) = rate_limit.limited {
+        let response = limited.response(grpc_request).map(full_body);
+        finish.reason = limited.reason;
+        finish.local_reply = Some(LocalReply::RateLimited);
+        return finish.respond(response, "RL");
     }
 
     // 2. The route.
@@ -340,8 +352,11 @@ pub async fn handle(
                 if response_parts.status == StatusCode::SWITCHING_PROTOCOLS
                     && let Some(downstream_upgrade) = upgrade
                 {
-                    let upstream_response =
-                        Response::from_parts(clone_response_parts(&response_parts), response_body);
+                    // The upgraded stream is in the upstream response's extensions: they go with
+                    // the response handed to `splice_upgrade`, not with the copy sent downstream.
+                    let mut upstream_parts = clone_response_parts(&response_parts);
+                    upstream_parts.extensions = std::mem::take(&mut response_parts.extensions);
+                    let upstream_response = Response::from_parts(upstream_parts, response_body);
                     splice_upgrade(downstream_upgrade, upstream_response);
                     finish.reason = "upgraded".into();
                     let response = Response::from_parts(response_parts, full_body(Bytes::new()));
@@ -472,13 +487,14 @@ fn upstream_protocol(
 
 /// The request's authority: `:authority` (HTTP/2) or `Host`.
 fn authority_of(parts: &http::request::Parts) -> String {
-    parts
-        .uri
-        .authority()
+    authority(&parts.uri, &parts.headers)
+}
+
+fn authority(uri: &http::Uri, headers: &HeaderMap) -> String {
+    uri.authority()
         .map(|a| a.as_str().to_owned())
         .or_else(|| {
-            parts
-                .headers
+            headers
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
@@ -531,6 +547,20 @@ fn prepare_upstream_headers(parts: &mut http::request::Parts, upgrade: bool) {
         if let Ok(v) = HeaderValue::from_str(&id) {
             parts.headers.insert("x-request-id", v);
         }
+    }
+}
+
+/// `Upgrade: h2c` (what `curl --http2` sends on `http://`) is not an upgrade the waypoint
+/// performs: as Envoy, it drops the upgrade headers and serves the request over HTTP/1.1.
+fn strip_h2c_upgrade(headers: &mut HeaderMap) {
+    let h2c = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("h2c"));
+    if h2c {
+        headers.remove(header::UPGRADE);
+        headers.remove("http2-settings");
+        headers.remove(header::CONNECTION);
     }
 }
 
@@ -698,6 +728,29 @@ pub struct Finish {
     pub destination_workload: Option<Arc<Workload>>,
     pub request_bytes: Option<Arc<AtomicU64>>,
     pub local_reply: Option<LocalReply>,
+    /// Added to (replacing) the response's headers, whoever made it: the rate limits'
+    /// `x-ratelimit-*` and `retry-after`.
+    pub extra_response_headers: HeaderMap,
+    /// Set by [`crate::record::record`]; a `Finish` dropped unrecorded is a request the
+    /// client abandoned before the answer.
+    pub(crate) recorded: bool,
+}
+
+impl Drop for Finish {
+    /// The client went away (closed the connection, reset the stream) before the response
+    /// started: the request is still recorded, as Envoy does, with response code 0 and flag
+    /// DC.
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        if self.reason.is_empty() {
+            self.reason =
+                "the client closed the connection or the stream before the response".to_owned();
+        }
+        let flag = if self.flags_delay { "DI,DC" } else { "DC" };
+        crate::record::record(self, 0, flag, 0, None);
+    }
 }
 
 impl Finish {
@@ -707,7 +760,7 @@ impl Finish {
             downstream: downstream.clone(),
             started: Instant::now(),
             method: request.method().to_string(),
-            authority: authority_of_request(request),
+            authority: authority(request.uri(), request.headers()),
             path: request
                 .uri()
                 .path_and_query()
@@ -724,6 +777,8 @@ impl Finish {
             destination_workload: None,
             request_bytes: None,
             local_reply: None,
+            extra_response_headers: HeaderMap::new(),
+            recorded: false,
         }
     }
 
@@ -742,7 +797,9 @@ impl Finish {
     }
 
     /// Wraps the response body so the record is made when it ends.
-    fn respond(self, response: Response<Body>, flag: &'static str) -> Response<Body> {
+    fn respond(mut self, mut response: Response<Body>, flag: &'static str) -> Response<Body> {
+        let extra = std::mem::take(&mut self.extra_response_headers);
+        response.headers_mut().extend(extra);
         let flag = match (flag, self.flags_delay) {
             ("-", true) => "DI",
             (f, _) => f,
@@ -764,20 +821,6 @@ impl Finish {
     }
 }
 
-fn authority_of_request(request: &Request<Incoming>) -> String {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
-}
 
 struct Done {
     finish: Finish,
@@ -795,9 +838,9 @@ struct ObservedBody {
 
 impl ObservedBody {
     fn complete(&mut self) {
-        if let Some(done) = self.done.take() {
+        if let Some(mut done) = self.done.take() {
             crate::record::record(
-                done.finish,
+                &mut done.finish,
                 done.status,
                 done.flag,
                 self.bytes,

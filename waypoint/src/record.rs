@@ -6,8 +6,9 @@ use crate::metrics::{RequestProtocol, RequestRecord, log_access, peer_labels, se
 use crate::proxy::Finish;
 
 /// Records one finished request: `istio_requests_total` and friends, then the access log.
+/// Marks `finish` recorded, so it is recorded once.
 pub fn record(
-    finish: Finish,
+    finish: &mut Finish,
     status: u16,
     flag: &'static str,
     response_bytes: u64,
@@ -61,6 +62,7 @@ pub fn record(
         local_reply: finish.local_reply,
         failure_reason: (!finish.reason.is_empty()).then(|| finish.reason.clone()),
     };
+    finish.recorded = true;
     finish.ctx().metrics.record(&record);
     log_access(&record);
 }

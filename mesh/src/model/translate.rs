@@ -7,7 +7,8 @@
 //! VirtualService precedence). No I/O happens here.
 //!
 //! The L7 half (VirtualService, DestinationRule, waypoint `Gateway`s, AuthorizationPolicies as a
-//! waypoint evaluates them) lives in the `networking` and `l7_policy` submodules.
+//! waypoint evaluates them) lives in the `networking` and `l7_policy` submodules, this
+//! project's `RateLimitPolicy` in `ratelimit`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,16 +25,21 @@ use tracing::{debug, warn};
 use super::istio_crd as crd;
 use super::l7::*;
 use super::networking_crd as ncrd;
+use super::ratelimit::*;
+use super::ratelimit_crd as rcrd;
 use super::types::*;
 use crate::identity::{Identity, IdentityError};
 
 mod l7_policy;
 mod networking;
+mod ratelimit;
 
 pub use networking::{istio_default_retries, parse_duration};
 
 #[cfg(test)]
 mod l7_tests;
+#[cfg(test)]
+mod ratelimit_tests;
 #[cfg(test)]
 mod tests;
 
@@ -89,11 +95,13 @@ pub enum Kind {
     DestinationRule,
     /// Gateway API `Gateway` (only class `istio-waypoint` matters).
     Gateway,
+    /// This project's `RateLimitPolicy` (`mesh.ambient.dev`), enforced by waypoints.
+    RateLimitPolicy,
 }
 
 impl Kind {
     /// Every kind, so metrics can report zero for kinds that have no objects.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -103,6 +111,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
+        Kind::RateLimitPolicy,
     ];
 
     /// The `kind` as Kubernetes spells it.
@@ -117,6 +126,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::Gateway => "Gateway",
+            Kind::RateLimitPolicy => "RateLimitPolicy",
         }
     }
 
@@ -142,6 +152,7 @@ impl Kind {
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => crd::SECURITY_GROUP,
             Kind::VirtualService | Kind::DestinationRule => ncrd::NETWORKING_GROUP,
             Kind::Gateway => ncrd::GATEWAY_API_GROUP,
+            Kind::RateLimitPolicy => rcrd::MESH_GROUP,
         }
     }
 
@@ -153,6 +164,7 @@ impl Kind {
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => &crd::SECURITY_API_VERSIONS,
             Kind::VirtualService | Kind::DestinationRule => &ncrd::NETWORKING_API_VERSIONS,
             Kind::Gateway => &ncrd::GATEWAY_API_VERSIONS,
+            Kind::RateLimitPolicy => &rcrd::RATE_LIMIT_API_VERSIONS,
         }
     }
 }
@@ -223,6 +235,7 @@ pub enum Object {
     VirtualService(Box<ncrd::VirtualService>),
     DestinationRule(Box<ncrd::DestinationRule>),
     Gateway(Box<ncrd::Gateway>),
+    RateLimitPolicy(Box<rcrd::RateLimitPolicy>),
 }
 
 impl Object {
@@ -237,6 +250,7 @@ impl Object {
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::Gateway(_) => Kind::Gateway,
+            Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
         }
     }
 
@@ -251,6 +265,7 @@ impl Object {
             Object::VirtualService(o) => &o.metadata,
             Object::DestinationRule(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
+            Object::RateLimitPolicy(o) => &o.metadata,
         }
     }
 
@@ -297,6 +312,7 @@ impl Object {
             Kind::VirtualService => Object::VirtualService(parse(key, value)?),
             Kind::DestinationRule => Object::DestinationRule(parse(key, value)?),
             Kind::Gateway => Object::Gateway(parse(key, value)?),
+            Kind::RateLimitPolicy => Object::RateLimitPolicy(parse(key, value)?),
         })
     }
 }
@@ -484,6 +500,8 @@ enum Accepted {
     DestinationRule(Box<networking::AcceptedRoute<DestinationRule>>),
     /// `None`: a Gateway of another class.
     Gateway(Option<WaypointGateway>),
+    /// Targets not resolved yet (assembly does it).
+    RateLimitPolicy(RateLimitPolicy),
 }
 
 #[derive(Debug)]
@@ -527,6 +545,9 @@ fn accept(
             Accepted::DestinationRule(Box::new(networking::destination_rule(config, key, dr)?))
         }
         Object::Gateway(gw) => Accepted::Gateway(networking::waypoint_gateway(key, gw)),
+        Object::RateLimitPolicy(policy) => {
+            Accepted::RateLimitPolicy(ratelimit::rate_limit_policy(key, policy)?)
+        }
     })
 }
 
@@ -1232,6 +1253,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     let mut slices = Vec::new();
     let mut virtual_services = Vec::new();
     let mut destination_rules = Vec::new();
+    let mut rate_limit_policies = Vec::new();
     for (key, accepted) in in_force {
         match accepted.as_ref() {
             Accepted::Namespace(_)
@@ -1297,6 +1319,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
                     gateway.clone(),
                 );
             }
+            Accepted::RateLimitPolicy(policy) => rate_limit_policies.push(policy),
         }
     }
 
@@ -1344,6 +1367,12 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
         networking::assemble_routes(&state.services, virtual_services, destination_rules);
     state.virtual_services = virtual_services;
     state.destination_rules = destination_rules;
+    // `in_force` iterates by key, so these stay sorted by key.
+    for policy in rate_limit_policies {
+        let mut policy = policy.clone();
+        ratelimit::resolve_targets(&mut policy, &state.services, &state.waypoint_gateways);
+        state.rate_limit_policies.push(Arc::new(policy));
+    }
     state
 }
 
