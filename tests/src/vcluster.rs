@@ -1277,10 +1277,9 @@ impl Model {
             if let Some(extra) = name
                 .strip_prefix(EXTRA_FILE_PREFIX)
                 .and_then(|n| n.strip_suffix(".yaml"))
+                && !self.files.contains_key(extra)
             {
-                if !self.files.contains_key(extra) {
-                    std::fs::remove_file(entry.path())?;
-                }
+                std::fs::remove_file(entry.path())?;
             }
         }
         for (name, yaml) in &self.files {
@@ -1320,7 +1319,19 @@ pub struct ClusterBuilder {
     waypoints: Vec<waypoint::WaypointSpec>,
     drain_deadline: Duration,
     log_filter: String,
+    ztunnel_env: Vec<(String, EnvValue)>,
     last: Option<Last>,
+}
+
+/// The value of an extra ztunnel environment variable (see [`ClusterBuilder::ztunnel_env`]).
+#[derive(Debug, Clone)]
+enum EnvValue {
+    Literal(String),
+    /// `<pod ip>:<port>`, known once `build` assigned the addresses.
+    PodAddr {
+        pod: String,
+        port: u16,
+    },
 }
 
 fn assert_dns_label(kind: &str, name: &str) {
@@ -1546,6 +1557,32 @@ impl ClusterBuilder {
         self
     }
 
+    /// An environment variable for every node's ztunnel (e.g. `DNS_CAPTURE=false`), set after
+    /// the harness's own, so it may override them.
+    pub fn ztunnel_env(mut self, key: &str, value: &str) -> Self {
+        self.ztunnel_env
+            .push((key.to_owned(), EnvValue::Literal(value.to_owned())));
+        self
+    }
+
+    /// Sets `key` to `<ip of pod>:<port>` for every node's ztunnel, e.g. `DNS_UPSTREAMS` to a
+    /// DNS server the test runs in that pod.
+    #[track_caller]
+    pub fn ztunnel_env_pod_addr(mut self, key: &str, pod: &str, port: u16) -> Self {
+        assert!(
+            self.pods.iter().any(|p| p.name == pod),
+            "ztunnel_env_pod_addr({key:?}): no pod {pod} (add pods first)"
+        );
+        self.ztunnel_env.push((
+            key.to_owned(),
+            EnvValue::PodAddr {
+                pod: pod.to_owned(),
+                port,
+            },
+        ));
+        self
+    }
+
     /// Creates the namespaces and links, writes the configuration, starts the CA and every
     /// node's ztunnel, and waits until each is ready and serves its enrolled pods.
     pub async fn build(self) -> anyhow::Result<Cluster> {
@@ -1605,6 +1642,23 @@ impl ClusterBuilder {
         let root = dir.path().join("root.pem");
         std::fs::write(&root, pki.root_pem())?;
 
+        let extra_env = self
+            .ztunnel_env
+            .into_iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    EnvValue::Literal(value) => value,
+                    EnvValue::PodAddr { pod, port } => model
+                        .pods
+                        .iter()
+                        .find(|p| p.name == pod)
+                        .and_then(|p| p.ip)
+                        .map(|ip| SocketAddr::from((ip, port)).to_string())
+                        .ok_or_else(|| anyhow!("{key}: pod {pod} has no address"))?,
+                };
+                Ok((key, value))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let launch = Launch {
             binary,
             run,
@@ -1614,6 +1668,7 @@ impl ClusterBuilder {
             root,
             drain_deadline: self.drain_deadline,
             log_filter: self.log_filter,
+            extra_env,
         };
         let Topology {
             underlay,
@@ -1783,6 +1838,8 @@ struct Launch {
     root: PathBuf,
     drain_deadline: Duration,
     log_filter: String,
+    /// Set last on every ztunnel ([`ClusterBuilder::ztunnel_env`]).
+    extra_env: Vec<(String, String)>,
 }
 
 impl Launch {
@@ -1837,6 +1894,13 @@ impl Launch {
                 format!("netns:{}pod-", self.run.prefix()),
             )
             .env(env::CAPTURE_PROBE_SOURCES, bridge_ip.to_string())
+            // Never the host's resolvers: forwarded DNS stays inside the run (nothing listens
+            // on the node's port 53, so such queries get SERVFAIL). Tests that need an
+            // upstream set their own (`ztunnel_env_pod_addr`).
+            .env(
+                env::DNS_UPSTREAMS,
+                SocketAddr::from((bridge_ip, 53)).to_string(),
+            )
             .env(env::ADMIN_ADDR, addr(admin).to_string())
             .env(env::METRICS_ADDR, addr(metrics).to_string())
             .env(env::READINESS_ADDR, addr(readiness).to_string())
@@ -1845,6 +1909,7 @@ impl Launch {
                 env::DRAIN_DEADLINE,
                 self.drain_deadline.as_secs().to_string(),
             )
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -1902,6 +1967,7 @@ impl Cluster {
             waypoints: Vec::new(),
             drain_deadline: Duration::from_secs(10),
             log_filter: "info".to_owned(),
+            ztunnel_env: Vec::new(),
             last: None,
         }
     }

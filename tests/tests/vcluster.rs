@@ -592,10 +592,10 @@ async fn sigterm_drains_without_breaking_an_in_flight_transfer() {
         for (i, chunk) in data.chunks(CHUNK).enumerate() {
             pace.tick().await;
             w.write_all(chunk).await?;
-            if i == 16 {
-                if let Some(tx) = started.take() {
-                    let _ = tx.send(());
-                }
+            if i == 16
+                && let Some(tx) = started.take()
+            {
+                let _ = tx.send(());
             }
         }
         w.shutdown().await

@@ -103,6 +103,7 @@ async fn start_node(name: &str, config_dir: &Path, ca: &RunningCa, root: &Path) 
         socks5_addr: Some(any),
         drain_deadline: Duration::from_secs(2),
         workload_cert_ttl: Duration::from_secs(3600),
+        dns: Default::default(),
     };
     Node {
         bound: ztunnel::app::build(config, None)

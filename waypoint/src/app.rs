@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use mesh::cert_manager::CertManager;
-use mesh::discovery::file::{FileSource, FileSourceConfig};
+use mesh::discovery::file::FileSourceConfig;
+use mesh::discovery::kube::KubeSourceConfig;
+use mesh::discovery::{SourceKind, SourceSpec};
 use mesh::discovery::{Store, StoreWriter};
 use mesh::hbone::server::ManagedCertificate;
 use mesh::hbone::{ClientConfig, HboneClient, HboneServer, ServerConfig};
@@ -49,6 +51,8 @@ pub struct Context {
     /// `waypoint_config_conflicts{shadowed, winner, host}`: VirtualServices shadowed by an
     /// older one for the same host (1 while the conflict lasts).
     pub conflicts: Family<ConflictLabels, Gauge>,
+    /// RateLimitPolicy buckets, following the state like the routes.
+    pub rate_limits: crate::ratelimit::RateLimits,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -162,22 +166,22 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
 
     let writer = StoreWriter::new();
     let store = writer.store();
-    let mut source = FileSource::new(
-        FileSourceConfig {
-            translate: TranslateConfig {
-                trust_domain: config.trust_domain.clone(),
-                cluster_domain: config.cluster_domain.clone(),
-                root_namespace: config.root_namespace.clone(),
-            },
+    let translate = TranslateConfig {
+        trust_domain: config.trust_domain.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+        root_namespace: config.root_namespace.clone(),
+    };
+    let source = match config.config_source() {
+        SourceKind::File => SourceSpec::File(FileSourceConfig {
+            translate,
             ..FileSourceConfig::new(config.config_path.clone())
-        },
-        &mut registry,
-    );
-    if let Err(e) = source.load_once(&writer).await {
-        tracing::warn!(error = %e, "first configuration load failed; retrying as files change");
-    }
+        }),
+        SourceKind::Kubernetes => SourceSpec::Kubernetes(KubeSourceConfig::waypoint(translate)),
+    };
     let sources_stop = CancellationToken::new();
-    tokio::spawn(source.run(writer, sources_stop.clone()));
+    mesh::discovery::start(source, writer, &mut registry, sources_stop.clone())
+        .await
+        .context("starting the configuration source")?;
 
     let connector = Arc::new(HboneConnector {
         client: HboneClient::new(ClientConfig::default(), Arc::new(certs.clone())),
@@ -201,6 +205,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         live: Live::default(),
         connector,
         conflicts,
+        rate_limits: crate::ratelimit::RateLimits::new(&mut registry),
     });
     let applied = Arc::new(AtomicBool::new(false));
     tokio::spawn(follow_state(
@@ -325,6 +330,9 @@ async fn follow_state(ctx: Arc<Context>, applied: Arc<AtomicBool>, stop: Cancell
             }
         }
         ctx.upstreams.update(&state);
+        let waypoint = &ctx.config.waypoint;
+        ctx.rate_limits
+            .update(&state, &waypoint.namespace, &waypoint.name);
         ctx.routes.store(Arc::new(routing));
         if ctx.store.has_synced() {
             applied.store(true, Ordering::Release);

@@ -55,7 +55,8 @@ pub struct Config {
     pub trust_domain: String,
     pub cluster_domain: String,
     pub root_namespace: String,
-    /// A YAML file or directory (the file source).
+    /// A YAML file or directory (the file source); empty when the objects come from the
+    /// Kubernetes API (`CONFIG_SOURCE=kubernetes`, see [`Config::config_source`]).
     pub config_path: PathBuf,
     pub ca: CaConfig,
     pub hbone_addr: SocketAddr,
@@ -69,6 +70,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where the mesh objects come from: the file source when [`Self::config_path`] is set,
+    /// else the Kubernetes API.
+    pub fn config_source(&self) -> mesh::discovery::SourceKind {
+        if self.config_path.as_os_str().is_empty() {
+            mesh::discovery::SourceKind::Kubernetes
+        } else {
+            mesh::discovery::SourceKind::File
+        }
+    }
+
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let trust_domain = env
             .get(TRUST_DOMAIN)
@@ -94,8 +105,12 @@ impl Config {
             root_namespace: env
                 .get(ROOT_NAMESPACE)
                 .unwrap_or_else(|| mesh::model::DEFAULT_ROOT_NAMESPACE.to_owned()),
-            config_path: required(env, CONFIG_PATH, "a YAML file or directory of mesh objects")?
-                .into(),
+            config_path: match mesh::discovery::SourceKind::from_env(env, CONFIG_PATH)? {
+                mesh::discovery::SourceKind::File => {
+                    required(env, CONFIG_PATH, "a YAML file or directory of mesh objects")?.into()
+                }
+                mesh::discovery::SourceKind::Kubernetes => PathBuf::new(),
+            },
             ca: CaConfig::from_env(env)?,
             hbone_addr: parse(env, HBONE_ADDR, DEFAULT_HBONE_ADDR)?,
             admin_addr: parse(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
@@ -154,6 +169,24 @@ mod tests {
             c.protocol_detection_timeout,
             Some(Duration::from_millis(250))
         );
+    }
+
+    #[test]
+    fn config_source_file_or_kubernetes() {
+        use mesh::discovery::{CONFIG_SOURCE, SourceKind};
+        assert_eq!(
+            Config::from_env(&base()).unwrap().config_source(),
+            SourceKind::File
+        );
+        let mut env = base();
+        env.remove(CONFIG_PATH);
+        assert_eq!(
+            Config::from_env(&env).unwrap().config_source(),
+            SourceKind::Kubernetes
+        );
+        env.insert(CONFIG_SOURCE, "file".into());
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("MESH_CONFIG_PATH: required"), "{e}");
     }
 
     #[test]

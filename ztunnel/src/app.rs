@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use mesh::discovery::StoreWriter;
-use mesh::discovery::file::{FileSource, FileSourceConfig};
+use mesh::discovery::file::FileSourceConfig;
+use mesh::discovery::kube::KubeSourceConfig;
+use mesh::discovery::{SourceKind, SourceSpec};
 use mesh::hbone::{ClientConfig, ServerConfig};
 use mesh::metrics::TcpMetrics;
 use mesh::model::translate::TranslateConfig;
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, LogControl, Readiness};
 use crate::config::{CaptureMode, Config};
+use crate::dns;
 use crate::pods::{HostNetworkFactory, NetworkFactory, PodManager};
 use crate::proxy::{self, Context};
 
@@ -60,19 +63,21 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
 
     let writer = StoreWriter::new();
     let store = writer.store();
-    let mut source = FileSource::new(
-        FileSourceConfig {
-            translate: TranslateConfig {
-                trust_domain: config.trust_domain.clone(),
-                cluster_domain: config.cluster_domain.clone(),
-                root_namespace: config.root_namespace.clone(),
-            },
+    let translate = TranslateConfig {
+        trust_domain: config.trust_domain.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+        root_namespace: config.root_namespace.clone(),
+    };
+    let source = match config.config_source() {
+        SourceKind::File => SourceSpec::File(FileSourceConfig {
+            translate,
             ..FileSourceConfig::new(config.config_path.clone())
-        },
-        &mut registry,
-    );
+        }),
+        SourceKind::Kubernetes => SourceSpec::Kubernetes(KubeSourceConfig::ztunnel(translate)),
+    };
 
     let metrics = TcpMetrics::new(&mut registry);
+    let dns = dns_proxy(&config, &store, &mut registry);
     let ctx = Arc::new(Context {
         store: store.clone(),
         certs: certs.clone(),
@@ -82,6 +87,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         hbone_server: ServerConfig::default(),
         pods_by_ip: ArcSwap::from_pointee(HashMap::new()),
         applied_version: std::sync::atomic::AtomicU64::new(0),
+        dns: dns.clone(),
     });
 
     // Stopping: `shutdown` starts the drain; `accepting` stops every listener.
@@ -89,18 +95,24 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     let accepting = CancellationToken::new();
     let sources_stop = CancellationToken::new();
 
-    // The first load is awaited so the pods are set up before `build` returns; a failure is
-    // logged and counted by the source, and readiness stays false until a load succeeds.
-    if let Err(e) = source.load_once(&writer).await {
-        tracing::warn!(error = %e, "first configuration load failed; retrying as files change");
-    }
-    tokio::spawn(source.run(writer, sources_stop.clone()));
+    // A file source's first load is awaited so the pods are set up before `build` returns; a
+    // failure is logged and counted by the source, and readiness stays false until a load
+    // succeeds (for the Kubernetes source: until every kind has been listed).
+    mesh::discovery::start(source, writer, &mut registry, sources_stop.clone())
+        .await
+        .context("starting the configuration source")?;
 
     let factory: Arc<dyn NetworkFactory> = match &config.capture {
         CaptureMode::None => Arc::new(HostNetworkFactory),
         CaptureMode::NamedNetns { prefix } => Arc::new(
             crate::netns_pods::NamedNetnsFactory::new(prefix.clone())
-                .with_probe_sources(config.probe_sources.clone()),
+                .with_probe_sources(config.probe_sources.clone())
+                .with_dns_capture(dns.is_some()),
+        ),
+        CaptureMode::Proc => Arc::new(
+            crate::netns_pods::ProcNetnsFactory::new()
+                .with_probe_sources(config.probe_sources.clone())
+                .with_dns_capture(dns.is_some()),
         ),
     };
     let starter_ctx = ctx.clone();
@@ -199,6 +211,45 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         shutdown,
         done,
     })
+}
+
+/// The DNS proxy when DNS capture is on and pods are captured (without capture there is
+/// nothing to redirect). Upstreams default to the nameservers of ztunnel's resolv.conf; none
+/// there is logged, and forwarded queries then get SERVFAIL.
+fn dns_proxy(
+    config: &Config,
+    store: &mesh::discovery::Store,
+    registry: &mut Registry,
+) -> Option<Arc<dns::DnsProxy>> {
+    if !config.dns.capture || config.capture == CaptureMode::None {
+        return None;
+    }
+    let upstreams = match &config.dns.upstreams {
+        Some(upstreams) => upstreams.clone(),
+        None => dns::system_upstreams().unwrap_or_else(|e| {
+            tracing::warn!(path = dns::RESOLV_CONF, error = %e, "cannot read the DNS upstreams; set DNS_UPSTREAMS");
+            Vec::new()
+        }),
+    };
+    if upstreams.is_empty() {
+        tracing::warn!(
+            "no DNS upstream: queries for names outside the mesh will get SERVFAIL; set DNS_UPSTREAMS"
+        );
+    }
+    tracing::info!(
+        ?upstreams,
+        "DNS proxy on, pods' DNS redirected to :{}",
+        dns::DNS_PROXY_PORT
+    );
+    let dns_config = dns::DnsConfig {
+        upstream_timeout: config.dns.upstream_timeout,
+        ..dns::DnsConfig::new(config.cluster_domain.clone(), upstreams)
+    };
+    Some(Arc::new(dns::DnsProxy::new(
+        dns_config,
+        store.clone(),
+        registry,
+    )))
 }
 
 /// How often pods that could not be set up are retried.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use mesh::ca::kube_auth::{self, KubeAuthConfig, KubeAuthenticator, NamespacedName};
 use mesh::ca::{
     AllowAny, Authenticator, CaKeySource, CaMetrics, CaServer, CaService, CaServingNames,
     CertificateAuthority, StaticTokens,
@@ -37,8 +38,37 @@ pub struct CaArgs {
     /// Lines of `<token> <spiffe identity>`: a caller presenting the token in
     /// `authorization: Bearer` may obtain that identity. Without it any caller gets any identity,
     /// which is allowed only on a loopback address.
-    #[arg(long, env = "MESH_CA_TOKENS_FILE")]
+    #[arg(long, env = "MESH_CA_TOKENS_FILE", conflicts_with = "kubernetes_auth")]
     pub tokens_file: Option<PathBuf>,
+    /// Authenticate callers with the Kubernetes TokenReview API and authorize them as istiod
+    /// does: a caller may obtain its own identity; a trusted ztunnel (see
+    /// --ztunnel-service-accounts) the identity of a pod on its node. Needs in-cluster
+    /// credentials (or KUBECONFIG) allowed to create tokenreviews and get/list pods.
+    #[arg(long, env = "MESH_CA_KUBERNETES_AUTH")]
+    pub kubernetes_auth: bool,
+    /// With --kubernetes-auth: the `<namespace>/<service account>`s of the node proxies that
+    /// may ask on behalf of their node's pods (Istio's CA_TRUSTED_NODE_ACCOUNTS).
+    #[arg(
+        long,
+        env = "MESH_CA_ZTUNNEL_SERVICE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = kube_auth::DEFAULT_ZTUNNEL_ACCOUNT
+    )]
+    pub ztunnel_service_accounts: Vec<NamespacedName>,
+    /// With --kubernetes-auth: the audiences a caller's token must be valid for (Istio's
+    /// TOKEN_AUDIENCES, default istio-ca).
+    #[arg(
+        long,
+        env = "MESH_CA_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        default_value = kube_auth::ISTIO_CA_AUDIENCE
+    )]
+    pub token_audiences: Vec<String>,
+    /// `<namespace>/<name>` of a Secret holding the CA key (`ca-cert.pem`, `ca-key.pem`, as
+    /// Istio's istio-ca-secret or cacerts); created with a new root on first start. Its
+    /// contents are written to --ca-dir for loading. Conflicts with --ca-cert.
+    #[arg(long, env = "MESH_CA_SECRET", conflicts_with = "ca_cert")]
+    pub ca_secret: Option<NamespacedName>,
     /// DNS names the CA's TLS certificate carries (clients dial one of them).
     #[arg(
         long,
@@ -54,22 +84,48 @@ pub struct CaArgs {
 
 /// Builds and runs the CA until a termination signal.
 pub async fn run(args: CaArgs) -> anyhow::Result<()> {
+    let kube_client = if args.kubernetes_auth || args.ca_secret.is_some() {
+        Some(
+            mesh::discovery::kube::default_client()
+                .await
+                .context("--kubernetes-auth/--ca-secret need the Kubernetes API")?,
+        )
+    } else {
+        None
+    };
     // Refuse an unsafe configuration before touching the key directory.
-    let authenticator: Arc<dyn Authenticator> = match &args.tokens_file {
-        Some(path) => Arc::new(StaticTokens::from_file(path)?),
-        None if args.listen.ip().is_loopback() => Arc::new(AllowAny),
-        None => bail!(
-            "refusing to serve {} without --tokens-file: any caller could obtain any identity; \
-             listen on a loopback address for local use, or give a tokens file",
+    let authenticator: Arc<dyn Authenticator> = match (&args.tokens_file, &kube_client) {
+        (Some(path), _) => Arc::new(StaticTokens::from_file(path)?),
+        (None, Some(client)) if args.kubernetes_auth => Arc::new(KubeAuthenticator::new(
+            client.clone(),
+            KubeAuthConfig {
+                audiences: args.token_audiences.clone(),
+                ztunnel_accounts: args.ztunnel_service_accounts.clone(),
+                ..KubeAuthConfig::new(&args.trust_domain)
+            },
+        )),
+        _ if args.listen.ip().is_loopback() => Arc::new(AllowAny),
+        _ => bail!(
+            "refusing to serve {} without --tokens-file or --kubernetes-auth: any caller could \
+             obtain any identity; listen on a loopback address for local use",
             args.listen
         ),
     };
-    let source = match (&args.ca_cert, &args.ca_key) {
-        (Some(cert), Some(key)) => CaKeySource::Files {
+    let source = match (&args.ca_cert, &args.ca_key, &args.ca_secret, &kube_client) {
+        (Some(cert), Some(key), _, _) => CaKeySource::Files {
             cert: cert.clone(),
             key: key.clone(),
             chain: args.ca_chain.clone(),
         },
+        (_, _, Some(secret), Some(client)) => kube_auth::ca_key_from_secret(
+            client.clone(),
+            &secret.namespace,
+            &secret.name,
+            &args.trust_domain,
+            &args.ca_dir,
+        )
+        .await
+        .context("loading the CA key from its Secret")?,
         _ => CaKeySource::Directory(args.ca_dir.clone()),
     };
     let authority = CertificateAuthority::load(&source, &args.trust_domain)
@@ -92,7 +148,13 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     tracing::info!(
         addr = %server.local_addr(),
         trust_domain = %args.trust_domain,
-        auth = if args.tokens_file.is_some() { "tokens" } else { "local (any caller)" },
+        auth = if args.tokens_file.is_some() {
+            "tokens"
+        } else if args.kubernetes_auth {
+            "kubernetes (TokenReview, node authorization)"
+        } else {
+            "local (any caller)"
+        },
         "CA ready"
     );
     server.run(shutdown_signal()).await?;
@@ -101,3 +163,46 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
 }
 
 pub use mesh::ops::shutdown_signal;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ca: CaArgs,
+    }
+
+    #[test]
+    fn kubernetes_auth_flags() {
+        let cli = Cli::try_parse_from([
+            "ca",
+            "--kubernetes-auth",
+            "--ztunnel-service-accounts",
+            "istio-system/ztunnel,kube-system/ztunnel",
+            "--ca-secret",
+            "istio-system/istio-ca-secret",
+        ])
+        .unwrap();
+        assert!(cli.ca.kubernetes_auth);
+        assert_eq!(cli.ca.ztunnel_service_accounts.len(), 2);
+        assert_eq!(cli.ca.token_audiences, vec!["istio-ca".to_owned()]);
+        assert_eq!(
+            cli.ca.ca_secret.unwrap().to_string(),
+            "istio-system/istio-ca-secret"
+        );
+        // Istio's defaults.
+        let cli = Cli::try_parse_from(["ca", "--kubernetes-auth"]).unwrap();
+        assert_eq!(
+            cli.ca.ztunnel_service_accounts[0].to_string(),
+            "istio-system/ztunnel"
+        );
+        // One authentication at a time; accounts must name their namespace.
+        assert!(Cli::try_parse_from(["ca", "--kubernetes-auth", "--tokens-file", "t"]).is_err());
+        assert!(Cli::try_parse_from(["ca", "--ztunnel-service-accounts", "ztunnel"]).is_err());
+    }
+}

@@ -20,6 +20,14 @@ pub const READINESS_ADDR: &str = "READINESS_ADDR";
 pub const SOCKS5_ADDR: &str = "SOCKS5_ADDR";
 pub const DRAIN_DEADLINE: &str = "DRAIN_DEADLINE_SECONDS";
 pub const WORKLOAD_CERT_TTL: &str = "WORKLOAD_CERT_TTL_SECONDS";
+/// `true|false`: redirect captured pods' DNS (port 53) to the DNS proxy on 15053. On by
+/// default, as in Istio's ambient mode since 1.25 (`cni.ambient.dnsCapture`).
+pub const DNS_CAPTURE: &str = "DNS_CAPTURE";
+/// Comma-separated resolvers (`ip` or `ip:port`) the DNS proxy forwards to; default: the
+/// nameservers of ztunnel's own `/etc/resolv.conf`.
+pub const DNS_UPSTREAMS: &str = "DNS_UPSTREAMS";
+/// How long a forwarded query may take before the client gets SERVFAIL (milliseconds).
+pub const DNS_UPSTREAM_TIMEOUT: &str = "DNS_UPSTREAM_TIMEOUT_MS";
 /// Worker threads of the runtime (read by `main` before the runtime exists).
 pub const WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
 pub const DEFAULT_WORKER_THREADS: usize = 2;
@@ -50,6 +58,9 @@ pub enum CaptureMode {
     /// Per-pod network namespaces found by name under `/var/run/netns/<prefix><pod-name>`:
     /// redirect rules and listeners are installed inside each (the virtual-cluster harness).
     NamedNetns { prefix: String },
+    /// A real node: each pod's namespace is found by its IP among the namespaces of the node's
+    /// processes (`/proc/*/ns/net`). Needs hostPID.
+    Proc,
 }
 
 /// The resolved configuration, logged once at start-up.
@@ -59,7 +70,8 @@ pub struct Config {
     pub trust_domain: String,
     pub cluster_domain: String,
     pub root_namespace: String,
-    /// A YAML file or directory (the file source).
+    /// A YAML file or directory (the file source); empty when the objects come from the
+    /// Kubernetes API (`CONFIG_SOURCE=kubernetes`, see [`Config::config_source`]).
     pub config_path: PathBuf,
     pub ca: CaConfig,
     pub capture: CaptureMode,
@@ -72,9 +84,40 @@ pub struct Config {
     pub socks5_addr: Option<SocketAddr>,
     pub drain_deadline: Duration,
     pub workload_cert_ttl: Duration,
+    pub dns: DnsSettings,
+}
+
+/// The DNS proxy's settings; the default is Istio's (capture on, upstreams from resolv.conf).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DnsSettings {
+    /// The DNS proxy and the port-53 redirect for captured pods (not with capture `none`).
+    pub capture: bool,
+    /// `None`: the nameservers of ztunnel's `/etc/resolv.conf`, read at start-up.
+    pub upstreams: Option<Vec<SocketAddr>>,
+    pub upstream_timeout: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            capture: true,
+            upstreams: None,
+            upstream_timeout: crate::dns::DEFAULT_UPSTREAM_TIMEOUT,
+        }
+    }
 }
 
 impl Config {
+    /// Where the mesh objects come from: the file source when [`Self::config_path`] is set,
+    /// else the Kubernetes API.
+    pub fn config_source(&self) -> mesh::discovery::SourceKind {
+        if self.config_path.as_os_str().is_empty() {
+            mesh::discovery::SourceKind::Kubernetes
+        } else {
+            mesh::discovery::SourceKind::File
+        }
+    }
+
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let trust_domain = env
             .get(TRUST_DOMAIN)
@@ -88,6 +131,7 @@ impl Config {
         })?;
         let capture = match env.get(CAPTURE_MODE).as_deref() {
             None | Some("none") => CaptureMode::None,
+            Some("proc") => CaptureMode::Proc,
             Some(v) => match v.strip_prefix("netns:") {
                 Some(prefix) => CaptureMode::NamedNetns {
                     prefix: prefix.to_owned(),
@@ -96,7 +140,7 @@ impl Config {
                     return Err(ConfigError::Invalid {
                         var: CAPTURE_MODE,
                         value: v.to_owned(),
-                        why: "expected `none` or `netns:<name prefix>`".into(),
+                        why: "expected `none`, `proc` or `netns:<name prefix>`".into(),
                     });
                 }
             },
@@ -116,6 +160,25 @@ impl Config {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let dns_upstreams = env
+            .get(DNS_UPSTREAMS)
+            .map(|list| parse_dns_upstreams(&list))
+            .transpose()?;
+        let dns_upstream_timeout = Duration::from_millis(parse(
+            env,
+            DNS_UPSTREAM_TIMEOUT,
+            &DnsSettings::default()
+                .upstream_timeout
+                .as_millis()
+                .to_string(),
+        )?);
+        if dns_upstream_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                var: DNS_UPSTREAM_TIMEOUT,
+                value: "0".to_owned(),
+                why: "must be at least 1 (milliseconds)".to_owned(),
+            });
+        }
         let socks5_addr = match env.get(SOCKS5_ADDR).as_deref() {
             Some("off") => None,
             _ => Some(parse(env, SOCKS5_ADDR, DEFAULT_SOCKS5_ADDR)?),
@@ -129,8 +192,12 @@ impl Config {
             root_namespace: env
                 .get(ROOT_NAMESPACE)
                 .unwrap_or_else(|| mesh::model::DEFAULT_ROOT_NAMESPACE.to_owned()),
-            config_path: required(env, CONFIG_PATH, "a YAML file or directory of mesh objects")?
-                .into(),
+            config_path: match mesh::discovery::SourceKind::from_env(env, CONFIG_PATH)? {
+                mesh::discovery::SourceKind::File => {
+                    required(env, CONFIG_PATH, "a YAML file or directory of mesh objects")?.into()
+                }
+                mesh::discovery::SourceKind::Kubernetes => PathBuf::new(),
+            },
             ca: CaConfig::from_env(env)?,
             capture,
             probe_sources,
@@ -148,8 +215,39 @@ impl Config {
                 WORKLOAD_CERT_TTL,
                 &DEFAULT_WORKLOAD_CERT_TTL_SECONDS.to_string(),
             )?),
+            dns: DnsSettings {
+                capture: parse(
+                    env,
+                    DNS_CAPTURE,
+                    &DnsSettings::default().capture.to_string(),
+                )?,
+                upstreams: dns_upstreams,
+                upstream_timeout: dns_upstream_timeout,
+            },
         })
     }
+}
+
+/// `10.96.0.10, 10.96.0.11:5353, [fd00::10]:53, fd00::10`: port 53 unless given.
+fn parse_dns_upstreams(list: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .or_else(|_| {
+                    s.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| ConfigError::Invalid {
+                    var: DNS_UPSTREAMS,
+                    value: s.to_owned(),
+                    why: "expected comma-separated `ip` or `ip:port` (IPv6 with a port as \
+                          `[ip]:port`)"
+                        .to_owned(),
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -180,6 +278,50 @@ mod tests {
         assert_eq!(c.metrics_addr.port(), 15020);
         assert_eq!(c.readiness_addr.port(), 15021);
         assert_eq!(c.drain_deadline, Duration::from_secs(30));
+        assert!(
+            c.dns.capture,
+            "Istio's ambient mode captures DNS by default"
+        );
+        assert_eq!(c.dns.upstreams, None);
+        assert_eq!(c.dns.upstream_timeout, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn dns_settings() {
+        let mut env = base();
+        env.insert(DNS_CAPTURE, "false".into());
+        env.insert(
+            DNS_UPSTREAMS,
+            "10.96.0.10, 10.0.0.2:5353,[fd00::10]:53,fd00::11".into(),
+        );
+        env.insert(DNS_UPSTREAM_TIMEOUT, "750".into());
+        let c = Config::from_env(&env).unwrap();
+        assert!(!c.dns.capture);
+        assert_eq!(
+            c.dns.upstreams.unwrap(),
+            vec![
+                "10.96.0.10:53".parse::<SocketAddr>().unwrap(),
+                "10.0.0.2:5353".parse().unwrap(),
+                "[fd00::10]:53".parse().unwrap(),
+                "[fd00::11]:53".parse().unwrap(),
+            ]
+        );
+        assert_eq!(c.dns.upstream_timeout, Duration::from_millis(750));
+
+        for (var, value, expected) in [
+            (DNS_CAPTURE, "yes", "DNS_CAPTURE=\"yes\""),
+            (
+                DNS_UPSTREAMS,
+                "10.0.0.1,kube-dns",
+                "DNS_UPSTREAMS=\"kube-dns\": expected",
+            ),
+            (DNS_UPSTREAM_TIMEOUT, "0", "DNS_UPSTREAM_TIMEOUT_MS=\"0\""),
+        ] {
+            let mut env = base();
+            env.insert(var, value.into());
+            let e = Config::from_env(&env).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{e}");
+        }
     }
 
     #[test]
@@ -199,7 +341,7 @@ mod tests {
         let mut env = base();
         env.insert(CAPTURE_MODE, "iptables".into());
         let e = Config::from_env(&env).unwrap_err().to_string();
-        assert!(e.contains("expected `none` or `netns:"), "{e}");
+        assert!(e.contains("expected `none`, `proc` or `netns:"), "{e}");
         let mut env = base();
         env.insert(TRUST_DOMAIN, "Bad Domain".into());
         assert!(
@@ -230,6 +372,38 @@ mod tests {
                 .to_string()
                 .starts_with("ZTUNNEL_WORKER_THREADS=\"many\"")
         );
+    }
+
+    #[test]
+    fn config_source_file_or_kubernetes() {
+        use mesh::discovery::{CONFIG_SOURCE, SourceKind};
+        assert_eq!(
+            Config::from_env(&base()).unwrap().config_source(),
+            SourceKind::File
+        );
+        // No path: the API server (in a pod nothing else is needed).
+        let mut env = base();
+        env.remove(CONFIG_PATH);
+        assert_eq!(
+            Config::from_env(&env).unwrap().config_source(),
+            SourceKind::Kubernetes
+        );
+        let mut env = base();
+        env.insert(CONFIG_SOURCE, "kubernetes".into());
+        assert_eq!(
+            Config::from_env(&env).unwrap().config_source(),
+            SourceKind::Kubernetes
+        );
+        env.insert(CONFIG_SOURCE, "file".into());
+        env.remove(CONFIG_PATH);
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("MESH_CONFIG_PATH: required"), "{e}");
+        env.insert(CONFIG_SOURCE, "etcd".into());
+        let e = Config::from_env(&env).unwrap_err().to_string();
+        assert!(e.starts_with("CONFIG_SOURCE=\"etcd\""), "{e}");
+        let mut env = base();
+        env.insert(CAPTURE_MODE, "proc".into());
+        assert_eq!(Config::from_env(&env).unwrap().capture, CaptureMode::Proc);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use mesh::cert_manager::CertManager;
 use mesh::hbone::{ClientConfig, HboneClient, TcpConnector};
 use mesh::model::{State, Workload};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 /// How sockets for one pod are made.
@@ -23,11 +23,31 @@ pub trait PodNetwork: Send + Sync + std::fmt::Debug + 'static {
     fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener>;
     /// Connects on the pod's behalf (from its namespace, marked so capture lets it through).
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>>;
+    /// Binds a UDP socket for the pod on `addr` (the DNS proxy's listener).
+    fn bind_udp(&self, addr: SocketAddr) -> std::io::Result<UdpSocket> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket)
+    }
+    /// A UDP socket on an ephemeral port for talking to `peer` on the pod's behalf (from its
+    /// namespace, marked so capture lets it through): the DNS proxy's upstream queries.
+    fn udp_socket(&self, peer: SocketAddr) -> BoxFuture<'static, std::io::Result<UdpSocket>> {
+        let any = SocketAddr::new(unspecified_like(peer.ip()), 0);
+        Box::pin(UdpSocket::bind(any))
+    }
     /// Removes whatever the network installed (capture rules). Called when the pod leaves.
     fn teardown(&self) {}
     /// True when the pod's traffic is redirected to ztunnel (15001/15006 listeners needed).
     fn captures(&self) -> bool {
         false
+    }
+}
+
+/// `0.0.0.0` or `[::]`, whichever family `ip` is.
+pub fn unspecified_like(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
     }
 }
 

@@ -2,10 +2,13 @@
 //! the proxies use to ask it (or istiod, or istio-csr) for them.
 //!
 //! [`authority`] holds the key and turns CSRs into chains; [`server`] is Istio's gRPC
-//! `IstioCertificateService` over TLS with pluggable authorization; [`client`] is the caller side.
+//! `IstioCertificateService` over TLS with pluggable authorization; [`kube_auth`] is the
+//! authorization for a cluster (TokenReview, Istio's node rules) and the key kept in a Secret;
+//! [`client`] is the caller side.
 
 pub mod authority;
 pub mod client;
+pub mod kube_auth;
 pub mod server;
 
 pub use authority::{CaError, CaKeySource, CertificateAuthority};

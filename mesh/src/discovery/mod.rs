@@ -1,9 +1,10 @@
 //! Discovery: the sources that feed Kubernetes and Istio objects into the translation, and the
 //! snapshot store through which everything else reads the resulting state.
 //!
-//! A source owns the store's only writer; readers hold [`Store`] handles. Today the source is
-//! the file source ([`file`]); the Kubernetes watcher will use the same translation, store and
-//! metrics.
+//! A source owns the store's only writer; readers hold [`Store`] handles. There are two: the
+//! file source ([`file`]) and the Kubernetes API watchers ([`kube`](self::kube)); both hand
+//! whole object sets to the same translation and share the config metrics. [`start`] starts
+//! the one a proxy's configuration chose ([`CONFIG_SOURCE`]).
 
 use std::collections::BTreeMap;
 
@@ -16,9 +17,85 @@ use prometheus_client::registry::Registry;
 use crate::model::translate::Kind;
 
 pub mod file;
+pub mod kube;
 pub mod store;
 
 pub use store::{Store, StoreWriter};
+
+use crate::ops::{ConfigError, Env};
+
+/// The variable choosing where the objects come from: `file` (a YAML file or directory) or
+/// `kubernetes` (the API server).
+pub const CONFIG_SOURCE: &str = "CONFIG_SOURCE";
+
+/// Where the objects come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    File,
+    Kubernetes,
+}
+
+impl SourceKind {
+    /// Reads [`CONFIG_SOURCE`]; unset, it is `file` when `path_var` (the file source's path) is
+    /// set and `kubernetes` otherwise, so local runs keep working and a pod needs nothing.
+    pub fn from_env(env: &dyn Env, path_var: &'static str) -> Result<Self, ConfigError> {
+        match env.get(CONFIG_SOURCE).as_deref() {
+            None if env.get(path_var).is_some() => Ok(SourceKind::File),
+            None => Ok(SourceKind::Kubernetes),
+            Some("file") => Ok(SourceKind::File),
+            Some("kubernetes") => Ok(SourceKind::Kubernetes),
+            Some(other) => Err(ConfigError::Invalid {
+                var: CONFIG_SOURCE,
+                value: other.to_owned(),
+                why: format!("expected `file` (objects from {path_var}) or `kubernetes`"),
+            }),
+        }
+    }
+}
+
+/// A configured source, ready to [`start`].
+#[derive(Debug, Clone)]
+pub enum SourceSpec {
+    File(file::FileSourceConfig),
+    Kubernetes(self::kube::KubeSourceConfig),
+}
+
+/// Why a source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Kube(#[from] self::kube::KubeSourceError),
+}
+
+/// Starts the source and returns once it runs; it stops at `stop`.
+///
+/// The file source's first load is awaited, so a local run has its pods before this returns
+/// (a failed load is logged and retried as the files change). The Kubernetes source only needs
+/// a client here; its first state follows the initial lists, and until then the store is not
+/// synced (readiness says so).
+pub async fn start(
+    spec: SourceSpec,
+    writer: StoreWriter,
+    registry: &mut Registry,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), SourceError> {
+    match spec {
+        SourceSpec::File(config) => {
+            let mut source = file::FileSource::new(config, registry);
+            if let Err(e) = source.load_once(&writer).await {
+                tracing::warn!(error = %e, "first configuration load failed; retrying as files change");
+            }
+            tokio::spawn(source.run(writer, stop));
+        }
+        SourceSpec::Kubernetes(config) => {
+            let client = self::kube::default_client().await?;
+            let source = self::kube::KubeSource::new(config, client, registry);
+            tokio::spawn(source.run(writer, stop));
+        }
+    }
+    Ok(())
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {

@@ -288,6 +288,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         socks5_addr: Some(any),
         drain_deadline: Duration::from_secs(1),
         workload_cert_ttl: Duration::from_secs(3600),
+        dns: Default::default(),
     };
     let a = ztunnel::app::build(node("node-a"), None)
         .await

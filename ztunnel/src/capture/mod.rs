@@ -14,7 +14,7 @@ mod orig_dst;
 use std::io;
 use std::net::SocketAddr;
 
-pub use netns::{NetNs, NetNsId, find_netns_by_ip};
+pub use netns::{NetNs, NetNsId, ProcNamespace, find_netns_by_ip, scan_proc_namespaces};
 pub use nft::CaptureConfig;
 pub use orig_dst::original_destination;
 

@@ -217,6 +217,57 @@ impl NetNs {
 /// namespace is searched too. Failing to enter a namespace is an error: it means ztunnel lacks
 /// the privileges to search any.
 pub fn find_netns_by_ip(ip: IpAddr) -> Result<Option<NetNs>> {
+    let (found, denied) =
+        visit_proc_namespaces(|_, netns| Ok(netns.has_address(ip)?.then_some(netns)))?;
+    if found.is_none() && denied > 0 {
+        tracing::debug!(
+            %ip,
+            denied,
+            "no network namespace has this address; the namespaces of {denied} processes could \
+             not be opened (permission denied)"
+        );
+    }
+    Ok(found)
+}
+
+/// A network namespace seen through `/proc`: a process in it and its interfaces' addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcNamespace {
+    /// One process in the namespace (the first found); `/proc/<pid>/ns/net` opens it while
+    /// that process lives.
+    pub pid: u32,
+    pub id: NetNsId,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Every network namespace that has a process in `/proc` (each once, the host's included) with
+/// its addresses: one pass that indexes a node's pods by IP, where [`find_netns_by_ip`] would
+/// pass over every namespace once per pod. Skips what [`find_netns_by_ip`] skips.
+pub fn scan_proc_namespaces() -> Result<Vec<ProcNamespace>> {
+    let mut found = Vec::new();
+    visit_proc_namespaces(|pid, netns| {
+        let addresses = netns
+            .run(interface_addresses)?
+            .map_err(|source| Error::ListAddresses {
+                netns: netns.description().to_owned(),
+                source,
+            })?;
+        found.push(ProcNamespace {
+            pid,
+            id: netns.id()?,
+            addresses,
+        });
+        Ok(None::<()>)
+    })?;
+    Ok(found)
+}
+
+/// Calls `visit` with each network namespace of a process in `/proc`, once per namespace,
+/// until it returns `Some`; also returns how many processes could not be opened (permission
+/// denied). Processes that exit during the scan are skipped.
+fn visit_proc_namespaces<T>(
+    mut visit: impl FnMut(u32, NetNs) -> Result<Option<T>>,
+) -> Result<(Option<T>, usize)> {
     let scan_error = |source| Error::Scan {
         path: "/proc".to_owned(),
         source,
@@ -244,19 +295,11 @@ pub fn find_netns_by_ip(ip: IpAddr) -> Result<Option<NetNs>> {
         if !seen.insert(netns.id()?) {
             continue;
         }
-        if netns.has_address(ip)? {
-            return Ok(Some(netns));
+        if let Some(found) = visit(pid, netns)? {
+            return Ok((Some(found), denied));
         }
     }
-    if denied > 0 {
-        tracing::debug!(
-            %ip,
-            denied,
-            "no network namespace has this address; the namespaces of {denied} processes could \
-             not be opened (permission denied)"
-        );
-    }
-    Ok(None)
+    Ok((None, denied))
 }
 
 /// Lists the addresses of every interface in the calling thread's namespace (RTM_GETADDR).

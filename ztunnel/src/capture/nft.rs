@@ -83,7 +83,10 @@ pub struct CaptureConfig {
     /// Sources whose connections reach the pod's ports directly: kubelet health probes, which
     /// arrive from the node (its IP, or Istio's 169.254.7.127 when probes are SNATed).
     pub probe_sources: Vec<IpAddr>,
-    /// Whether DNS (UDP and TCP port 53) leaving the pod goes to [`Self::dns_port`].
+    /// Whether DNS (UDP and TCP port 53, to any address but loopback) leaving the pod goes to
+    /// [`Self::dns_port`], where ztunnel's DNS proxy listens on the pod's loopback
+    /// (`DNS_CAPTURE`). The proxy's own upstream queries carry [`Self::mark`], so the first
+    /// output rule lets them out instead of looping them back.
     pub redirect_dns: bool,
     /// Where outbound TCP is redirected (15001).
     pub outbound_port: u16,

@@ -45,6 +45,8 @@ pub struct Context {
     pub pods_by_ip: ArcSwap<HashMap<IpAddr, Arc<LocalPod>>>,
     /// The state version whose pods, listeners and policies are in force (0: none yet).
     pub applied_version: std::sync::atomic::AtomicU64,
+    /// The DNS proxy, when captured pods' DNS is redirected to it (`DNS_CAPTURE`).
+    pub dns: Option<Arc<crate::dns::DnsProxy>>,
 }
 
 impl Context {
@@ -99,7 +101,8 @@ pub(crate) async fn copy_until_cancelled(
 }
 
 /// Starts `pod`'s listeners: HBONE on each pod IP, and, when its network captures, the
-/// outbound (15001) and inbound plaintext (15006) listeners inside its namespace.
+/// outbound (15001) and inbound plaintext (15006) listeners inside its namespace, and the DNS
+/// proxy (15053) when DNS capture is on. Everything is bound before anything is served.
 pub fn start_pod_listeners(ctx: &Arc<Context>, pod: Arc<LocalPod>) -> Result<(), String> {
     let mut bound: Vec<(SocketAddr, TcpListener)> = Vec::new();
     for ip in &pod.workload.ips {
@@ -124,6 +127,10 @@ pub fn start_pod_listeners(ctx: &Arc<Context>, pod: Arc<LocalPod>) -> Result<(),
     } else {
         None
     };
+    let dns = match &ctx.dns {
+        Some(dns) if pod.network.captures() => Some(dns.bind(&pod)?),
+        _ => None,
+    };
 
     for (addr, listener) in bound {
         let server = HboneServer::from_listener(
@@ -147,6 +154,9 @@ pub fn start_pod_listeners(ctx: &Arc<Context>, pod: Arc<LocalPod>) -> Result<(),
         spawn_captured(ctx, &pod, inb, |ctx, pod, s, peer, dst| {
             Box::pin(inbound::plaintext(ctx, pod, s, peer, dst))
         });
+    }
+    if let Some(dns) = dns {
+        dns.spawn();
     }
     Ok(())
 }

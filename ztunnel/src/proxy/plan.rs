@@ -190,6 +190,5 @@ fn resolve_service(
     Ok(candidates.swap_remove(index))
 }
 
-
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use mesh::model::{Endpoint, ServicePort, TargetPort};
 use mesh::model::WaypointRef;
+use mesh::model::{Endpoint, ServicePort, TargetPort};
 
 fn workload(name: &str, ip: &str, enrolled: bool) -> Arc<Workload> {
     Arc::new(Workload {
