@@ -1504,7 +1504,10 @@ fn ztunnel_daemonset_has_the_privileges_it_needs_and_no_more() {
     let security = c.security_context.as_ref().unwrap();
     let caps = security.capabilities.as_ref().unwrap();
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
-    assert_eq!(added, BTreeSet::from(["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]));
+    assert_eq!(
+        added,
+        BTreeSet::from(["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"])
+    );
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     assert_ne!(security.privileged, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
