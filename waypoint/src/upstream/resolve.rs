@@ -115,4 +115,3 @@ pub(super) fn resolve(state: &State, key: &ClusterKey) -> Result<ClusterSpec, Un
         endpoints,
     })
 }
-
