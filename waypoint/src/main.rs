@@ -20,8 +20,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the services labelled `istio.io/use-waypoint=<WAYPOINT_NAME>`. Configured by
-    /// environment variables: WAYPOINT_NAME, WAYPOINT_NAMESPACE, MESH_CONFIG_PATH, CA_ADDRESS,
-    /// CA_ROOT_CERT (required); SERVICE_ACCOUNT (default: the name), TRUST_DOMAIN,
+    /// environment variables: WAYPOINT_NAME, WAYPOINT_NAMESPACE, CA_ADDRESS, CA_ROOT_CERT
+    /// (required); CONFIG_SOURCE (`file` | `kubernetes`; `file` when MESH_CONFIG_PATH is set),
+    /// MESH_CONFIG_PATH, SERVICE_ACCOUNT (default: the name), TRUST_DOMAIN,
     /// CLUSTER_DOMAIN, ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, HBONE_ADDR (default
     /// 0.0.0.0:15008), ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, DRAIN_DEADLINE_SECONDS,
     /// WORKLOAD_CERT_TTL_SECONDS, PROTOCOL_DETECTION_TIMEOUT_MS (0 = wait),

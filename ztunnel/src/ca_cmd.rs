@@ -36,8 +36,8 @@ pub struct CaArgs {
     #[arg(long, env = "MESH_CA_CHAIN", requires = "ca_cert")]
     pub ca_chain: Option<PathBuf>,
     /// Lines of `<token> <spiffe identity>`: a caller presenting the token in
-    /// `authorization: Bearer` may obtain that identity. Without it any caller gets any identity,
-    /// which is allowed only on a loopback address.
+    /// `authorization: Bearer` may obtain that identity. Without it (or --kubernetes-auth) any
+    /// caller gets any identity, which is allowed only on a loopback address.
     #[arg(long, env = "MESH_CA_TOKENS_FILE", conflicts_with = "kubernetes_auth")]
     pub tokens_file: Option<PathBuf>,
     /// Authenticate callers with the Kubernetes TokenReview API and authorize them as istiod

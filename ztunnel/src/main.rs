@@ -21,9 +21,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve this node's enrolled pods. Configured by environment variables: NODE_NAME,
-    /// MESH_CONFIG_PATH, CA_ADDRESS, CA_ROOT_CERT (required); TRUST_DOMAIN, CLUSTER_DOMAIN,
-    /// ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, CAPTURE_MODE (`none` | `netns:<prefix>`),
-    /// CAPTURE_PROBE_SOURCES (IPs whose connections skip capture, e.g. the node's),
+    /// CA_ADDRESS, CA_ROOT_CERT (required); CONFIG_SOURCE (`file` | `kubernetes`; `file` when
+    /// MESH_CONFIG_PATH is set), MESH_CONFIG_PATH, TRUST_DOMAIN, CLUSTER_DOMAIN,
+    /// ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, CAPTURE_MODE (`none` | `netns:<prefix>` |
+    /// `proc`), CAPTURE_PROBE_SOURCES (IPs whose connections skip capture, e.g. the node's),
+    /// DNS_CAPTURE (default true with capture), DNS_UPSTREAMS, DNS_UPSTREAM_TIMEOUT_MS,
     /// ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, SOCKS5_ADDR (`off` to disable),
     /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS, ZTUNNEL_WORKER_THREADS (default 2).
     Run,
