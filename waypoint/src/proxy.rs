@@ -821,7 +821,6 @@ impl Finish {
     }
 }
 
-
 struct Done {
     finish: Finish,
     status: u16,
