@@ -136,7 +136,10 @@ pub async fn tunnel(ctx: Arc<Context>, tunnel: InboundTunnel) {
     let live = ctx.clone();
     let _live = live.live.enter();
     match declared_protocol(&downstream.port) {
-        Protocol::Http => serve_http(ctx, downstream, Rewind::new(Bytes::new(), stream)).await,
+        Protocol::Http => match first_bytes(stream, HEADER_READ_TIMEOUT).await {
+            Ok(io) => serve_http(ctx, downstream, io).await,
+            Err(e) => tracing::debug!(error = %e, "tunnel closed before its first request"),
+        },
         Protocol::Tcp => {
             crate::tcp::proxy(ctx, downstream, Rewind::new(Bytes::new(), stream)).await
         }
@@ -173,6 +176,26 @@ async fn detect(
         Some(t) => tokio::time::timeout(t, read).await.unwrap_or(Ok(false))?,
     };
     Ok((is_http, Rewind::new(buf.freeze(), stream)))
+}
+
+/// Waits at most `limit` for a declared-HTTP tunnel's first bytes, until they tell HTTP/1 from
+/// HTTP/2 (see [`sniff`]); the bytes read are replayed. hyper's header read timeout only runs
+/// once HTTP/1 is chosen, so without this a client that connects and sends nothing would hold
+/// its tunnel forever, where one that stalls in its request head is closed after `limit`.
+async fn first_bytes(mut stream: H2Stream, limit: Duration) -> io::Result<Rewind<H2Stream>> {
+    let mut buf = BytesMut::with_capacity(64);
+    let read = async {
+        // On EOF, hyper sees what there is (nothing: a quiet close; half a head: an error).
+        while stream.read_buf(&mut buf).await? > 0 && sniff(&buf).is_none() {}
+        Ok::<(), io::Error>(())
+    };
+    tokio::time::timeout(limit, read).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no request within {limit:?} (header read timeout)"),
+        )
+    })??;
+    Ok(Rewind::new(buf.freeze(), stream))
 }
 
 async fn serve_http(ctx: Arc<Context>, downstream: Arc<Downstream>, io: Rewind<H2Stream>) {

@@ -1,7 +1,8 @@
-//! Opaque TCP through the waypoint: the service's `tcp` routes (weighted destinations) pick a
-//! destination, the upstream layer picks an endpoint of it (subset, load balancing, outlier
-//! state), and bytes are copied both ways. One `istio_tcp_*` record per connection with
-//! `reporter="waypoint"`.
+//! Opaque TCP through the waypoint: the waypoint's AuthorizationPolicies (on what a TCP
+//! connection has: source and destination), then the service's `tcp` routes (weighted
+//! destinations) pick a destination, the upstream layer picks an endpoint of it (subset, load
+//! balancing, outlier state), and bytes are copied both ways. One `istio_tcp_*` record per
+//! connection with `reporter="waypoint"`.
 
 use std::sync::Arc;
 
@@ -21,29 +22,38 @@ where
     let routing = ctx.routes.load_full();
     let mut rng = fastrand::Rng::new();
     let service = &downstream.service;
-    let source_peer = Peer::of(
-        downstream.source.workload.as_deref(),
-        downstream.source.identity.as_ref(),
-    );
-    let mut guard = ConnectionGuard::new(
-        &ctx.tcp_metrics,
-        ConnectionInfo {
-            reporter: Reporter::Waypoint,
-            source: source_peer,
-            destination: Peer::default(),
-            service: Some((
-                service.hostname.clone(),
-                service.name.clone(),
-                service.namespace.clone(),
-            )),
-            mutual_tls: true,
-            source_addr: std::net::SocketAddr::new(
-                downstream.source.ip.unwrap_or(downstream.peer_addr.ip()),
-                0,
-            ),
-            destination_addr: downstream.vip,
-        },
-    );
+    // The record is opened once the endpoint is known, so that it names the destination
+    // workload (as Istio's waypoint reports it); a connection that fails before that is
+    // recorded without one.
+    let info = |destination: Peer| ConnectionInfo {
+        reporter: Reporter::Waypoint,
+        source: Peer::of(
+            downstream.source.workload.as_deref(),
+            downstream.source.identity.as_ref(),
+        ),
+        destination,
+        service: Some((
+            service.hostname.clone(),
+            service.name.clone(),
+            service.namespace.clone(),
+        )),
+        mutual_tls: true,
+        source_addr: std::net::SocketAddr::new(
+            downstream.source.ip.unwrap_or(downstream.peer_addr.ip()),
+            0,
+        ),
+        destination_addr: downstream.vip,
+    };
+    let failed = |flag: &'static str, reason: String| {
+        let mut guard = ConnectionGuard::new(&ctx.tcp_metrics, info(Peer::default()));
+        guard.fail(flag, reason);
+    };
+    // The waypoint's AuthorizationPolicies apply to TCP as to HTTP. A connection has no
+    // method, path or host: an ALLOW rule that needs one matches nothing (as in Istio).
+    if let Err(denied) = check_authz(&ctx, &downstream) {
+        failed("RBAC", denied);
+        return;
+    }
     let Some(destination) = routing.table.select_tcp(
         &service.key(),
         downstream.port.port,
@@ -51,7 +61,7 @@ where
         downstream.vip.ip(),
         &mut rng,
     ) else {
-        guard.fail("NR", format!("no TCP route for {}", service.key()));
+        failed("NR", format!("no TCP route for {}", service.key()));
         return;
     };
     let target_service = routing
@@ -60,7 +70,7 @@ where
         .and_then(|key| routing.state.services.get(key))
         .cloned();
     let Some(target_service) = target_service else {
-        guard.fail(
+        failed(
             "NC",
             format!(
                 "TCP route destination {} is not a known service",
@@ -84,12 +94,60 @@ where
     let upstream = match ctx.upstreams.connect_tcp(&key, &hash).await {
         Ok(upstream) => upstream,
         Err(e) => {
-            guard.fail(e.response_flag(), e.to_string());
+            failed(e.response_flag(), e.to_string());
             return;
         }
     };
+    let workload = upstream.workload().cloned();
+    let mut guard = ConnectionGuard::new(
+        &ctx.tcp_metrics,
+        info(Peer::of(
+            workload.as_deref(),
+            workload.as_ref().map(|w| &w.identity),
+        )),
+    );
     let bytes = guard.bytes.clone();
     if let Err(e) = mesh::copy::copy_bidirectional(client, upstream, &bytes).await {
         guard.fail("UR", e.to_string());
+    }
+}
+
+/// L7 AuthorizationPolicy for a TCP connection: only the source and the destination address
+/// and port are known (no method, path, host or headers).
+fn check_authz(ctx: &Context, downstream: &Downstream) -> Result<(), String> {
+    let principal = downstream
+        .source
+        .identity
+        .as_ref()
+        .map(|i| i.to_string().trim_start_matches("spiffe://").to_owned());
+    let service = &downstream.service;
+    let routing = ctx.routes.load();
+    let target = crate::authz::AuthzTarget {
+        gateway_namespace: &ctx.config.waypoint.namespace,
+        gateway_name: &ctx.config.waypoint.name,
+        service_namespace: &service.namespace,
+        service_name: &service.name,
+        service_hostname: &service.hostname,
+        root_namespace: &ctx.config.root_namespace,
+    };
+    let no_headers = HeaderMap::new();
+    let request = crate::authz::AuthzRequest {
+        source_principal: principal.as_deref(),
+        source_namespace: downstream.source.identity.as_ref().map(|i| i.namespace()),
+        source_ip: downstream.source.ip,
+        remote_ip: None,
+        destination_ip: downstream.vip.ip(),
+        destination_port: downstream.vip.port(),
+        method: "",
+        host: "",
+        path: "",
+        headers: &no_headers,
+    };
+    let decision =
+        crate::authz::authorize(&routing.state.l7_authorization_policies, &target, &request);
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(decision.to_string())
     }
 }

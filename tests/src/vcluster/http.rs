@@ -22,6 +22,20 @@ pub struct Behaviour {
     pub delay_ms: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
+    /// Every request received, in order (method, path, headers), for tests that check what
+    /// the backend saw (or never saw).
+    pub received: Mutex<Vec<Received>>,
+}
+
+/// One request as a backend received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// The authority: the URI's (HTTP/2 `:authority`), else the `Host` header.
+    pub authority: Option<String>,
+    pub headers: HeaderMap,
 }
 
 /// A running backend.
@@ -34,6 +48,11 @@ pub struct Backend {
 impl Backend {
     pub fn requests(&self) -> u64 {
         self.behaviour.requests.load(Ordering::Relaxed)
+    }
+
+    /// The requests received so far.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.behaviour.received).clone()
     }
 }
 
@@ -83,6 +102,24 @@ async fn answer(
     mut req: Request<hyper::body::Incoming>,
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
     behaviour.requests.fetch_add(1, Ordering::Relaxed);
+    lock(&behaviour.received).push(Received {
+        method: req.method().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(::http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            }),
+        headers: req.headers().clone(),
+    });
     let query: BTreeMap<String, String> = req
         .uri()
         .query()
@@ -351,4 +388,73 @@ pub fn grpc_unframe(mut body: Bytes) -> Option<Bytes> {
     body.advance(1);
     let len = body.get_u32() as usize;
     (body.len() >= len).then(|| body.slice(..len))
+}
+
+/// A response head read off a raw connection.
+#[derive(Debug, Clone)]
+pub struct RawHead {
+    pub status: u16,
+    /// The status line and headers, as text.
+    pub head: String,
+    /// Bytes read after the head (the start of the body, or of an upgraded stream).
+    pub rest: Vec<u8>,
+}
+
+impl RawHead {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Reads an HTTP/1 response head from `stream` (until the blank line), bounded by `limit`.
+/// `UnexpectedEof` when the peer closes first, `TimedOut` when `limit` passes.
+pub async fn read_response_head(stream: &mut TcpStream, limit: Duration) -> io::Result<RawHead> {
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("bad head: {head:?}"))
+                    })?;
+                return Ok(RawHead {
+                    status,
+                    head,
+                    rest: buf[end + 4..].to_vec(),
+                });
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "closed after {} bytes: {:?}",
+                        buf.len(),
+                        String::from_utf8_lossy(&buf)
+                    ),
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no response head in time"))?
+}
+
+/// Sends `bytes` as is from `pod` to `addr` and reads the response head (bounded by
+/// [`IO_TIMEOUT`]); for requests no HTTP client library would send.
+pub async fn raw_request(pod: &Pod, addr: SocketAddr, bytes: &[u8]) -> io::Result<RawHead> {
+    let mut stream = pod.connect(addr).await?;
+    stream.write_all(bytes).await?;
+    read_response_head(&mut stream, IO_TIMEOUT).await
 }

@@ -181,6 +181,11 @@ impl Waypoint {
         self.process.log_text()
     }
 
+    /// Whether the waypoint process is still running (it has not exited or crashed).
+    pub fn is_alive(&self) -> bool {
+        self.process.exit_status().is_none()
+    }
+
     pub(super) fn is_running(&self) -> bool {
         self.process.exit_status().is_none()
     }
