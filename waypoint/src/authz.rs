@@ -66,6 +66,11 @@ pub struct AuthzRequest<'a> {
     /// `paths` (Envoy's `url_path`).
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// An opaque TCP connection (a TCP route through the waypoint): the HTTP fields of a rule
+    /// (`hosts`, `methods`, `paths` and their `not` forms, `when: request.headers[..]`) cannot
+    /// be evaluated, so, as Istio builds TCP filters, an ALLOW rule using them matches nothing
+    /// and a DENY rule applies without them (denies more).
+    pub tcp: bool,
 }
 
 /// The outcome, with what decided it for the access log.
@@ -171,7 +176,7 @@ fn matching_rule(policy: &L7AuthorizationPolicy, request: &AuthzRequest<'_>) -> 
 
 fn rule_matches(rule: &L7Rule, req: &AuthzRequest<'_>, action: PolicyAction) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req, action)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req, action)))
         && rule.when.iter().all(|c| condition_matches(c, req, action))
 }
 
@@ -262,7 +267,19 @@ fn url_path(path: &str) -> &str {
     path.find(['?', '#']).map_or(path, |end| &path[..end])
 }
 
-fn operation_matches(o: &L7Operation, req: &AuthzRequest<'_>) -> bool {
+fn operation_matches(o: &L7Operation, req: &AuthzRequest<'_>, action: PolicyAction) -> bool {
+    if req.tcp {
+        let http_fields = !(o.hosts.is_empty()
+            && o.not_hosts.is_empty()
+            && o.methods.is_empty()
+            && o.not_methods.is_empty()
+            && o.paths.is_empty()
+            && o.not_paths.is_empty());
+        let port = req.destination_port;
+        return (!http_fields || unknown(action))
+            && (o.ports.is_empty() || o.ports.contains(&port))
+            && !o.not_ports.contains(&port);
+    }
     let host = Some(req.host).filter(|h| !h.is_empty());
     let method = Some(req.method).filter(|m| !m.is_empty());
     let path = Some(url_path(req.path));
@@ -308,6 +325,7 @@ fn condition_values_match(c: &L7Condition, value: Option<&dyn Fn(&StringMatch) -
 fn condition_matches(c: &L7Condition, req: &AuthzRequest<'_>, action: PolicyAction) -> bool {
     match &c.key {
         L7ConditionKey::Unsupported(_) => unknown(action),
+        L7ConditionKey::RequestHeader(_) if req.tcp => unknown(action),
         L7ConditionKey::RequestHeader(name) => {
             let value = header_value(req, name);
             match value.as_deref() {
@@ -469,6 +487,7 @@ mod tests {
         host: &'static str,
         path: &'static str,
         headers: HeaderMap,
+        tcp: bool,
     }
 
     impl Default for Req {
@@ -484,6 +503,7 @@ mod tests {
                 host: "web.demo.svc.cluster.local",
                 path: "/",
                 headers: HeaderMap::new(),
+                tcp: false,
             }
         }
     }
@@ -501,6 +521,7 @@ mod tests {
                 host: self.host,
                 path: self.path,
                 headers: &self.headers,
+                tcp: self.tcp,
             }
         }
 
@@ -1143,5 +1164,64 @@ mod tests {
         assert_eq!(url_path("/a#b?c"), "/a");
         assert_eq!(url_path("/plain"), "/plain");
         assert_eq!(url_path("?q"), "");
+    }
+
+    #[test]
+    fn tcp_connections_fail_closed_on_http_fields() {
+        use mesh::model::{L7Operation, L7Rule};
+        let tcp = Req {
+            tcp: true,
+            method: "",
+            path: "",
+            host: "",
+            ..Req::default()
+        };
+        let with_paths = |action| {
+            Arc::new(L7AuthorizationPolicy {
+                name: "p".into(),
+                namespace: "demo".into(),
+                targets: vec![L7Target::Namespace("demo".into())],
+                action,
+                rules: vec![L7Rule {
+                    to: vec![L7Operation {
+                        paths: vec![StringMatch::Exact("/admin".into())],
+                        ..L7Operation::default()
+                    }],
+                    ..L7Rule::default()
+                }],
+            })
+        };
+        let target = AuthzTarget {
+            gateway_namespace: "demo",
+            gateway_name: "waypoint",
+            service_namespace: "demo",
+            service_name: "web",
+            service_hostname: "web.demo.svc.cluster.local",
+            root_namespace: "istio-system",
+        };
+        // DENY on a path: for TCP the rule applies without its path, so it denies.
+        let deny = authorize(
+            &[with_paths(PolicyAction::Deny)],
+            &target,
+            &tcp.as_request(),
+        );
+        assert!(!deny.allowed);
+        // ALLOW only on a path: matches nothing for TCP.
+        let allow = authorize(
+            &[with_paths(PolicyAction::Allow)],
+            &target,
+            &tcp.as_request(),
+        );
+        assert!(!allow.allowed);
+        // The same policies over HTTP judge the path.
+        let http = Req::default();
+        assert!(
+            authorize(
+                &[with_paths(PolicyAction::Deny)],
+                &target,
+                &http.as_request()
+            )
+            .allowed
+        );
     }
 }

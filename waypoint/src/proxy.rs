@@ -418,6 +418,7 @@ fn check_authz(
         host: &authority,
         path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         headers: &parts.headers,
+        tcp: false,
     };
     let decision =
         crate::authz::authorize(&state.state.l7_authorization_policies, &target, &request);

@@ -142,6 +142,7 @@ fn check_authz(ctx: &Context, downstream: &Downstream) -> Result<(), String> {
         host: "",
         path: "",
         headers: &no_headers,
+        tcp: true,
     };
     let decision =
         crate::authz::authorize(&routing.state.l7_authorization_policies, &target, &request);
