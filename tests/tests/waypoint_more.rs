@@ -1842,8 +1842,6 @@ async fn the_access_log_names_route_subset_and_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waypoint/src/upstream: retries pick among all endpoints again, the failed one included \
-            (Istio's default retry policy has the previous_hosts predicate)"]
 async fn a_dead_endpoint_is_retried_around() {
     if !needs_root() {
         return;

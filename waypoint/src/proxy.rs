@@ -213,6 +213,7 @@ pub async fn handle(
                     source_ip,
                     headers: &empty,
                     query: None,
+                    previous_hosts: &[],
                 };
                 match upstreams
                     .send(&mirror_key, protocol, mirror_request, &hash)
@@ -235,11 +236,8 @@ pub async fn handle(
     let deadline = route.timeout.map(|t| started + t);
     let hash_headers = parts.headers.clone();
     let query = parts.uri.query().map(str::to_owned);
-    let hash = HashInput {
-        source_ip: downstream.source.ip,
-        headers: &hash_headers,
-        query: query.as_deref(),
-    };
+    // Endpoints already tried: a retry goes elsewhere when it can (Envoy's `previous_hosts`).
+    let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt: u32 = 0;
     let mut _retry_permit = None;
     loop {
@@ -257,11 +255,23 @@ pub async fn handle(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let hash = HashInput {
+            source_ip: downstream.source.ip,
+            headers: &hash_headers,
+            query: query.as_deref(),
+            previous_hosts: &tried,
+        };
         let send = ctx.upstreams.send(&key, protocol, upstream_request, &hash);
         let result = match limit {
             Some(limit) => tokio::time::timeout(limit, send).await.ok(),
             None => Some(send.await),
         };
+        let endpoint = match &result {
+            Some(Ok(response)) => Some(response.endpoint),
+            Some(Err(e)) => e.endpoint(),
+            None => None,
+        };
+        tried.extend(endpoint);
         let outcome = match &result {
             None => AttemptOutcome::PerTryTimeout,
             Some(Ok(response)) => AttemptOutcome::Response {

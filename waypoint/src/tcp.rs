@@ -90,6 +90,7 @@ where
         source_ip: downstream.source.ip,
         headers: &empty,
         query: None,
+        previous_hosts: &[],
     };
     let upstream = match ctx.upstreams.connect_tcp(&key, &hash).await {
         Ok(upstream) => upstream,

@@ -104,6 +104,9 @@ pub struct HashInput<'a> {
     pub source_ip: Option<IpAddr>,
     pub headers: &'a HeaderMap,
     pub query: Option<&'a str>,
+    /// Endpoints earlier attempts of this request already tried: a retry goes elsewhere when
+    /// another endpoint is available (Istio's retries use Envoy's `previous_hosts` predicate).
+    pub previous_hosts: &'a [SocketAddr],
 }
 
 /// An endpoint's response.
@@ -332,10 +335,10 @@ impl Upstreams {
         key: &ClusterKey,
         protocol: UpstreamProtocol,
         mut request: http::Request<Body>,
-        hash: &HashInput<'_>,
+        hash_input: &HashInput<'_>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let cluster = self.cluster(key);
-        let hash = hash_outcome(&cluster, hash, request.uri().query());
+        let hash = hash_outcome(&cluster, hash_input, request.uri().query());
         let set_cookie = match &hash {
             Some(HashOutcome::Generated { set_cookie, .. }) => {
                 HeaderValue::from_str(set_cookie).ok()
@@ -349,7 +352,7 @@ impl Upstreams {
         loop {
             attempt += 1;
             let picked = cluster
-                .pick(hash.as_ref())
+                .pick(hash.as_ref(), hash_input.previous_hosts)
                 .map_err(|failure| to_error(key, None, failure))?;
             let lease = match cluster
                 .acquire(&picked, protocol, &*self.inner.connector)
@@ -418,7 +421,7 @@ impl Upstreams {
         loop {
             attempt += 1;
             let picked = cluster
-                .pick(hash.as_ref())
+                .pick(hash.as_ref(), &[])
                 .map_err(|failure| to_error(key, None, failure))?;
             let (slot, timeout) = match cluster.tcp_slot(&picked) {
                 Ok(granted) => granted,

@@ -101,9 +101,19 @@ impl Cluster {
     }
 
     /// Load balancing: one available endpoint, counted as outstanding until the guard drops.
-    pub(super) fn pick(self: &Arc<Self>, hash: Option<&HashOutcome>) -> Result<Picked, Failure> {
+    /// Picks an endpoint; one of `avoid` only when no other is available.
+    pub(super) fn pick(
+        self: &Arc<Self>,
+        hash: Option<&HashOutcome>,
+        avoid: &[SocketAddr],
+    ) -> Result<Picked, Failure> {
         let mut st = self.lock();
-        let index = st.pick(hash, Instant::now())?;
+        let now = Instant::now();
+        let index = match st.pick(hash, now, avoid) {
+            Ok(index) => index,
+            Err(_) if !avoid.is_empty() => st.pick(hash, now, &[])?,
+            Err(e) => return Err(e),
+        };
         let endpoint = &mut st.endpoints[index];
         endpoint.outstanding += 1;
         Ok(Picked {
@@ -817,7 +827,12 @@ impl ClusterState {
         old.into_values().collect()
     }
 
-    fn pick(&mut self, hash: Option<&HashOutcome>, now: Instant) -> Result<usize, Failure> {
+    fn pick(
+        &mut self,
+        hash: Option<&HashOutcome>,
+        now: Instant,
+        avoid: &[SocketAddr],
+    ) -> Result<usize, Failure> {
         if let Some(reason) = &self.error {
             return Err(Failure::NoCluster(reason.clone()));
         }
@@ -839,7 +854,8 @@ impl ClusterState {
         }
         let n = self.endpoints.len();
         let endpoints = &self.endpoints;
-        let available = |i: usize| !endpoints[i].outlier.is_ejected();
+        let available =
+            |i: usize| !endpoints[i].outlier.is_ejected() && !avoid.contains(&endpoints[i].addr);
         let random = |bound: usize| fastrand::usize(..bound);
         let picked = match &self.policy.load_balancer {
             LoadBalancer::RoundRobin => {

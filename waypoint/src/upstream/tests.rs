@@ -365,6 +365,7 @@ async fn call(
         source_ip: Some(IpAddr::from([10, 0, 0, 1])),
         headers: &hash_headers,
         query: None,
+        previous_hosts: &[],
     };
     let response = tokio::time::timeout(WAIT, upstreams.send(key, protocol, request, &hash))
         .await
@@ -503,6 +504,7 @@ async fn consistent_hash_cookie_is_generated_and_then_sticks() {
         source_ip: None,
         headers: &headers,
         query: None,
+        previous_hosts: &[],
     };
     let response = upstreams
         .send(&key(), UpstreamProtocol::Http1, request, &hash)
@@ -817,6 +819,7 @@ async fn dropped_waiters_and_bodies_give_their_counts_back() {
         source_ip: None,
         headers: &headers,
         query: None,
+        previous_hosts: &[],
     };
     let response = upstreams
         .send(&key(), UpstreamProtocol::Http1, request, &hash)
@@ -1161,6 +1164,7 @@ async fn upgrade_round_trip_and_the_connection_is_not_reused() {
         source_ip: None,
         headers: &headers,
         query: None,
+        previous_hosts: &[],
     };
     let mut response = upstreams
         .send(&key(), UpstreamProtocol::Http1, request, &hash)
@@ -1228,6 +1232,7 @@ async fn tcp_connections_follow_max_connections() {
         source_ip: None,
         headers: &headers,
         query: None,
+        previous_hosts: &[],
     };
     let mut stream = upstreams
         .connect_tcp(&key(), &hash)
