@@ -10,7 +10,10 @@
 //! the pod's own address and cached for their TTL; a large answer is truncated over UDP and
 //! complete over TCP; a silent upstream gives SERVFAIL within the configured deadline; pods
 //! outside the mesh, and every pod with `DNS_CAPTURE=false`, reach the real resolver; the
-//! queries show in Istio's `istio_dns_*` metrics.
+//! queries show in Istio's `istio_dns_*` metrics; a pod connects through the mesh by the name
+//! it resolved; a query flood, malformed packets and truncated TCP queries from one pod are
+//! answered or dropped and counted (`mesh_dns_dropped_total`) while its neighbour keeps
+//! resolving and ztunnel keeps running.
 
 #![allow(clippy::unwrap_used)]
 
@@ -396,6 +399,46 @@ async fn mesh_names_resolve_to_the_vip_in_the_pod() {
     );
     assert_eq!(count(&[("request_query_type", "aaaa")]), 1.0);
     assert_eq!(metrics.sum("istio_dns_upstream_requests_total", &[]), 0.0);
+
+    // Then the pod connects by those names: the answer leads through the mesh to the echo
+    // server behind the service, and the destination side sees the client's identity.
+    let _server = cluster
+        .pod("reviews")
+        .serve_echo(SERVICE_PORT)
+        .await
+        .unwrap();
+    for host in ["reviews.", "reviews.demo.svc.cluster.local."] {
+        let reply = ask(
+            client,
+            resolver(&cluster),
+            &query(host, RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .unwrap();
+        let [resolved] = addresses(&reply)[..] else {
+            panic!("{host}: one address expected: {reply:?}")
+        };
+        assert_eq!(resolved, vip);
+        let to = SocketAddr::new(resolved, SERVICE_PORT);
+        let echoed = client
+            .exchange(to, host.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{host} -> {to}: {e}\n{}", cluster.logs()));
+        assert_eq!(echoed, host.as_bytes(), "{host} -> {to}");
+    }
+    let (source, destination) = (client.identity(), cluster.pod("reviews").identity());
+    metrics_until(&cluster, "both connections through the mesh", |m| {
+        m.sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", &source),
+                ("destination_principal", &destination),
+            ],
+        ) >= 2.0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -615,4 +658,208 @@ async fn dns_capture_off_leaves_queries_alone() {
     assert_eq!(echoed, b"hello");
     let metrics = cluster.node("a").metrics().await;
     assert_eq!(metrics.sum("istio_dns_requests_total", &[]), 0.0);
+}
+
+/// How many UDP queries the flooding pod fires, and over about how long.
+const FLOOD_QUERIES: usize = 5000;
+const FLOOD_FOR: Duration = Duration::from_secs(2);
+/// How long the neighbour may wait for a mesh answer while the flood goes on.
+const NEIGHBOUR_BOUND: Duration = Duration::from_secs(2);
+
+/// The bad input `flooder` sends from its own namespace: [`FLOOD_QUERIES`] UDP queries for
+/// distinct non-mesh names (the upstream is silent, so each stays in flight for the whole
+/// upstream deadline) with malformed packets in between, fired without waiting for answers
+/// over about [`FLOOD_FOR`], and `truncated` TCP queries that announce more than they send.
+fn flood_blocking(server: SocketAddr, truncated: usize) -> io::Result<()> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.connect(server)?;
+    socket.set_nonblocking(true)?;
+    let batches = 100;
+    let per_batch = FLOOD_QUERIES / batches;
+    let pause = FLOOD_FOR / u32::try_from(batches).unwrap();
+    let mut truncated_sent = 0;
+    for batch in 0..batches {
+        for i in 0..per_batch {
+            let host = format!("flood{}.example.test.", batch * per_batch + i);
+            let bytes = query(&host, RecordType::A).to_vec().unwrap();
+            // A full socket buffer drops the query, as a real flood would.
+            let _ = socket.send(&bytes);
+        }
+        let _ = socket.send(&[0xde, 0xad]);
+        let _ = socket.send(&formerr_bait());
+        if truncated_sent < truncated && batch % 4 == 0 {
+            send_truncated_tcp(server)?;
+            truncated_sent += 1;
+        }
+        std::thread::sleep(pause);
+    }
+    while truncated_sent < truncated {
+        send_truncated_tcp(server)?;
+        truncated_sent += 1;
+    }
+    Ok(())
+}
+
+/// A readable query header followed by garbage: the proxy answers FORMERR.
+fn formerr_bait() -> Vec<u8> {
+    let mut bytes = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+    bytes.extend_from_slice(&[0xff; 7]);
+    bytes
+}
+
+/// Announces a 100-byte query over TCP, sends 10 bytes and closes.
+fn send_truncated_tcp(server: SocketAddr) -> io::Result<()> {
+    let mut stream = std::net::TcpStream::connect_timeout(&server, CLIENT_TIMEOUT)?;
+    stream.write_all(&100u16.to_be_bytes())?;
+    stream.write_all(&[0u8; 10])?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    // The proxy closes its side without answering.
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    assert!(rest.is_empty(), "no answer to a truncated query: {rest:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_and_bad_input_from_one_pod_leave_its_neighbours_resolving() {
+    if !needs_root() {
+        return;
+    }
+    let cluster = cluster(true)
+        .pod("a", "demo", "flooder")
+        .build()
+        .await
+        .unwrap();
+    let upstream = FakeUpstream::start(cluster.pod("dns")).await;
+    upstream.silent.store(true, Ordering::SeqCst);
+    let vip = cluster.vip("demo", "reviews");
+    let server = resolver(&cluster);
+    const TRUNCATED: usize = 20;
+
+    let netns = NetNs::from_name(cluster.pod("flooder").netns().name()).unwrap();
+    let flood = tokio::task::spawn_blocking(move || {
+        netns
+            .run(|| flood_blocking(server, TRUNCATED))
+            .map_err(io::Error::other)?
+    });
+
+    // Meanwhile the neighbour (`client`, same node) keeps resolving a mesh name, promptly.
+    let neighbour = cluster.pod("client");
+    let mut answered = 0;
+    let mut slowest = Duration::ZERO;
+    while !flood.is_finished() {
+        let started = Instant::now();
+        let reply = ask(
+            neighbour,
+            server,
+            &query("reviews.demo.svc.cluster.local.", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the neighbour got no answer during the flood: {e}"));
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        assert_eq!(addresses(&reply), [vip]);
+        assert!(
+            took < NEIGHBOUR_BOUND,
+            "the neighbour waited {took:?} during the flood"
+        );
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    flood.await.unwrap().unwrap();
+    assert!(
+        answered >= 5,
+        "the neighbour asked {answered} times during the flood"
+    );
+    eprintln!("neighbour: {answered} answers during the flood, slowest {slowest:?}");
+
+    // Once the flood's queries have timed out upstream (its pod answers a mesh name again
+    // rather than SERVFAIL for overload), bad input is counted by kind.
+    let flooder = cluster.pod("flooder");
+    eventually(Duration::from_secs(20), || async {
+        match ask(
+            flooder,
+            server,
+            &query("reviews.", RecordType::A),
+            Transport::Udp,
+        )
+        .await
+        {
+            Ok(reply) if reply.response_code() == ResponseCode::NoError => Ok(()),
+            other => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(format!("{other:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the flooder's DNS did not recover: {e}\n{}", cluster.logs()));
+    const PACED: usize = 20;
+    let netns = NetNs::from_name(cluster.pod("flooder").netns().name()).unwrap();
+    tokio::task::spawn_blocking(move || {
+        netns.run(|| {
+            let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            socket.connect(server).unwrap();
+            socket.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+            let mut buffer = [0u8; 512];
+            for _ in 0..PACED {
+                socket.send(&[0xde, 0xad]).unwrap();
+                socket.send(&formerr_bait()).unwrap();
+                // The FORMERR answer, with the bait's id.
+                let len = socket
+                    .recv(&mut buffer)
+                    .expect("FORMERR for a query with a readable header");
+                let reply = Message::from_vec(&buffer[..len]).unwrap();
+                assert_eq!(reply.response_code(), ResponseCode::FormErr);
+                assert_eq!(reply.id(), 0x1234);
+            }
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+
+    let node = cluster.node("a");
+    assert!(
+        node.exit_status().is_none(),
+        "ztunnel exited under the flood:\n{}",
+        cluster.logs()
+    );
+    let dropped =
+        |m: &Metrics, reason: &str| m.sum("mesh_dns_dropped_total", &[("reason", reason)]);
+    let metrics = metrics_until(&cluster, "bad input counted", |m| {
+        dropped(m, "malformed") >= PACED as f64
+            && dropped(m, "formerr") >= PACED as f64
+            && dropped(m, "truncated_tcp") >= TRUNCATED as f64
+            && dropped(m, "overload") >= 1.0
+    })
+    .await;
+    eprintln!(
+        "dropped: malformed {}, formerr {}, overload {}, truncated_tcp {}",
+        dropped(&metrics, "malformed"),
+        dropped(&metrics, "formerr"),
+        dropped(&metrics, "overload"),
+        dropped(&metrics, "truncated_tcp"),
+    );
+    assert_eq!(dropped(&metrics, "truncated_tcp"), TRUNCATED as f64);
+    assert!(
+        upstream.seen().len() < FLOOD_QUERIES,
+        "the cap kept part of the flood from the upstream"
+    );
+
+    // Afterwards both pods resolve normally, the flooder too.
+    for pod in ["flooder", "client"] {
+        let reply = ask(
+            cluster.pod(pod),
+            server,
+            &query("reviews.", RecordType::A),
+            Transport::Tcp,
+        )
+        .await
+        .unwrap();
+        assert_eq!(addresses(&reply), [vip], "{pod}");
+    }
+    assert!(node.exit_status().is_none());
 }

@@ -644,3 +644,126 @@ async fn sigterm_drains_without_breaking_an_in_flight_transfer() {
         "the transfer finished by itself, not by the deadline: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_view_renders_a_live_nodes_config_dump() {
+    use ztunnel::operator::{Output, Section, render};
+    if !needs_root() {
+        return;
+    }
+    let cluster = two_nodes().build().await.unwrap();
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let _app = server.serve_echo(APP_PORT).await.unwrap();
+    cluster
+        .apply(
+            "allow-client",
+            &format!(
+                r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-client, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: ["{}"]}}}}]
+"#,
+                client.principal()
+            ),
+        )
+        .await;
+
+    // A live connection to the service, one round trip done, kept open.
+    let vip = cluster.service_addr("demo", "server", SERVICE_PORT);
+    let mut live = client.connect(vip).await.unwrap();
+    live.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(IO_TIMEOUT, live.read_exact(&mut echoed))
+        .await
+        .expect("echo through the mesh")
+        .unwrap();
+    assert_eq!(&echoed, b"hello");
+
+    let node = cluster.node("b");
+    let dump = eventually(METRIC_TIMEOUT, || async {
+        let dump = node.config_dump().await;
+        let has_policy = dump["state"]["authorization_policies"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty());
+        let has_connection = dump["connections"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty());
+        if has_policy && has_connection {
+            Ok(dump)
+        } else {
+            Err(dump)
+        }
+    })
+    .await
+    .unwrap_or_else(|dump| panic!("no policy or live connection in node b's dump: {dump:#}"));
+    let render = |section| render(&dump, section, Output::Table).unwrap();
+    let row = |text: &str, needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {needle:?} row:\n{text}"))
+    };
+
+    let workloads = render(Section::Workloads);
+    assert!(workloads.starts_with("WORKLOADS"), "{workloads}");
+    let row_of = |pod: &str| row(&workloads, &format!(" {pod} "));
+    let server_row = row_of("server");
+    for expected in [
+        server.ip().to_string(),
+        " b ".to_owned(),
+        server.identity(),
+        "yes (this node)".to_owned(),
+    ] {
+        assert!(server_row.contains(&expected), "{expected:?}: {server_row}");
+    }
+    let client_row = row_of("client");
+    for expected in [
+        client.ip().to_string(),
+        " a ".to_owned(),
+        client.identity(),
+        "yes (other node)".to_owned(),
+    ] {
+        assert!(client_row.contains(&expected), "{expected:?}: {client_row}");
+    }
+    assert!(row_of("legacy-server").contains("no (not enrolled)"));
+
+    let services = render(Section::Services);
+    assert!(services.lines().next().unwrap().contains("SERVICES"));
+    assert!(services.contains("WAYPOINT"), "{services}");
+    let service_row = row(&services, " server ");
+    assert!(
+        service_row.contains(&vip.ip().to_string())
+            && service_row.contains(&format!("{SERVICE_PORT}->{APP_PORT}"))
+            && service_row.contains("1/1")
+            && service_row.trim_end().ends_with('-'),
+        "VIP, ports, endpoints and no waypoint: {service_row}"
+    );
+
+    let policies = render(Section::Policies);
+    let policy_row = row(&policies, "allow-client");
+    assert!(
+        policy_row.contains("ALLOW") && policy_row.contains(&client.principal()),
+        "{policy_row}"
+    );
+
+    let certificates = render(Section::Certificates);
+    let cert_row = row(&certificates, &server.identity());
+    assert!(cert_row.contains("available"), "{cert_row}");
+
+    let connections = render(Section::Connections);
+    let conn_row = row(&connections, "inbound");
+    assert!(
+        conn_row.contains(&client.identity()) && conn_row.contains("demo/server"),
+        "the live connection with the client's identity and the server workload: {conn_row}"
+    );
+    assert!(
+        conn_row.contains(&client.ip().to_string()),
+        "from the client's address: {conn_row}"
+    );
+    drop(live);
+}

@@ -8,6 +8,9 @@
 //! resolver's cache answers it; here upstream requests are the queries that left for the
 //! upstream, so `requests - upstream requests` is what the proxy answered itself (mesh names
 //! and cache hits).
+//!
+//! Beyond Istio's: `mesh_dns_dropped_total{reason}`, the messages the proxy did not handle as
+//! queries ([`DropReason`]): dropped without a reply, or answered with an error at once.
 
 use std::time::Duration;
 
@@ -45,6 +48,38 @@ impl DnsLabels {
     }
 }
 
+/// Why a message was not handled as a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not even a query header (too short), or a response sent to the proxy: dropped, no
+    /// reply.
+    Malformed,
+    /// A readable header but an unparseable body, or not exactly one question: answered
+    /// FORMERR.
+    FormErr,
+    /// The pod already had the maximum of queries in flight: answered SERVFAIL at once (or
+    /// dropped when not even parseable).
+    Overload,
+    /// A TCP connection closed or idled before the message its length prefix announced.
+    TruncatedTcp,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::FormErr => "formerr",
+            Self::Overload => "overload",
+            Self::TruncatedTcp => "truncated_tcp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
 type DurationFamily = Family<DnsLabels, Histogram, fn() -> Histogram>;
 
 /// `istio_dns_*`.
@@ -54,6 +89,7 @@ pub struct DnsMetrics {
     upstream_requests: Family<DnsLabels, Counter>,
     upstream_failures: Family<DnsLabels, Counter>,
     upstream_duration: DurationFamily,
+    dropped: Family<DropLabels, Counter>,
 }
 
 impl DnsMetrics {
@@ -63,6 +99,7 @@ impl DnsMetrics {
             upstream_requests: Family::default(),
             upstream_failures: Family::default(),
             upstream_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            dropped: Family::default(),
         };
         registry.register(
             "istio_dns_requests",
@@ -85,6 +122,13 @@ impl DnsMetrics {
             Unit::Seconds,
             metrics.upstream_duration.clone(),
         );
+        registry.register(
+            "mesh_dns_dropped",
+            "DNS messages from pods not handled as queries, by reason: malformed (dropped), \
+             formerr (answered FORMERR), overload (too many in flight: SERVFAIL), truncated_tcp \
+             (a TCP message shorter than its length prefix)",
+            metrics.dropped.clone(),
+        );
         metrics
     }
 
@@ -101,5 +145,14 @@ impl DnsMetrics {
         if failed {
             self.upstream_failures.get_or_create(labels).inc();
         }
+    }
+
+    /// One message not handled as a query.
+    pub fn dropped(&self, reason: DropReason) {
+        self.dropped
+            .get_or_create(&DropLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 }

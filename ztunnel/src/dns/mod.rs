@@ -44,7 +44,7 @@ pub use hickory_proto as proto;
 
 use crate::pods::{LocalPod, PodNetwork};
 use cache::{Cache, CacheKey, Clock, SystemClock};
-use metrics::{DnsLabels, DnsMetrics};
+use metrics::{DnsLabels, DnsMetrics, DropReason};
 use resolve::{Decision, Family, MeshAnswer, SearchPath};
 
 /// The proxy's port in each pod's namespace (Istio's).
@@ -56,7 +56,8 @@ pub const MESH_TTL_SECONDS: u32 = 30;
 /// gets SERVFAIL: under the 5 s a glibc or musl stub waits before retrying, so the client
 /// hears SERVFAIL rather than its own timeout.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
-/// Queries being handled at once per pod; beyond that a query gets SERVFAIL at once.
+/// Queries being handled at once per pod; beyond that a UDP query gets SERVFAIL at once
+/// (counted as `overload`), a TCP one waits its turn.
 const MAX_IN_FLIGHT: usize = 256;
 /// A TCP connection with no complete query for this long is closed (RFC 7766 suggests
 /// seconds).
@@ -283,10 +284,17 @@ impl PodDns {
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!(target: "dns", pod = %self.uid, error = %e, "malformed DNS query");
-                return format_error(request);
+                let reply = format_error(request);
+                self.dropped(if reply.is_some() {
+                    DropReason::FormErr
+                } else {
+                    DropReason::Malformed
+                });
+                return reply;
             }
         };
         if message.message_type() != MessageType::Query {
+            self.dropped(DropReason::Malformed);
             return None;
         }
         if message.op_code() != OpCode::Query {
@@ -297,6 +305,7 @@ impl PodDns {
             );
         }
         let [query] = message.queries() else {
+            self.dropped(DropReason::FormErr);
             return encode(
                 &reply_to(&message, ResponseCode::FormErr),
                 &message,
@@ -416,6 +425,11 @@ impl PodDns {
                 )
             }
         }
+    }
+
+    /// Counts a message not handled as a query (`mesh_dns_dropped_total`).
+    fn dropped(&self, reason: DropReason) {
+        self.proxy.metrics.dropped(reason);
     }
 
     /// One line per query on the `dns` target (at debug, as Istio's ztunnel).
@@ -567,6 +581,7 @@ async fn serve_udp(dns: Arc<PodDns>, socket: UdpSocket, stop: CancellationToken)
         };
         let request = buffer[..len].to_vec();
         let Ok(permit) = dns.in_flight.clone().try_acquire_owned() else {
+            dns.dropped(DropReason::Overload);
             if let Some(reply) = overloaded(&request) {
                 let _ = socket.send_to(&reply, peer).await;
             }
@@ -602,23 +617,30 @@ async fn serve_tcp(dns: Arc<PodDns>, listener: TcpListener, stop: CancellationTo
 }
 
 /// Queries on one TCP connection, answered in order (RFC 7766 framing: a two-byte length
-/// before each message), until the client closes, idles or the pod leaves.
+/// before each message), until the client closes, idles or the pod leaves. A message cut
+/// short of its length prefix (the client closed or idled) is counted as `truncated_tcp`.
 async fn serve_tcp_connection(dns: Arc<PodDns>, mut stream: TcpStream, stop: CancellationToken) {
     let _ = stream.set_nodelay(true);
     loop {
-        let read = async {
-            let len = stream.read_u16().await?;
-            let mut request = vec![0u8; usize::from(len)];
-            stream.read_exact(&mut request).await?;
-            Ok::<_, io::Error>(request)
-        };
-        let request = tokio::select! {
+        let len = tokio::select! {
             _ = stop.cancelled() => return,
-            read = tokio::time::timeout(TCP_IDLE_TIMEOUT, read) => match read {
-                Ok(Ok(request)) => request,
+            read = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_u16()) => match read {
+                Ok(Ok(len)) => len,
                 _ => return,
             },
         };
+        let mut request = vec![0u8; usize::from(len)];
+        let complete = tokio::select! {
+            _ = stop.cancelled() => return,
+            read = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut request)) => {
+                matches!(read, Ok(Ok(_)))
+            }
+        };
+        if !complete {
+            tracing::debug!(target: "dns", pod = %dns.uid, announced = len, "DNS query over TCP cut short");
+            dns.dropped(DropReason::TruncatedTcp);
+            return;
+        }
         let Ok(_permit) = dns.in_flight.acquire().await else {
             return;
         };

@@ -528,13 +528,31 @@ impl Harness {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
-        text.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric(&self.registry, name, "")
     }
+
+    fn dropped(&self, reason: &str) -> f64 {
+        dropped(&self.registry, reason)
+    }
+}
+
+/// The sum of `name`'s samples whose labels contain `labels` (`""`: all).
+fn metric(registry: &Registry, name: &str, labels: &str) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `mesh_dns_dropped_total{reason}`.
+fn dropped(registry: &Registry, reason: &str) -> f64 {
+    metric(
+        registry,
+        "mesh_dns_dropped_total",
+        &format!("reason=\"{reason}\""),
+    )
 }
 
 fn addresses(reply: &Message) -> Vec<IpAddr> {
@@ -793,6 +811,96 @@ async fn malformed_and_odd_messages() {
     )
     .unwrap();
     assert_eq!(reply.response_code(), ResponseCode::FormErr);
+
+    // Counted: garbage with a header and two questions answered FORMERR; the short message
+    // and both responses dropped. NOTIMP is an answer to a well-formed query: not counted.
+    assert_eq!(h.dropped("formerr"), 2.0);
+    assert_eq!(h.dropped("malformed"), 3.0);
+    assert_eq!(h.dropped("overload"), 0.0);
+    assert_eq!(h.metric("mesh_dns_dropped_total"), 5.0);
+}
+
+#[tokio::test]
+async fn beyond_the_in_flight_cap_udp_queries_get_servfail_at_once() {
+    // A silent upstream keeps every forwarded query in flight for the whole deadline.
+    let upstream = FakeUpstream::start(Arc::new(|_: &Message| None)).await;
+    let Harness { dns, registry, .. } = harness(vec![upstream.addr], Duration::from_secs(3));
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(serve_udp(Arc::new(dns), server, stop.clone()));
+
+    const SENT: usize = MAX_IN_FLIGHT + 44;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(addr).await.unwrap();
+    for i in 0..SENT {
+        let mut request = query(&format!("host{i}.example."), RecordType::A);
+        request.set_id(i as u16);
+        client.send(&request.to_vec().unwrap()).await.unwrap();
+        if i % 16 == 15 {
+            // Let the proxy read, so no query is lost to a full socket buffer.
+            tokio::task::yield_now().await;
+        }
+    }
+    // Garbage beyond the cap is dropped, and counted too.
+    client.send(&[1, 2, 3]).await.unwrap();
+    // The ones over the cap are answered SERVFAIL well before the upstream deadline.
+    let started = Instant::now();
+    let mut servfail = 0;
+    let mut buffer = vec![0u8; 65535];
+    while servfail < SENT - MAX_IN_FLIGHT {
+        let len = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buffer))
+            .await
+            .expect("SERVFAIL for the queries over the cap")
+            .unwrap();
+        let reply = Message::from_vec(&buffer[..len]).unwrap();
+        assert_eq!(reply.response_code(), ResponseCode::ServFail);
+        assert!(usize::from(reply.id()) >= MAX_IN_FLIGHT, "{}", reply.id());
+        servfail += 1;
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        dropped(&registry, "overload"),
+        (SENT - MAX_IN_FLIGHT + 1) as f64
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_tcp_query_shorter_than_its_length_prefix_is_counted() {
+    let Harness { dns, registry, .. } = harness(Vec::new(), Duration::from_secs(1));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(serve_tcp(Arc::new(dns), listener, stop.clone()));
+
+    // A whole query first: answered on the same connection.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = query("reviews.", RecordType::A).to_vec().unwrap();
+    stream.write_u16(request.len() as u16).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let len = stream.read_u16().await.unwrap();
+    let mut reply = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut reply).await.unwrap();
+    let reply = Message::from_vec(&reply).unwrap();
+    assert_eq!(addresses(&reply), [ip("10.96.0.5")]);
+    // Then 100 bytes announced, 10 sent, and the client closes: the proxy closes too.
+    stream.write_u16(100).await.unwrap();
+    stream.write_all(&request[..10]).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closed the connection")
+        .unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(dropped(&registry, "truncated_tcp"), 1.0);
+    // A client that closes between messages is not counted.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(dropped(&registry, "truncated_tcp"), 1.0);
+    stop.cancel();
 }
 
 #[tokio::test]
