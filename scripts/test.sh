@@ -35,5 +35,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== binaries (the virtual-cluster tests run the real ztunnel and waypoint processes)"
+# Cargo builds a package's binary only for that package's own integration tests; the waypoint
+# has none, so every binary is built here, with the profile the tests use.
+cargo build --workspace --bins --profile ci --locked
+
 echo "== tests (profile ci: optimised, with debug assertions)"
 cargo nextest run --workspace --cargo-profile ci --locked --no-fail-fast
