@@ -45,7 +45,9 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let log = mesh::ops::init_logging(&cli.log)?;
+    // Held until `run` returns, so buffered log lines are written before the process exits.
+    let logging = mesh::ops::init_logging(&cli.log)?;
+    let log = logging.control.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(ztunnel::config::worker_threads(
             &ztunnel::config::ProcessEnv,
