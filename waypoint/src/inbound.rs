@@ -42,6 +42,49 @@ pub struct Downstream {
     pub peer_addr: SocketAddr,
 }
 
+impl Downstream {
+    /// The waypoint's L7 AuthorizationPolicies for a request of this tunnel (`parts`), or for the
+    /// tunnel itself as opaque TCP (`None`: no method, path, host or headers, so an ALLOW rule
+    /// that needs one matches nothing, as in Istio). `Err` says which policy denied.
+    pub fn authorize(
+        &self,
+        ctx: &Context,
+        state: &mesh::model::State,
+        parts: Option<&http::request::Parts>,
+    ) -> Result<(), String> {
+        let service = &self.service;
+        let target = crate::authz::AuthzTarget {
+            gateway_namespace: &ctx.config.waypoint.namespace,
+            gateway_name: &ctx.config.waypoint.name,
+            service_namespace: &service.namespace,
+            service_name: &service.name,
+            service_hostname: &service.hostname,
+            root_namespace: &ctx.config.root_namespace,
+        };
+        let no_headers = http::HeaderMap::new();
+        let authority = parts.map(crate::proxy::authority_of).unwrap_or_default();
+        let request = crate::authz::AuthzRequest {
+            source_principal: self.source.principal.as_deref(),
+            source_namespace: self.source.identity.as_ref().map(|i| i.namespace()),
+            source_ip: self.source.ip,
+            remote_ip: None,
+            destination_ip: self.vip.ip(),
+            destination_port: self.vip.port(),
+            method: parts.map_or("", |p| p.method.as_str()),
+            host: &authority,
+            path: parts.map_or("", |p| p.uri.path_and_query().map_or("/", |pq| pq.as_str())),
+            headers: parts.map_or(&no_headers, |p| &p.headers),
+            tcp: parts.is_none(),
+        };
+        let decision = crate::authz::authorize(&state.l7_authorization_policies, &target, &request);
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(decision.to_string())
+        }
+    }
+}
+
 /// How the tunnel's bytes are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -114,11 +157,11 @@ pub async fn tunnel(ctx: Arc<Context>, tunnel: InboundTunnel) {
         return;
     };
     let ip = tunnel.forwarded_for();
-    let source = SourceInfo {
-        identity: Some(tunnel.peer_identity.clone()),
+    let source = SourceInfo::new(
+        Some(tunnel.peer_identity.clone()),
         ip,
-        workload: ip.and_then(|ip| state.workload_by_ip(ip).cloned()),
-    };
+        ip.and_then(|ip| state.workload_by_ip(ip).cloned()),
+    );
     let downstream = Arc::new(Downstream {
         service,
         port,

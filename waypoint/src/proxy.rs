@@ -69,7 +69,7 @@ pub async fn handle(
     let mut rng = fastrand::Rng::new();
 
     // 1. L7 authorization, on the original client's identity.
-    if let Err(denied) = check_authz(&ctx, &downstream, &parts) {
+    if let Err(denied) = downstream.authorize(&ctx, &routing.state, Some(&parts)) {
         finish.reason = denied;
         return finish.local(StatusCode::FORBIDDEN, "RBAC", DENIED_BODY);
     }
@@ -234,8 +234,6 @@ pub async fn handle(
     let route = selected.route;
     let started = Instant::now();
     let deadline = route.timeout.map(|t| started + t);
-    let hash_headers = parts.headers.clone();
-    let query = parts.uri.query().map(str::to_owned);
     // Endpoints already tried: a retry goes elsewhere when it can (Envoy's `previous_hosts`).
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt: u32 = 0;
@@ -257,8 +255,8 @@ pub async fn handle(
         };
         let hash = HashInput {
             source_ip: downstream.source.ip,
-            headers: &hash_headers,
-            query: query.as_deref(),
+            headers: &parts.headers,
+            query: parts.uri.query(),
             previous_hosts: &tried,
         };
         let send = ctx.upstreams.send(&key, protocol, upstream_request, &hash);
@@ -395,50 +393,6 @@ pub async fn handle(
     }
 }
 
-/// L7 AuthorizationPolicy on the original client's identity; `Err` says which policy denied.
-fn check_authz(
-    ctx: &Context,
-    downstream: &Downstream,
-    parts: &http::request::Parts,
-) -> Result<(), String> {
-    let principal = downstream
-        .source
-        .identity
-        .as_ref()
-        .map(|i| i.to_string().trim_start_matches("spiffe://").to_owned());
-    let service = &downstream.service;
-    let state = ctx.routes.load();
-    let authority = authority_of(parts);
-    let target = crate::authz::AuthzTarget {
-        gateway_namespace: &ctx.config.waypoint.namespace,
-        gateway_name: &ctx.config.waypoint.name,
-        service_namespace: &service.namespace,
-        service_name: &service.name,
-        service_hostname: &service.hostname,
-        root_namespace: &ctx.config.root_namespace,
-    };
-    let request = crate::authz::AuthzRequest {
-        source_principal: principal.as_deref(),
-        source_namespace: downstream.source.identity.as_ref().map(|i| i.namespace()),
-        source_ip: downstream.source.ip,
-        remote_ip: None,
-        destination_ip: downstream.vip.ip(),
-        destination_port: downstream.vip.port(),
-        method: parts.method.as_str(),
-        host: &authority,
-        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-        headers: &parts.headers,
-        tcp: false,
-    };
-    let decision =
-        crate::authz::authorize(&state.state.l7_authorization_policies, &target, &request);
-    if decision.allowed {
-        Ok(())
-    } else {
-        Err(decision.to_string())
-    }
-}
-
 fn route_label(selected: &Selected<'_>) -> String {
     let name = selected.route_name();
     match (selected.virtual_service, name.is_empty()) {
@@ -497,7 +451,7 @@ fn upstream_protocol(
 }
 
 /// The request's authority: `:authority` (HTTP/2) or `Host`.
-fn authority_of(parts: &http::request::Parts) -> String {
+pub(crate) fn authority_of(parts: &http::request::Parts) -> String {
     authority(&parts.uri, &parts.headers)
 }
 

@@ -22,9 +22,28 @@ pub struct SourceInfo {
     pub identity: Option<Identity>,
     pub ip: Option<IpAddr>,
     pub workload: Option<Arc<Workload>>,
+    /// The identity as policies write principals (without `spiffe://`), made once per tunnel
+    /// rather than per request.
+    pub principal: Option<String>,
 }
 
 impl SourceInfo {
+    pub fn new(
+        identity: Option<Identity>,
+        ip: Option<IpAddr>,
+        workload: Option<Arc<Workload>>,
+    ) -> Self {
+        let principal = identity
+            .as_ref()
+            .map(|i| i.to_string().trim_start_matches("spiffe://").to_owned());
+        Self {
+            identity,
+            ip,
+            workload,
+            principal,
+        }
+    }
+
     /// The client's namespace: from its identity, else from its workload.
     pub fn namespace(&self) -> Option<&str> {
         self.identity

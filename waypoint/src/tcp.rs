@@ -50,7 +50,7 @@ where
     };
     // The waypoint's AuthorizationPolicies apply to TCP as to HTTP. A connection has no
     // method, path or host: an ALLOW rule that needs one matches nothing (as in Istio).
-    if let Err(denied) = check_authz(&ctx, &downstream) {
+    if let Err(denied) = downstream.authorize(&ctx, &routing.state, None) {
         failed("RBAC", denied);
         return;
     }
@@ -110,46 +110,5 @@ where
     let bytes = guard.bytes.clone();
     if let Err(e) = mesh::copy::copy_bidirectional(client, upstream, &bytes).await {
         guard.fail("UR", e.to_string());
-    }
-}
-
-/// L7 AuthorizationPolicy for a TCP connection: only the source and the destination address
-/// and port are known (no method, path, host or headers).
-fn check_authz(ctx: &Context, downstream: &Downstream) -> Result<(), String> {
-    let principal = downstream
-        .source
-        .identity
-        .as_ref()
-        .map(|i| i.to_string().trim_start_matches("spiffe://").to_owned());
-    let service = &downstream.service;
-    let routing = ctx.routes.load();
-    let target = crate::authz::AuthzTarget {
-        gateway_namespace: &ctx.config.waypoint.namespace,
-        gateway_name: &ctx.config.waypoint.name,
-        service_namespace: &service.namespace,
-        service_name: &service.name,
-        service_hostname: &service.hostname,
-        root_namespace: &ctx.config.root_namespace,
-    };
-    let no_headers = HeaderMap::new();
-    let request = crate::authz::AuthzRequest {
-        source_principal: principal.as_deref(),
-        source_namespace: downstream.source.identity.as_ref().map(|i| i.namespace()),
-        source_ip: downstream.source.ip,
-        remote_ip: None,
-        destination_ip: downstream.vip.ip(),
-        destination_port: downstream.vip.port(),
-        method: "",
-        host: "",
-        path: "",
-        headers: &no_headers,
-        tcp: true,
-    };
-    let decision =
-        crate::authz::authorize(&routing.state.l7_authorization_policies, &target, &request);
-    if decision.allowed {
-        Ok(())
-    } else {
-        Err(decision.to_string())
     }
 }

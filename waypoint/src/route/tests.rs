@@ -168,11 +168,11 @@ fn source(namespace: &str, labels: &[(&str, &str)]) -> SourceInfo {
         canonical_revision: "latest".into(),
         named_ports: BTreeMap::new(),
     };
-    SourceInfo {
-        identity: Some(identity),
-        ip: Some("10.0.0.9".parse().unwrap()),
-        workload: Some(Arc::new(workload)),
-    }
+    SourceInfo::new(
+        Some(identity),
+        Some("10.0.0.9".parse().unwrap()),
+        Some(Arc::new(workload)),
+    )
 }
 
 /// The subset the table sends `parts` to (`"-"` for no subset, `None` for no route).
