@@ -285,6 +285,27 @@ pub fn metrics_handler(registry: Arc<Registry>) -> Handler {
     })
 }
 
+/// The admin port both proxies serve: `GET /config_dump` (what `config_dump` answers),
+/// `/logging?level=` (through `log`), `POST /quitquitquit` (cancels `quit`: the drain starts).
+pub fn admin_handler(
+    config_dump: impl Fn() -> Response<Full<Bytes>> + Send + Sync + 'static,
+    log: Option<LogControl>,
+    quit: CancellationToken,
+) -> Handler {
+    Arc::new(move |req| match (req.method(), req.uri().path()) {
+        (&http::Method::GET, "/config_dump") => config_dump(),
+        (_, "/logging") => logging(req.uri().query(), log.as_ref()),
+        (&http::Method::POST, "/quitquitquit") => {
+            quit.cancel();
+            text(StatusCode::OK, "draining\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "endpoints: GET /config_dump, /logging?level=, POST /quitquitquit\n",
+        ),
+    })
+}
+
 /// `/logging?level=` or `?filter=`: changes the log filter through `log`.
 pub fn logging(query: Option<&str>, log: Option<&LogControl>) -> Response<Full<Bytes>> {
     let filter = query.unwrap_or("").split('&').find_map(|kv| {

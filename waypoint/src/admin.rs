@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use mesh::ops::{Handler, LogControl, text};
 use tokio_util::sync::CancellationToken;
 
@@ -68,8 +68,8 @@ pub fn admin_handler(
     log: Option<LogControl>,
     quit: CancellationToken,
 ) -> Handler {
-    Arc::new(move |req| match (req.method(), req.uri().path()) {
-        (&Method::GET, "/config_dump") => {
+    mesh::ops::admin_handler(
+        move || {
             // The state the routes were compiled from (not the store's newest), so a reader
             // that sees a change here knows requests are routed by it.
             let routing = ctx.routes.load();
@@ -101,15 +101,8 @@ pub fn admin_handler(
                 state,
             };
             mesh::ops::json(&dump)
-        }
-        (_, "/logging") => mesh::ops::logging(req.uri().query(), log.as_ref()),
-        (&Method::POST, "/quitquitquit") => {
-            quit.cancel();
-            text(StatusCode::OK, "draining\n")
-        }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, /logging?level=, POST /quitquitquit\n",
-        ),
-    })
+        },
+        log,
+        quit,
+    )
 }

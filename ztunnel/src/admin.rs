@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Context;
@@ -88,8 +88,8 @@ pub fn admin_handler(
     log: Option<LogControl>,
     quit: CancellationToken,
 ) -> Handler {
-    Arc::new(move |req| match (req.method(), req.uri().path()) {
-        (&Method::GET, "/config_dump") => {
+    mesh::ops::admin_handler(
+        move || {
             let state = ctx.store.snapshot();
             let mut pods: Vec<String> = ctx
                 .pods_by_ip
@@ -118,15 +118,8 @@ pub fn admin_handler(
                     .collect(),
             };
             mesh::ops::json(&dump)
-        }
-        (_, "/logging") => mesh::ops::logging(req.uri().query(), log.as_ref()),
-        (&Method::POST, "/quitquitquit") => {
-            quit.cancel();
-            text(StatusCode::OK, "draining\n")
-        }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, /logging?level=, POST /quitquitquit\n",
-        ),
-    })
+        },
+        log,
+        quit,
+    )
 }
