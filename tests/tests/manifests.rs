@@ -1413,8 +1413,12 @@ fn volume_for<'a>(
         .unwrap_or_else(|| panic!("no volume {}", mount.name))
 }
 
+/// The ConfigMap the CA keeps its root in, in every namespace (`MESH_CA_ROOT_CONFIGMAP`).
+const ROOT_CONFIGMAP: &str = mesh::ca::root_configmap::DEFAULT_ROOT_CONFIGMAP;
+
 /// `CA_ADDRESS` names the CA's Service, whose port it is, and a DNS name the CA's certificate
-/// carries; `CA_ROOT_CERT` is in the root ConfigMap; `CA_TOKEN_FILE` a token for the CA.
+/// carries; `CA_ROOT_CERT` is the root's key in the root ConfigMap; `CA_TOKEN_FILE` a token for
+/// the CA.
 fn check_ca_client(spec: &PodSpec, c: &Container, ca_service: &Service, ca_dns_names: &[String]) {
     let address = env_value(c, "CA_ADDRESS").unwrap();
     let (host, port) = address.rsplit_once(':').unwrap();
@@ -1432,9 +1436,13 @@ fn check_ca_client(spec: &PodSpec, c: &Container, ca_service: &Service, ca_dns_n
     );
     let root = env_value(c, "CA_ROOT_CERT").unwrap();
     let volume = volume_for(spec, c, &root);
-    assert_eq!(
-        volume.config_map.as_ref().unwrap().name,
-        "mesh-ca-root-cert"
+    let config_map = volume.config_map.as_ref().unwrap();
+    assert_eq!(config_map.name, ROOT_CONFIGMAP);
+    // Mounted whole (no `items`), so the file is named after the key the CA writes.
+    assert!(config_map.items.is_none(), "{}", c.name);
+    assert!(
+        root.ends_with(&format!("/{}", mesh::ca::root_configmap::ROOT_CERT_KEY)),
+        "{root}"
     );
     let token = env_value(c, "CA_TOKEN_FILE").unwrap();
     let projected = volume_for(spec, c, &token).projected.as_ref().unwrap();
@@ -1637,14 +1645,18 @@ fn the_ca_runs_unprivileged_and_serves_on_15012() {
         env_value(c, "MESH_CA_TOKEN_AUDIENCES").as_deref(),
         Some(mesh::ca::kube_auth::ISTIO_CA_AUDIENCE)
     );
-    // The key: in the Secret the Role lets it read (and publish-ca-root.sh reads), written for
-    // loading to memory, since the root filesystem is read-only.
+    // The key: in the Secret the Role lets it read, written for loading to memory, since the
+    // root filesystem is read-only.
     assert_eq!(
         env_value(c, "MESH_CA_SECRET"),
         Some(format!("{ns}/mesh-ca"))
     );
-    let script = std::fs::read_to_string(root().join("manifests/publish-ca-root.sh")).unwrap();
-    assert!(script.contains("kubectl get secret mesh-ca"));
+    // The root: kept in every namespace under the name ztunnel and the waypoints mount
+    // (`check_ca_client`).
+    assert_eq!(
+        env_value(c, "MESH_CA_ROOT_CONFIGMAP").as_deref(),
+        Some(ROOT_CONFIGMAP)
+    );
     let dir = env_value(c, "MESH_CA_DIR").unwrap();
     let volume = volume_for(pod, c, &format!("{dir}/ca-key.pem"));
     assert_eq!(
@@ -1858,13 +1870,23 @@ fn rbac_is_least_privilege() {
         grants(&rules(&docs, "ClusterRole", "mesh-waypoint")),
         read_only_grants(&mesh::model::translate::Kind::ALL)
     );
-    // The CA: TokenReviews, and reading pods to check a ztunnel asks only for its node's pods.
+    // The CA: TokenReviews, reading pods to check a ztunnel asks only for its node's pods, and
+    // what its root publisher does (watch namespaces and the root ConfigMaps, apply them).
+    let mut ca_needs = want_grants(&[
+        (("authentication.k8s.io", "tokenreviews"), &["create"]),
+        (("", "pods"), &["get", "list"]),
+    ]);
+    for (group, resource, verbs) in mesh::ca::root_configmap::REQUIRED_PERMISSIONS {
+        ca_needs
+            .entry((group.to_owned(), resource.to_owned()))
+            .or_default()
+            .extend(verbs.iter().map(|v| (*v).to_owned()));
+    }
+    assert_eq!(grants(&rules(&docs, "ClusterRole", "mesh-ca")), ca_needs);
     assert_eq!(
-        grants(&rules(&docs, "ClusterRole", "mesh-ca")),
-        want_grants(&[
-            (("authentication.k8s.io", "tokenreviews"), &["create"]),
-            (("", "pods"), &["get", "list"]),
-        ])
+        ca_needs[&(String::new(), "configmaps".to_owned())],
+        BTreeSet::from(["create", "list", "patch", "watch"].map(str::to_owned)),
+        "server-side apply creating a ConfigMap is authorized as create and patch"
     );
     // ... and its own Secret, in its namespace only: no secret anywhere else is readable.
     assert_eq!(
@@ -2011,10 +2033,7 @@ fn bash() -> PathBuf {
 
 #[test]
 fn scripts_are_valid_bash_and_shellcheck_clean() {
-    let scripts = [
-        root().join("tests/e2e/kind/run.sh"),
-        root().join("manifests/publish-ca-root.sh"),
-    ];
+    let scripts = [root().join("tests/e2e/kind/run.sh")];
     for script in &scripts {
         let out = Command::new(bash()).arg("-n").arg(script).output().unwrap();
         assert!(

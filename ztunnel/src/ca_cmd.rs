@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use mesh::ca::kube_auth::{self, KubeAuthConfig, KubeAuthenticator, NamespacedName};
+use mesh::ca::root_configmap::{self, RootPublisher, RootPublisherConfig};
 use mesh::ca::{
     AllowAny, Authenticator, CaKeySource, CaMetrics, CaServer, CaService, CaServingNames,
     CertificateAuthority, StaticTokens,
 };
+use tokio_util::sync::CancellationToken;
 
 /// Flags of `ztunnel ca`. Every flag can also be set by the environment variable shown.
 #[derive(Debug, Clone, clap::Args)]
@@ -69,6 +71,18 @@ pub struct CaArgs {
     /// contents are written to --ca-dir for loading. Conflicts with --ca-cert.
     #[arg(long, env = "MESH_CA_SECRET", conflicts_with = "ca_cert")]
     pub ca_secret: Option<NamespacedName>,
+    /// With --kubernetes-auth: the ConfigMap the CA keeps in every namespace (not being
+    /// deleted) holding its root certificate under `root-cert.pem`, as istiod keeps
+    /// istio-ca-root-cert; ztunnel and the waypoints mount it. Re-created when deleted, restored
+    /// when edited. Needs list/watch on namespaces and list/watch/create/patch on configmaps.
+    /// Empty: not published.
+    #[arg(
+        long,
+        env = "MESH_CA_ROOT_CONFIGMAP",
+        default_value = root_configmap::DEFAULT_ROOT_CONFIGMAP,
+        value_parser = parse_root_configmap
+    )]
+    pub root_configmap: String,
     /// DNS names the CA's TLS certificate carries (clients dial one of them).
     #[arg(
         long,
@@ -131,6 +145,9 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     let authority = CertificateAuthority::load(&source, &args.trust_domain)
         .context("loading the CA key")?
         .with_max_ttl(Duration::from_secs(args.max_ttl_seconds));
+    // The trust anchor clients need: the root at the top of the chain, also when the CA signs
+    // with a plugged-in intermediate.
+    let root_pem = authority.root_pem().to_owned();
     let mut names = CaServingNames {
         dns: args.dns_names.clone(),
         ..CaServingNames::default()
@@ -145,6 +162,17 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
         CaMetrics::new(&mut registry),
     );
     let server = CaServer::bind(args.listen, service, &names).await?;
+    let stop_publisher = CancellationToken::new();
+    let publisher = match &kube_client {
+        Some(client) if args.kubernetes_auth && !args.root_configmap.is_empty() => {
+            let publisher = RootPublisher::new(
+                client.clone(),
+                RootPublisherConfig::new(&args.root_configmap, root_pem),
+            );
+            Some(tokio::spawn(publisher.run(stop_publisher.clone())))
+        }
+        _ => None,
+    };
     tracing::info!(
         addr = %server.local_addr(),
         trust_domain = %args.trust_domain,
@@ -155,11 +183,32 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
         } else {
             "local (any caller)"
         },
+        root_configmap = if publisher.is_some() {
+            args.root_configmap.as_str()
+        } else {
+            "(not published)"
+        },
         "CA ready"
     );
-    server.run(shutdown_signal()).await?;
+    let served = server.run(shutdown_signal()).await;
+    stop_publisher.cancel();
+    if let Some(publisher) = publisher {
+        // It stops at once when cancelled; a panic in it is reported, not propagated.
+        if let Err(e) = publisher.await {
+            tracing::warn!(error = %e, "the root publisher ended abnormally");
+        }
+    }
+    served?;
     tracing::info!("CA stopped");
     Ok(())
+}
+
+/// A ConfigMap name, or empty (not published).
+fn parse_root_configmap(name: &str) -> Result<String, String> {
+    if !name.is_empty() {
+        root_configmap::check_configmap_name(name)?;
+    }
+    Ok(name.to_owned())
 }
 
 pub use mesh::ops::shutdown_signal;
@@ -201,6 +250,19 @@ mod tests {
             cli.ca.ztunnel_service_accounts[0].to_string(),
             "istio-system/ztunnel"
         );
+        // The root is published as mesh-ca-root-cert unless told otherwise; empty turns it off.
+        assert_eq!(cli.ca.root_configmap, "mesh-ca-root-cert");
+        let cli = Cli::try_parse_from([
+            "ca",
+            "--kubernetes-auth",
+            "--root-configmap",
+            "istio-ca-root-cert",
+        ])
+        .unwrap();
+        assert_eq!(cli.ca.root_configmap, "istio-ca-root-cert");
+        let cli = Cli::try_parse_from(["ca", "--kubernetes-auth", "--root-configmap", ""]).unwrap();
+        assert!(cli.ca.root_configmap.is_empty());
+        assert!(Cli::try_parse_from(["ca", "--root-configmap", "Not_A_Name"]).is_err());
         // One authentication at a time; accounts must name their namespace.
         assert!(Cli::try_parse_from(["ca", "--kubernetes-auth", "--tokens-file", "t"]).is_err());
         assert!(Cli::try_parse_from(["ca", "--ztunnel-service-accounts", "ztunnel"]).is_err());

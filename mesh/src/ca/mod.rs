@@ -4,11 +4,13 @@
 //! [`authority`] holds the key and turns CSRs into chains; [`server`] is Istio's gRPC
 //! `IstioCertificateService` over TLS with pluggable authorization; [`kube_auth`] is the
 //! authorization for a cluster (TokenReview, Istio's node rules) and the key kept in a Secret;
-//! [`client`] is the caller side.
+//! [`root_configmap`] publishes the root to every namespace of a cluster; [`client`] is the
+//! caller side.
 
 pub mod authority;
 pub mod client;
 pub mod kube_auth;
+pub mod root_configmap;
 pub mod server;
 
 pub use authority::{CaError, CaKeySource, CertificateAuthority};

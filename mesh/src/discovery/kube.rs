@@ -439,9 +439,10 @@ fn apply(kinds: &mut BTreeMap<Kind, KindState>, update: Update) -> bool {
     }
 }
 
-/// Why a list or watch failed, for logs and the metric.
+/// Why a list or watch failed, for logs and the metric (the CA's root publisher classifies its
+/// watch failures with it too).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Failure {
+pub(crate) enum Failure {
     NotFound,
     Forbidden { verb: &'static str, message: String },
     Gone,
@@ -450,7 +451,7 @@ enum Failure {
 }
 
 impl Failure {
-    fn classify(error: &watcher::Error) -> Self {
+    pub(crate) fn classify(error: &watcher::Error) -> Self {
         let (verb, client_error) = match error {
             watcher::Error::InitialListFailed(e) => ("list", Some(e)),
             watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {

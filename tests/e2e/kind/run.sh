@@ -9,7 +9,9 @@
 #      AuthorizationPolicy denies at L7;
 #   4. removing the namespace's ambient label takes it out of the mesh live, without restarting
 #      its pods, and adding it back brings it in again;
-#   5. `kubectl rollout restart daemonset/ztunnel` leaves new connections working.
+#   5. `kubectl rollout restart daemonset/ztunnel` leaves new connections working;
+#
+# and, on the way, that the CA publishes its root ConfigMap to every namespace and re-creates it.
 #
 # Usage: tests/e2e/kind/run.sh        (needs Docker, kind and kubectl; helm is optional)
 #   KEEP_CLUSTER=1   keep the cluster afterwards (deleted by default, also on failure)
@@ -157,7 +159,7 @@ kubectl create namespace demo --dry-run=client -o yaml | kubectl apply -f -
 kubectl create namespace plain --dry-run=client -o yaml | kubectl apply -f -
 if command -v helm >/dev/null 2>&1; then
     echo "installing with helm"
-    # No --wait: ztunnel starts once the root is published, below.
+    # No --wait: the checks below wait for the CA, its root ConfigMap and ztunnel.
     helm upgrade --install ambient-mesh "$ROOT/manifests/chart/ambient-mesh" -n "$MESH_NS" \
         --set image.repository="$repo" --set image.tag="$tag" --set image.pullPolicy=Never \
         --set trustDomain="$TD"
@@ -170,8 +172,18 @@ kubectl wait --for condition=established --timeout=60s \
     crd/virtualservices.networking.istio.io crd/destinationrules.networking.istio.io \
     crd/authorizationpolicies.security.istio.io crd/peerauthentications.security.istio.io
 kubectl rollout status -n "$MESH_NS" deploy/mesh-ca --timeout=180s
-# The CA made its root on first start; ztunnel (and demo's waypoint) read it from a ConfigMap.
-"$ROOT/manifests/publish-ca-root.sh" --mesh-namespace "$MESH_NS" demo
+# The CA made its root on first start and keeps it in every namespace as the ConfigMap
+# mesh-ca-root-cert, which ztunnel (and demo's waypoint) mount; it re-creates a deleted one.
+root_published() {
+    local ns
+    for ns in "$MESH_NS" demo plain; do
+        kubectl get configmap mesh-ca-root-cert -n "$ns" -o 'jsonpath={.data.root-cert\.pem}' 2>/dev/null \
+            | grep -q 'BEGIN CERTIFICATE' || return 1
+    done
+}
+retry 60 root_published || fail "the CA did not publish its root ConfigMap mesh-ca-root-cert to $MESH_NS, demo and plain"
+kubectl delete configmap mesh-ca-root-cert -n plain
+retry 30 root_published || fail "the CA did not re-create the root ConfigMap deleted from plain"
 kubectl rollout status -n "$MESH_NS" ds/ztunnel --timeout=180s
 
 gateway=false

@@ -1,17 +1,24 @@
 //! A small fake Kubernetes API server on 127.0.0.1 for the Kubernetes source's and the CA's
 //! tests: lists, `?watch=true` streams of `{"type":..,"object":..}` lines, gets, field
-//! selectors, TokenReview and Secrets, with knobs for what a real cluster does to clients:
-//! failing requests, expired resource versions (410 Gone), dropped watches, CRDs that are not
-//! installed (a plain-text 404 as the real server sends) and an API server that goes away.
+//! selectors, TokenReview, creates, and server-side apply (a PATCH of an applied configuration,
+//! merged into the stored object; nothing changes, nothing is written), with knobs for what a
+//! real cluster does to clients: failing requests, expired resource versions (410 Gone), dropped
+//! watches, CRDs that are not installed (a plain-text 404 as the real server sends), namespaces
+//! being terminated (no new objects in them) and an API server that goes away.
 //!
 //! Objects are plain JSON. List items of built-in kinds carry no apiVersion/kind, as the real
 //! server sends them, so the source must not depend on them.
+//!
+//! Also here, for the tests that use the fake: [`requested`] (wait for a request) and [`Logs`]
+//! (capture what the code under test logs).
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -125,6 +132,7 @@ impl FakeApi {
             ("", &["v1"], "pods", "Pod", true),
             ("", &["v1"], "services", "Service", true),
             ("", &["v1"], "secrets", "Secret", true),
+            ("", &["v1"], "configmaps", "ConfigMap", true),
             (
                 "authentication.k8s.io",
                 &["v1"],
@@ -226,24 +234,8 @@ impl FakeApi {
     }
 
     /// Creates or replaces an object (`metadata.namespace`/`name` say where).
-    pub(crate) fn apply(&self, group: &str, plural: &str, mut object: Value) {
-        let mut inner = self.inner.lock().unwrap();
-        inner.rv += 1;
-        let rv = inner.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let namespace = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-        let key = (id(group, plural), namespace, name);
-        let kind = if inner.objects.insert(key, object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        inner.history.push((rv, id(group, plural), kind, object));
-        drop(inner);
+    pub(crate) fn apply(&self, group: &str, plural: &str, object: Value) {
+        self.inner.lock().unwrap().put(&id(group, plural), object);
         self.changes.send_modify(|v| *v += 1);
     }
 
@@ -279,8 +271,8 @@ impl FakeApi {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// The next `count` requests of `verb` (`list`, `watch`, `get`, `create`) on the resource
-    /// fail with `status`.
+    /// The next `count` requests of `verb` (`list`, `watch`, `get`, `create`, `patch`) on the
+    /// resource fail with `status`.
     pub(crate) fn fail(
         &self,
         group: &str,
@@ -325,6 +317,58 @@ impl FakeApi {
     ) -> Option<Value> {
         let key = (id(group, plural), namespace.to_owned(), name.to_owned());
         self.inner.lock().unwrap().objects.get(&key).cloned()
+    }
+}
+
+impl Inner {
+    /// Stores `object` (its `metadata.namespace`/`name` say where) under a new resource version
+    /// and records the change for watches; returns the stored object.
+    fn put(&mut self, resource: &ResourceId, mut object: Value) -> Value {
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+        let key = (resource.clone(), namespace, name);
+        let kind = if self.objects.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.history
+            .push((rv, resource.clone(), kind, object.clone()));
+        object
+    }
+
+    /// The namespace is being deleted: the real server refuses new objects in it.
+    fn terminating(&self, namespace: &str) -> bool {
+        let key = (id("", "namespaces"), String::new(), namespace.to_owned());
+        self.objects.get(&key).is_some_and(|ns| {
+            !ns["metadata"]["deletionTimestamp"].is_null() || ns["status"]["phase"] == "Terminating"
+        })
+    }
+}
+
+/// Server-side apply of `applied` onto `existing`, for one field manager that owns every field
+/// it sets: maps merge key by key, anything else is replaced; fields it does not set stay.
+fn merge_applied(existing: &mut Value, applied: &Value) {
+    match (existing, applied) {
+        (Value::Object(existing), Value::Object(applied)) => {
+            for (key, value) in applied {
+                match existing.get_mut(key) {
+                    Some(slot) if slot.is_object() && value.is_object() => {
+                        merge_applied(slot, value)
+                    }
+                    _ => {
+                        existing.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (existing, applied) => *existing = applied.clone(),
     }
 }
 
@@ -449,6 +493,18 @@ fn status_response(code: u16, reason: &str, message: &str) -> Response<Body> {
     )
 }
 
+/// What the real server answers a create in a namespace being deleted.
+fn terminating_response(plural: &str, name: &str, namespace: &str) -> Response<Body> {
+    status_response(
+        403,
+        "Forbidden",
+        &format!(
+            "{plural} {name:?} is forbidden: unable to create new content in namespace \
+             {namespace} because it is being terminated"
+        ),
+    )
+}
+
 /// What the real server sends for a path nobody serves (a CRD that is not installed).
 fn page_not_found() -> Response<Body> {
     Response::builder()
@@ -462,6 +518,12 @@ impl Server {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
+        let content_type = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let params = query_params(request.uri().query());
         self.inner.lock().unwrap().requests.push(format!(
             "{method} {path}?{}",
@@ -483,6 +545,7 @@ impl Server {
             (&Method::GET, None) if watching => "watch",
             (&Method::GET, None) => "list",
             (&Method::POST, None) => "create",
+            (&Method::PATCH, Some(_)) => "patch",
             _ => return status_response(405, "MethodNotAllowed", "not supported by the fake"),
         };
         let (kind, api_version) = {
@@ -510,10 +573,20 @@ impl Server {
                     410 => "Expired",
                     _ => "InternalError",
                 };
-                let message = format!(
-                    "{verb} {} is failing (injected {status})",
-                    target.resource.1
-                );
+                // A 403 reads as the real server's: the verb, resource and group refused.
+                let message = if status == 403 {
+                    format!(
+                        "{plural} is forbidden: User \"system:serviceaccount:test:test\" cannot \
+                         {verb} resource \"{plural}\" in API group \"{group}\" (injected 403)",
+                        plural = target.resource.1,
+                        group = target.resource.0,
+                    )
+                } else {
+                    format!(
+                        "{verb} {} is failing (injected {status})",
+                        target.resource.1
+                    )
+                };
                 return status_response(status, reason, &message);
             }
             (kind, api_version)
@@ -524,6 +597,14 @@ impl Server {
             "watch" => self.watch(target, api_version, &params),
             "create" if target.resource.1 == "tokenreviews" => self.token_review(&body),
             "create" => self.create(&target, &body),
+            "patch" if content_type.starts_with("application/apply-patch") => {
+                self.server_side_apply(&target, &body)
+            }
+            "patch" => status_response(
+                415,
+                "UnsupportedMediaType",
+                "the fake supports only server-side apply patches",
+            ),
             _ => page_not_found(),
         }
     }
@@ -612,8 +693,8 @@ impl Server {
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let key = (target.resource.clone(), namespace, name.clone());
-        {
+        let key = (target.resource.clone(), namespace.clone(), name.clone());
+        let object = {
             let mut inner = self.inner.lock().unwrap();
             if inner.objects.contains_key(&key) {
                 return status_response(
@@ -622,16 +703,51 @@ impl Server {
                     &format!("{} {name:?} already exists", target.resource.1),
                 );
             }
-            inner.rv += 1;
-            object["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-            let rv = inner.rv;
-            inner.objects.insert(key, object.clone());
-            inner
-                .history
-                .push((rv, target.resource.clone(), "ADDED", object.clone()));
-        }
+            if inner.terminating(&namespace) {
+                return terminating_response(&target.resource.1, &name, &namespace);
+            }
+            inner.put(&target.resource, object)
+        };
         self.changes.send_modify(|v| *v += 1);
         json_response(StatusCode::CREATED, &object)
+    }
+
+    /// `PATCH` with an applied configuration: creates the object, or merges the configuration
+    /// into it; an apply that changes nothing stores nothing (no new resource version, no watch
+    /// event), as the real server.
+    fn server_side_apply(&self, target: &Target, body: &Bytes) -> Response<Body> {
+        let Ok(mut applied) = serde_json::from_slice::<Value>(body) else {
+            return status_response(400, "BadRequest", "not JSON");
+        };
+        let namespace = target.namespace.clone().unwrap_or_default();
+        let name = target.name.clone().unwrap_or_default();
+        if applied["metadata"]["name"].as_str() != Some(name.as_str()) {
+            return status_response(400, "BadRequest", "metadata.name does not match the path");
+        }
+        applied["metadata"]["namespace"] = json!(namespace);
+        if let Some(metadata) = applied["metadata"].as_object_mut() {
+            metadata.remove("resourceVersion");
+        }
+        let key = (target.resource.clone(), namespace.clone(), name.clone());
+        let (status, object) = {
+            let mut inner = self.inner.lock().unwrap();
+            match inner.objects.get(&key).cloned() {
+                Some(existing) => {
+                    let mut merged = existing.clone();
+                    merge_applied(&mut merged, &applied);
+                    if merged == existing {
+                        return json_response(StatusCode::OK, &existing);
+                    }
+                    (StatusCode::OK, inner.put(&target.resource, merged))
+                }
+                None if inner.terminating(&namespace) => {
+                    return terminating_response(&target.resource.1, &name, &namespace);
+                }
+                None => (StatusCode::CREATED, inner.put(&target.resource, applied)),
+            }
+        };
+        self.changes.send_modify(|v| *v += 1);
+        json_response(status, &object)
     }
 
     fn watch(
@@ -769,5 +885,62 @@ impl Server {
         let mut response = review.clone();
         response["status"] = status;
         json_response(StatusCode::CREATED, &response)
+    }
+}
+
+/// Every wait on the fake is bounded by this (kube's back-off starts at 0.8 s and doubles).
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
+
+/// Waits (at most [`WAIT`]) until the fake has seen a request containing every part of
+/// `pattern` (separated by `*`) at least `times` times.
+pub(crate) async fn requested(api: &FakeApi, pattern: &str, times: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let seen = api
+            .requests()
+            .iter()
+            .filter(|r| pattern.split('*').all(|part| r.contains(part)))
+            .count();
+        if seen >= times {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {times} requests like {pattern:?}; saw {:#?}",
+            api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Log lines written while the guard lives (the tests run on one thread, so every task logs
+/// here).
+#[derive(Clone, Default)]
+pub(crate) struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub(crate) fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || logs.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -4,21 +4,17 @@
 //! applying updates) directly.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::fake_api::FakeApi;
+use super::fake_api::{FakeApi, Logs, WAIT, requested};
 use super::*;
 use crate::discovery::Store;
 use crate::model::State;
-
-/// Every wait in these tests is bounded by this (kube's back-off starts at 0.8 s and doubles).
-const WAIT: Duration = Duration::from_secs(20);
 
 fn namespace(name: &str, ambient: bool) -> Value {
     let labels = if ambient {
@@ -174,62 +170,8 @@ async fn converge(store: &Store, what: &str, ready: impl Fn(&State) -> bool) -> 
     }
 }
 
-/// Waits until the fake has seen a request containing every part of `pattern` (separated by
-/// `*`) at least `times` times.
-async fn requested(api: &FakeApi, pattern: &str, times: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let seen = api
-            .requests()
-            .iter()
-            .filter(|r| pattern.split('*').all(|part| r.contains(part)))
-            .count();
-        if seen >= times {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {times} requests like {pattern:?}; saw {:#?}",
-            api.requests()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn enrolled(state: &State, uid: &str) -> Option<bool> {
     state.workloads.get(uid).map(|w| w.enrolled)
-}
-
-/// Log lines written while the guard lives (the tests run on one thread, so every task logs
-/// here).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn capture(&self) -> tracing::subscriber::DefaultGuard {
-        let logs = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || logs.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]
