@@ -7,8 +7,10 @@
 //! the mesh (one extra socket hop through ztunnel, no TLS or HTTP/2).
 //!
 //! Run as root: `cargo bench -p mesh-tests --bench vcluster` (`BENCH_BULK_MIB`,
-//! `BENCH_RTT_SAMPLES`, `BENCH_CONN_SECONDS`, `BENCH_CONN_CONCURRENCY` change the load). It
-//! prints figures and never fails on a timing; without root it says so and exits.
+//! `BENCH_RTT_SAMPLES`, `BENCH_CONN_SECONDS`, `BENCH_CONN_CONCURRENCY` change the load;
+//! `BENCH_ZTUNNEL_<NAME>=<value>` sets `<NAME>` for both ztunnels, e.g.
+//! `BENCH_ZTUNNEL_RUST_LOG=info,access=off`). It prints figures and never fails on a timing;
+//! without root it says so and exits.
 
 #![allow(clippy::unwrap_used)]
 
@@ -114,9 +116,22 @@ struct Figures {
     p50_us: f64,
     p99_us: f64,
     conns_per_s: f64,
+    /// CPU seconds both ztunnels used in each phase (bulk, round trips, connections), and what
+    /// the phase moved (MiB, round trips, connections).
+    cpu: [(f64, f64); 3],
 }
 
-async fn measure(client: NetNs, server: SocketAddr, bulk_bytes: u64) -> Figures {
+/// CPU seconds ztunnel A and B have used so far.
+fn ztunnel_cpu(pids: [u32; 2]) -> f64 {
+    pids.map(load::cpu_seconds).iter().sum()
+}
+
+async fn measure(
+    client: NetNs,
+    server: SocketAddr,
+    bulk_bytes: u64,
+    ztunnels: [u32; 2],
+) -> Figures {
     let samples = env("BENCH_RTT_SAMPLES", 20_000) as usize;
     let seconds = env("BENCH_CONN_SECONDS", 3);
     let concurrency = env("BENCH_CONN_CONCURRENCY", 8);
@@ -126,20 +141,33 @@ async fn measure(client: NetNs, server: SocketAddr, bulk_bytes: u64) -> Figures 
         // Warm up the path (certificates, pooled HBONE connection) before measuring.
         let _ = bulk(sink, 16 << 20).await;
         let mut runs = Vec::new();
+        let cpu_start = ztunnel_cpu(ztunnels);
         for _ in 0..3 {
             runs.push(bulk(sink, bulk_bytes).await);
         }
+        let cpu_bulk = ztunnel_cpu(ztunnels) - cpu_start;
         runs.sort_by(f64::total_cmp);
+        let cpu_start = ztunnel_cpu(ztunnels);
         let (p50, p99) = rtt(echo, samples).await;
+        let cpu_rtt = ztunnel_cpu(ztunnels) - cpu_start;
         let local = tokio::task::LocalSet::new();
+        let start = Instant::now();
+        let cpu_start = ztunnel_cpu(ztunnels);
         let conns = local
             .run_until(connection_rate(echo, seconds, concurrency))
             .await;
+        let cpu_conns = ztunnel_cpu(ztunnels) - cpu_start;
         Figures {
             bulk_gbps: runs[1],
             p50_us: p50,
             p99_us: p99,
             conns_per_s: conns,
+            cpu: [
+                (cpu_bulk, (3 * bulk_bytes) as f64 / f64::from(1 << 20)),
+                // Warm-up round trips (a tenth) are inside the timed CPU too.
+                (cpu_rtt, samples as f64 * 1.1),
+                (cpu_conns, conns * start.elapsed().as_secs_f64()),
+            ],
         }
     })
     .await
@@ -147,7 +175,17 @@ async fn measure(client: NetNs, server: SocketAddr, bulk_bytes: u64) -> Figures 
 
 async fn run() {
     let bulk_bytes = env("BENCH_BULK_MIB", 512) << 20;
-    let cluster = Cluster::builder()
+    let mut builder = Cluster::builder();
+    for (key, value) in std::env::vars() {
+        if let Some(name) = key.strip_prefix("BENCH_ZTUNNEL_") {
+            builder = if name == "RUST_LOG" {
+                builder.log_filter(&value)
+            } else {
+                builder.ztunnel_env(name, &value)
+            };
+        }
+    }
+    let cluster = builder
         .node("a")
         .node("b")
         .namespace("mesh")
@@ -160,6 +198,7 @@ async fn run() {
         .build()
         .await
         .expect("virtual cluster");
+    let ztunnels = [cluster.node("a").pid(), cluster.node("b").pid()];
     for server in ["server", "server-direct"] {
         let pod = cluster.pod(server);
         pod.serve(SINK_PORT, |s, _| load::sink(s))
@@ -175,12 +214,14 @@ async fn run() {
         cluster.pod("client-direct").netns().open().unwrap(),
         SocketAddr::new(cluster.pod("server-direct").ip(), 0),
         bulk_bytes,
+        ztunnels,
     )
     .await;
     let mesh = measure(
         cluster.pod("client").netns().open().unwrap(),
         SocketAddr::new(cluster.pod("server").ip(), 0),
         bulk_bytes,
+        ztunnels,
     )
     .await;
     // Captured on the client side but sent as plain TCP (the server is outside the mesh): the
@@ -190,6 +231,7 @@ async fn run() {
         cluster.pod("client").netns().open().unwrap(),
         SocketAddr::new(cluster.pod("server-direct").ip(), 0),
         bulk_bytes,
+        ztunnels,
     )
     .await;
 
@@ -235,6 +277,17 @@ async fn run() {
         mesh.p99_us,
         relay.p99_us,
         1,
+    );
+    let per_unit = |f: &Figures, i: usize| f.cpu[i].0 * 1e6 / f.cpu[i].1;
+    println!(
+        "ztunnel CPU (A + B, us; /proc ticks of 10 ms): per MiB of bulk {:.0} (relay only {:.0}), \
+         per round trip {:.1} ({:.1}), per connection {:.0} ({:.0})",
+        per_unit(&mesh, 0),
+        per_unit(&relay, 0),
+        per_unit(&mesh, 1),
+        per_unit(&relay, 1),
+        per_unit(&mesh, 2),
+        per_unit(&relay, 2),
     );
     println!(
         "added p50 round trip: {:.1} us (target: at most 30); bulk ratio target >= 0.45, \

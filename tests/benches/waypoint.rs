@@ -38,6 +38,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_tests::load;
 use mesh_tests::vcluster::http::serve_backend;
 use mesh_tests::vcluster::{Cluster, Pod, needs_root};
 use serde_json::json;
@@ -364,54 +365,6 @@ async fn load(
     }
 }
 
-/// utime + stime of a process, in seconds (`/proc` counts in USER_HZ = 100 ticks a second).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command (which may hold spaces) in parentheses: state is field 3,
-    // utime 14 and stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
-/// The machine's (busy, total) CPU ticks from the first line of `/proc/stat`.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is inside user already).
-    let total: u64 = ticks.iter().take(8).sum();
-    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// A `/proc/<pid>/status` figure in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 struct Bench {
     seconds: Duration,
     warmup: Duration,
@@ -424,11 +377,11 @@ impl Bench {
     async fn cell(&self, client: &Pod, addr: SocketAddr, protocol: Protocol, d: Duration) -> Cell {
         let netns = client.netns().open().unwrap();
         let concurrency = self.concurrency;
-        let before = self.pids.map(cpu_seconds);
-        let machine_before = machine_ticks();
+        let before = self.pids.map(load::cpu_seconds);
+        let machine_before = load::machine_ticks();
         let mut cell = in_pod(netns, move || load(addr, protocol, d, concurrency)).await;
-        let machine_after = machine_ticks();
-        let after = self.pids.map(cpu_seconds);
+        let machine_after = load::machine_ticks();
+        let after = self.pids.map(load::cpu_seconds);
         for i in 0..4 {
             cell.cpu[i] = after[i] - before[i];
         }
@@ -645,8 +598,8 @@ async fn run() {
     for (name, pid) in memory {
         println!(
             "  {name:<16} VmRSS {:>8}   peak VmHWM {:>8}",
-            mib(status_kib(pid, "VmRSS")),
-            mib(status_kib(pid, "VmHWM"))
+            mib(load::status_kib(pid, "VmRSS")),
+            mib(load::status_kib(pid, "VmHWM"))
         );
     }
 }
