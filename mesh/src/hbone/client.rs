@@ -18,7 +18,7 @@ use http::{Request, StatusCode};
 use tokio::net::TcpStream;
 
 use super::stream::H2Stream;
-use super::{DEFAULT_HANDSHAKE_TIMEOUT, H2Settings, HboneAuthority, headers};
+use super::{DEFAULT_HANDSHAKE_TIMEOUT, H2Settings, HboneAuthority, TLS_WRITE_BUFFER, headers};
 use crate::cert_manager::{CertError, CertificateSource};
 use crate::identity::Identity;
 
@@ -305,16 +305,20 @@ impl HboneClient {
             .map_err(|source| HboneError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let handshake = async {
-            let tls = tokio_rustls::TlsConnector::from(
+            let mut tls = tokio_rustls::TlsConnector::from(
                 cert.client_config(vec![request.destination.clone()]),
             )
-            .connect(crate::tls::unused_server_name(), tcp)
+            .connect(
+                crate::tls::unused_server_name(),
+                super::batch_read::BatchedRead::new(tcp),
+            )
             .await
             .map_err(|source| HboneError::Tls {
                 addr,
                 expected: request.destination.clone(),
                 source,
             })?;
+            tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
             h2::client::Builder::new()
                 .initial_window_size(cfg.h2.stream_window)
                 .initial_connection_window_size(cfg.h2.connection_window)

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+mod batch_read;
 pub mod client;
 pub mod server;
 pub mod stream;
@@ -55,6 +56,12 @@ impl Default for H2Settings {
         }
     }
 }
+
+/// Encrypted bytes rustls may hold for the socket before it refuses more plaintext (its default
+/// is 64 KiB). HTTP/2 hands over DATA frames of up to [`H2Settings::max_frame_size`] (256 KiB);
+/// with the default limit each frame took four `writev`s, each waking the receiving node's
+/// ztunnel. 512 KiB takes a whole frame in one.
+pub(crate) const TLS_WRITE_BUFFER: usize = 512 * 1024;
 
 /// Handshake deadline for TLS and the HTTP/2 preface, on both sides: a peer that stalls is cut off
 /// and does not hold a task forever.

@@ -259,10 +259,13 @@ impl Connection {
                 .server_certificate()
                 .await
                 .map_err(|e| format!("no certificate to present: {e}"))?;
-            let tls = tokio_rustls::TlsAcceptor::from(cert.server_config())
-                .accept(tcp)
+            let mut tls = tokio_rustls::TlsAcceptor::from(cert.server_config())
+                .accept(super::batch_read::BatchedRead::new(tcp))
                 .await
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
             let leaf = tls
                 .get_ref()
                 .1
