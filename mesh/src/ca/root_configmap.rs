@@ -32,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::discovery::kube::Failure;
+use crate::discovery::kube::{Streak, WatchSubject};
 
 /// The ConfigMap's default name: what the manifests mount (`CA_ROOT_CERT` points into it).
 pub const DEFAULT_ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
@@ -224,10 +224,10 @@ impl RootPublisher {
         let name = self.config.name.clone();
         let config = watcher::Config::default().any_semantic();
 
-        let mut namespace_health = WatchHealth::new(
+        let mut namespace_health = Streak::new(watch_subject(
             "namespaces",
             "no namespace gets the root until it is listed",
-        );
+        ));
         let namespace_triggers =
             watcher(Api::<Namespace>::all(self.client.clone()), config.clone())
                 .default_backoff()
@@ -248,10 +248,10 @@ impl RootPublisher {
                     )
                 });
 
-        let mut configmap_health = WatchHealth::new(
+        let mut configmap_health = Streak::new(watch_subject(
             "configmaps",
             "deleted or edited root ConfigMaps are not restored until then",
-        );
+        ));
         let configmap_triggers = watcher(
             Api::<ConfigMap>::all(self.client.clone()),
             config.fields(&format!("metadata.name={name}")),
@@ -454,59 +454,15 @@ fn error_policy(ns: Arc<Namespace>, error: &PublishError, ctx: Arc<Context>) -> 
     Action::requeue(delay)
 }
 
-/// Logs a watch failure the first time in a streak (and when it changes), not on every retry,
-/// and says when the streak ends.
-struct WatchHealth {
-    resource: &'static str,
-    /// What an operator loses while the watch fails.
-    consequence: &'static str,
-    last: Option<Failure>,
-}
-
-impl WatchHealth {
-    fn new(resource: &'static str, consequence: &'static str) -> Self {
-        Self {
-            resource,
-            consequence,
-            last: None,
-        }
-    }
-
-    fn record<K>(&mut self, event: &Result<watcher::Event<K>, watcher::Error>) {
-        let resource = self.resource;
-        let error = match event {
-            Ok(_) => {
-                if let Some(last) = self.last.take()
-                    && last != Failure::Gone
-                {
-                    info!(resource, "root publisher: watch recovered");
-                }
-                return;
-            }
-            Err(error) => error,
-        };
-        let failure = Failure::classify(error);
-        if self.last.as_ref() == Some(&failure) {
-            debug!(resource, %failure, "root publisher: still failing; retrying");
-            return;
-        }
-        match &failure {
-            Failure::Forbidden { verb, message } => warn!(
-                resource,
-                "RBAC: the CA's service account may not {verb} {resource} cluster-wide: grant \
-                 the verbs list and watch on resource {resource:?} in API group \"\" to its \
-                 ClusterRole; {} ({message})",
-                self.consequence
-            ),
-            Failure::Gone => debug!(resource, "watch expired (410 Gone); relisting"),
-            other => warn!(
-                resource,
-                failure = %other,
-                "root publisher: listing/watching {resource} failed; retrying with back-off; {}",
-                self.consequence
-            ),
-        }
-        self.last = Some(failure);
+/// The log identity of one of the publisher's watches (core API group).
+fn watch_subject(plural: &str, consequence: &'static str) -> WatchSubject {
+    WatchSubject {
+        resource: plural.to_owned(),
+        plural: plural.to_owned(),
+        group: String::new(),
+        account: "the CA's service account",
+        verbs: "list and watch",
+        consequence,
     }
 }
 

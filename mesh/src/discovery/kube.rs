@@ -439,8 +439,7 @@ fn apply(kinds: &mut BTreeMap<Kind, KindState>, update: Update) -> bool {
     }
 }
 
-/// Why a list or watch failed, for logs and the metric (the CA's root publisher classifies its
-/// watch failures with it too).
+/// Why a list or watch failed, for logs and the metric.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
     NotFound,
@@ -451,7 +450,7 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    pub(crate) fn classify(error: &watcher::Error) -> Self {
+    fn classify(error: &watcher::Error) -> Self {
         let (verb, client_error) = match error {
             watcher::Error::InitialListFailed(e) => ("list", Some(e)),
             watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
@@ -517,51 +516,85 @@ impl fmt::Display for Failure {
     }
 }
 
+/// How a [`Streak`] names its watch in log lines.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchSubject {
+    /// As logged: `pods`, `virtualservices.networking.istio.io`.
+    pub(crate) resource: String,
+    pub(crate) plural: String,
+    pub(crate) group: String,
+    /// Who lacks a permission ("this service account").
+    pub(crate) account: &'static str,
+    /// The verbs to grant on a 403.
+    pub(crate) verbs: &'static str,
+    /// What an operator loses while the watch fails.
+    pub(crate) consequence: &'static str,
+}
+
 /// Logs a failure the first time it happens in a streak (and when it changes), not on every
 /// retry, and says when the streak ends.
-#[derive(Debug, Default)]
-struct Streak {
+#[derive(Debug)]
+pub(crate) struct Streak {
+    subject: WatchSubject,
     last: Option<Failure>,
 }
 
 impl Streak {
-    fn failed(&mut self, resource: &Resource, failure: &Failure) {
+    pub(crate) fn new(subject: WatchSubject) -> Self {
+        Self {
+            subject,
+            last: None,
+        }
+    }
+
+    /// Records one watcher event.
+    pub(crate) fn record<K>(&mut self, event: &Result<Event<K>, watcher::Error>) {
+        match event {
+            Ok(_) => self.succeeded(),
+            Err(error) => self.failed(&Failure::classify(error)),
+        }
+    }
+
+    pub(crate) fn failed(&mut self, failure: &Failure) {
+        let subject = &self.subject;
+        let resource = subject.resource.as_str();
         if self.last.as_ref() == Some(failure) {
-            debug!(resource = resource.qualified(), %failure, "still failing; retrying");
+            debug!(resource, %failure, "still failing; retrying");
             return;
         }
         match failure {
             Failure::Forbidden { verb, message } => warn!(
-                resource = resource.qualified(),
-                "RBAC: this service account may not {verb} {} cluster-wide: grant the verbs \
-                 get, list and watch on resource {:?} in API group {:?} to its ClusterRole; \
-                 the last good state stays until then ({message})",
-                resource.qualified(),
-                resource.plural,
-                resource.group(),
+                resource,
+                "RBAC: {} may not {verb} {resource} cluster-wide: grant the verbs {} on \
+                 resource {:?} in API group {:?} to its ClusterRole; {} ({message})",
+                subject.account,
+                subject.verbs,
+                subject.plural,
+                subject.group,
+                subject.consequence,
             ),
-            Failure::Gone => {
-                debug!(
-                    resource = resource.qualified(),
-                    "watch expired (410 Gone); relisting"
-                );
-            }
+            Failure::Gone => debug!(resource, "watch expired (410 Gone); relisting"),
             other => warn!(
-                resource = resource.qualified(),
+                resource,
                 failure = %other,
-                "listing/watching the Kubernetes API failed; keeping the last good state and \
-                 retrying with back-off"
+                "listing/watching {resource} failed; retrying with back-off; {}",
+                subject.consequence
             ),
         }
         self.last = Some(failure.clone());
     }
 
-    fn succeeded(&mut self, resource: &Resource) {
+    pub(crate) fn succeeded(&mut self) {
         if let Some(last) = self.last.take()
             && last != Failure::Gone
         {
-            info!(resource = resource.qualified(), "watch recovered");
+            info!(resource = self.subject.resource, "watch recovered");
         }
+    }
+
+    /// Forgets the streak without logging (the resource turned out not to be served).
+    fn reset(&mut self) {
+        self.last = None;
     }
 }
 
@@ -579,7 +612,14 @@ async fn watch_kind(
         .page_size(PAGE_SIZE)
         .any_semantic();
     let mut backoff = DefaultBackoff::default();
-    let mut streak = Streak::default();
+    let mut streak = Streak::new(WatchSubject {
+        resource: resource.qualified(),
+        plural: resource.plural.clone(),
+        group: resource.group().to_owned(),
+        account: "this service account",
+        verbs: "get, list and watch",
+        consequence: "the last good state stays until then",
+    });
     let mut version = 0;
     // Logged once: the CRD being absent is a fact, not an error to repeat every minute.
     let mut absent_reported = false;
@@ -639,7 +679,7 @@ async fn watch_kind(
                             );
                             absent_reported = true;
                         }
-                        streak.last = None;
+                        streak.reset();
                         if tx.send(Update::Absent(kind)).await.is_err() {
                             return;
                         }
@@ -650,7 +690,7 @@ async fn watch_kind(
                         version = 0;
                         continue 'versions;
                     }
-                    streak.failed(&resource, &failure);
+                    streak.failed(&failure);
                     if failure == Failure::Gone {
                         // The watcher relists at once; that is not a failure to back off from.
                         continue;
@@ -663,7 +703,7 @@ async fn watch_kind(
                     continue;
                 }
             };
-            streak.succeeded(&resource);
+            streak.succeeded();
             backoff.reset();
             let update = match event {
                 Event::Init => Update::Relisting(kind),
