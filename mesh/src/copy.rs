@@ -3,6 +3,8 @@
 //!
 //! When one side ends its sending (EOF), the other side's write half is shut down (a TCP FIN, or
 //! END_STREAM on an HBONE tunnel) and the opposite direction keeps flowing until it ends too.
+//! Any other end (a reset, an error) is returned, and the caller [`reset`]s the sockets it
+//! still holds: a broken connection must reach the application as one, never as a clean FIN.
 //! Buffers start small and grow only for streams that fill them, so idle connections stay cheap.
 
 use std::io;
@@ -61,6 +63,14 @@ impl std::fmt::Display for Side {
             Side::A => "side A",
             Side::B => "side B",
         })
+    }
+}
+
+/// Makes dropping `stream` send a TCP reset (RST) instead of a FIN: for a connection whose
+/// other side failed, so the application learns its transfer is incomplete.
+pub fn reset(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot set SO_LINGER 0: the socket will close with a FIN");
     }
 }
 

@@ -948,15 +948,22 @@ impl Node {
 
     /// Sends SIGTERM to the node's ztunnel (a no-op once it exited).
     pub fn sigterm(&self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Kills the node's ztunnel with SIGKILL, as a crash or an OOM kill would (a no-op once it
+    /// exited).
+    pub fn sigkill(&self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
         let mut child = lock(&self.ztunnel.child);
         // Not reaped while we hold the lock: the pid cannot have been reused.
         if let Ok(None) = child.try_wait() {
             let pid = i32::try_from(self.ztunnel.pid).expect("pid fits in pid_t");
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap_or_else(|e| panic!("SIGTERM to ztunnel of node {}: {e}", self.name));
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+                .unwrap_or_else(|e| panic!("{signal} to ztunnel of node {}: {e}", self.name));
         }
     }
 
@@ -1722,7 +1729,7 @@ impl ClusterBuilder {
             model: Mutex::new(model),
             underlay,
             ca,
-            _pki: pki,
+            pki,
             dir,
         };
         let specs = lock(&cluster.model).waypoints.clone();
@@ -1952,7 +1959,7 @@ pub struct Cluster {
     model: Mutex<Model>,
     underlay: Netns,
     ca: RunningCa,
-    _pki: TestPki,
+    pki: TestPki,
     dir: tempfile::TempDir,
 }
 
@@ -2035,6 +2042,12 @@ impl Cluster {
     /// The in-process CA's gRPC address (for further processes of the mesh, e.g. waypoints).
     pub fn ca_addr(&self) -> SocketAddr {
         self.ca.addr
+    }
+
+    /// The cluster's PKI: certificates it issues are trusted by every node, as if a workload's
+    /// key had been obtained by someone else (for tests of what a hostile workload can do).
+    pub fn pki(&self) -> &TestPki {
+        &self.pki
     }
 
     /// The CA's root certificate (PEM file), as every ztunnel is given it.

@@ -87,7 +87,7 @@ async fn round_trip_with_identities_and_headers() {
     assert_eq!(seen.authority, echo);
     assert_eq!(
         mesh::hbone::forwarded_for(&seen.headers),
-        Some(original_client.ip())
+        Some(original_client)
     );
     assert_eq!(
         seen.headers.get(headers::BAGGAGE).unwrap(),
@@ -574,12 +574,13 @@ async fn tcp_tunnel_pump_keeps_bytes_half_close_and_counts() {
     let app = TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
-    let (proxy_side, _) = listener.accept().await.unwrap();
+    let (mut proxy_side, _) = listener.accept().await.unwrap();
     let tunnel = s.client.connect(s.request(target)).await.unwrap();
     let counts = Arc::new(mesh::copy::ByteCounts::default());
     let c = counts.clone();
     let pump = tokio::spawn(async move {
-        mesh::hbone::stream::copy_tcp_and_tunnel(proxy_side, tunnel, &c, mesh::copy::Side::A).await
+        mesh::hbone::stream::copy_tcp_and_tunnel(&mut proxy_side, tunnel, &c, mesh::copy::Side::A)
+            .await
     });
     let (mut r, mut w) = app.into_split();
     let (sent, received) = tokio::join!(send_pattern(&mut w, LEN, 9), receive_hash(&mut r));
@@ -620,4 +621,76 @@ async fn pool_respects_the_servers_stream_limit() {
         3,
         "12 concurrent tunnels at 5 per connection need 3 connections"
     );
+}
+
+/// `max_connections_per_peer`: a peer's connections past the cap are closed before their TLS
+/// handshake, and a slot frees up when one of its connections closes.
+#[tokio::test]
+async fn connections_per_peer_are_capped() {
+    let s = setup(
+        ClientConfig::default(),
+        ServerConfig {
+            max_connections_per_peer: 2,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let cert = s.pki.cert(&s.client_id);
+    let handshake = || {
+        let config = cert.client_config(vec![s.server_id.clone()]);
+        let addr = s.hbone;
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            tokio_rustls::TlsConnector::from(config)
+                .connect(mesh::tls::unused_server_name(), tcp)
+                .await
+        }
+    };
+    let first = handshake().await.expect("first connection");
+    let _second = handshake().await.expect("second connection");
+    assert!(
+        handshake().await.is_err(),
+        "a third connection from the same peer was served"
+    );
+    drop(first);
+    // The server notices the close asynchronously.
+    let mut reopened = None;
+    for _ in 0..50 {
+        if let Ok(c) = handshake().await {
+            reopened = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        reopened.is_some(),
+        "the slot of a closed connection is not freed"
+    );
+}
+
+/// `max_concurrent_streams` reaches the client as SETTINGS_MAX_CONCURRENT_STREAMS: with a cap
+/// of 2, four concurrent tunnels need two connections.
+#[tokio::test]
+async fn streams_per_connection_are_capped() {
+    let s = setup(
+        ClientConfig::default(),
+        ServerConfig {
+            max_concurrent_streams: 2,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let echo = start_echo().await;
+    // The first tunnel teaches the pool the server's limit.
+    let first = s.client.connect(s.request(echo)).await.unwrap();
+    let mut tunnels = vec![first];
+    for _ in 0..3 {
+        tunnels.push(s.client.connect(s.request(echo)).await.unwrap());
+    }
+    for t in &mut tunnels {
+        t.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        t.read_exact(&mut b).await.unwrap();
+    }
+    assert_eq!(s.client.connection_count(), 2, "2 streams per connection");
 }

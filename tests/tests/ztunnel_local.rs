@@ -104,6 +104,7 @@ async fn start_node(name: &str, config_dir: &Path, ca: &RunningCa, root: &Path) 
         drain_deadline: Duration::from_secs(2),
         workload_cert_ttl: Duration::from_secs(3600),
         dns: Default::default(),
+        hbone: Default::default(),
     };
     Node {
         bound: ztunnel::app::build(config, None)

@@ -16,7 +16,7 @@ use mesh::discovery::kube::KubeSourceConfig;
 use mesh::discovery::{SourceKind, SourceSpec};
 use mesh::discovery::{Store, StoreWriter};
 use mesh::hbone::server::ManagedCertificate;
-use mesh::hbone::{ClientConfig, HboneClient, HboneServer, ServerConfig};
+use mesh::hbone::{ClientConfig, HboneClient, HboneServer};
 use mesh::metrics::TcpMetrics;
 use mesh::model::State;
 use mesh::model::translate::TranslateConfig;
@@ -218,7 +218,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     let accepting = CancellationToken::new();
     let hbone = HboneServer::bind(
         config.hbone_addr,
-        ServerConfig::default(),
+        config.hbone.clone(),
         Arc::new(ManagedCertificate {
             manager: certs.clone(),
             identity: config.identity.clone(),

@@ -67,6 +67,9 @@ pub struct Config {
     pub workload_cert_ttl: Duration,
     /// `None`: wait for the first bytes for ever.
     pub protocol_detection_timeout: Option<Duration>,
+    /// The HBONE listener's limits (`HBONE_MAX_STREAMS_PER_CONNECTION`,
+    /// `HBONE_MAX_CONNECTIONS_PER_PEER`).
+    pub hbone: mesh::hbone::ServerConfig,
 }
 
 impl Config {
@@ -128,6 +131,7 @@ impl Config {
             )?),
             protocol_detection_timeout: (detection_ms > 0)
                 .then(|| Duration::from_millis(detection_ms)),
+            hbone: mesh::hbone::ServerConfig::from_env(env)?,
         })
     }
 }

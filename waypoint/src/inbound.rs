@@ -156,7 +156,10 @@ pub async fn tunnel(ctx: Arc<Context>, tunnel: InboundTunnel) {
         tunnel.reject(StatusCode::BAD_REQUEST);
         return;
     };
-    let ip = tunnel.forwarded_for();
+    // The client is the tunnel's peer: a ztunnel dials from its client pod's IP. No proxy
+    // relays other clients to a waypoint yet, so `forwarded` is never taken on trust here (a
+    // workload with its own certificate could claim any address and slip past `ipBlocks`).
+    let ip = Some(tunnel.client_address(|| false).ip());
     let source = SourceInfo::new(
         Some(tunnel.peer_identity.clone()),
         ip,

@@ -26,7 +26,8 @@ enum Command {
     /// CLUSTER_DOMAIN, ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, HBONE_ADDR (default
     /// 0.0.0.0:15008), ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, DRAIN_DEADLINE_SECONDS,
     /// WORKLOAD_CERT_TTL_SECONDS, PROTOCOL_DETECTION_TIMEOUT_MS (0 = wait),
-    /// WAYPOINT_WORKER_THREADS (default 2).
+    /// WAYPOINT_WORKER_THREADS (default 2), HBONE_MAX_STREAMS_PER_CONNECTION (default 100),
+    /// HBONE_MAX_CONNECTIONS_PER_PEER (default 100).
     Run,
     /// Show what a running waypoint serves: services with their routes, upstream clusters with
     /// endpoint health and overflows, its certificate (reads its admin port).
@@ -48,6 +49,7 @@ fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(waypoint::config::worker_threads(&mesh::ops::ProcessEnv)?)
         .enable_all()
+        .on_thread_park(mesh::alloc::on_worker_park)
         .build()?;
     runtime.block_on(async {
         match cli.command {

@@ -14,7 +14,7 @@ use mesh::discovery::StoreWriter;
 use mesh::discovery::file::FileSourceConfig;
 use mesh::discovery::kube::KubeSourceConfig;
 use mesh::discovery::{SourceKind, SourceSpec};
-use mesh::hbone::{ClientConfig, ServerConfig};
+use mesh::hbone::ClientConfig;
 use mesh::metrics::TcpMetrics;
 use mesh::model::translate::TranslateConfig;
 use prometheus_client::registry::Registry;
@@ -76,6 +76,32 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         SourceKind::Kubernetes => SourceSpec::Kubernetes(KubeSourceConfig::ztunnel(translate)),
     };
 
+    // The operator listeners are bound first: their ports are among ztunnel's own, which no
+    // connection may be addressed to.
+    let admin_listener = admin::bind("admin", config.admin_addr)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let metrics_listener = admin::bind("metrics", config.metrics_addr)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let readiness_listener = admin::bind("readiness", config.readiness_addr)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let socks5_listener = match config.socks5_addr {
+        Some(addr) => Some(
+            admin::bind("SOCKS5", addr)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let readiness_addr = readiness_listener.local_addr()?;
+    let socks5_addr = socks5_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let metrics = TcpMetrics::new(&mut registry);
     let dns = dns_proxy(&config, &store, &mut registry);
     let ctx = Arc::new(Context {
@@ -84,10 +110,17 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         metrics,
         live: proxy::live::LiveConnections::default(),
         cluster_domain: config.cluster_domain.clone(),
-        hbone_server: ServerConfig::default(),
+        hbone_server: config.hbone.clone(),
         pods_by_ip: ArcSwap::from_pointee(HashMap::new()),
         applied_version: std::sync::atomic::AtomicU64::new(0),
         dns: dns.clone(),
+        own_ports: proxy::own_ports::OwnPorts::new(
+            [admin_addr, metrics_addr, readiness_addr]
+                .into_iter()
+                .chain(socks5_addr)
+                .map(|a| a.port()),
+        ),
+        self_calls: proxy::own_ports::SelfCallMetrics::new(&mut registry),
     });
 
     // Stopping: `shutdown` starts the drain; `accepting` stops every listener.
@@ -128,30 +161,6 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
 
     let readiness = Arc::new(Readiness::default());
     let registry = Arc::new(registry);
-    let admin_listener = admin::bind("admin", config.admin_addr)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let metrics_listener = admin::bind("metrics", config.metrics_addr)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let readiness_listener = admin::bind("readiness", config.readiness_addr)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let socks5_listener = match config.socks5_addr {
-        Some(addr) => Some(
-            admin::bind("SOCKS5", addr)
-                .await
-                .map_err(anyhow::Error::msg)?,
-        ),
-        None => None,
-    };
-    let admin_addr = admin_listener.local_addr()?;
-    let metrics_addr = metrics_listener.local_addr()?;
-    let readiness_addr = readiness_listener.local_addr()?;
-    let socks5_addr = socks5_listener
-        .as_ref()
-        .map(|l| l.local_addr())
-        .transpose()?;
     // Admin, metrics and readiness stay up through the drain.
     let ops_stop = CancellationToken::new();
     admin::serve(

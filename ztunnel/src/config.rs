@@ -85,6 +85,9 @@ pub struct Config {
     pub drain_deadline: Duration,
     pub workload_cert_ttl: Duration,
     pub dns: DnsSettings,
+    /// The HBONE listeners' limits (`HBONE_MAX_STREAMS_PER_CONNECTION`,
+    /// `HBONE_MAX_CONNECTIONS_PER_PEER`).
+    pub hbone: mesh::hbone::ServerConfig,
 }
 
 /// The DNS proxy's settings; the default is Istio's (capture on, upstreams from resolv.conf).
@@ -224,6 +227,7 @@ impl Config {
                 upstreams: dns_upstreams,
                 upstream_timeout: dns_upstream_timeout,
             },
+            hbone: mesh::hbone::ServerConfig::from_env(env)?,
         })
     }
 }

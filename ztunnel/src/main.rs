@@ -27,7 +27,9 @@ enum Command {
     /// `proc`), CAPTURE_PROBE_SOURCES (IPs whose connections skip capture, e.g. the node's),
     /// DNS_CAPTURE (default true with capture), DNS_UPSTREAMS, DNS_UPSTREAM_TIMEOUT_MS,
     /// ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, SOCKS5_ADDR (`off` to disable),
-    /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS, ZTUNNEL_WORKER_THREADS (default 2).
+    /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS, ZTUNNEL_WORKER_THREADS (default 2),
+    /// HBONE_MAX_STREAMS_PER_CONNECTION (default 100), HBONE_MAX_CONNECTIONS_PER_PEER (default
+    /// 100, per pod).
     Run,
     /// Run the mesh's certificate authority (Istio's certificate service over gRPC/TLS).
     Ca(Box<ztunnel::ca_cmd::CaArgs>),
@@ -53,6 +55,7 @@ fn run() -> anyhow::Result<()> {
             &ztunnel::config::ProcessEnv,
         )?)
         .enable_all()
+        .on_thread_park(mesh::alloc::on_worker_park)
         .build()?;
     runtime.block_on(async {
         match cli.command {

@@ -51,9 +51,14 @@ pub fn unspecified_like(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// Capture mode `none`: everything in ztunnel's own network namespace.
+/// Capture mode `none`: everything in ztunnel's own network namespace. Connections made for a
+/// pod leave from the pod's IP (`source`) when it is an address of this host of the same kind
+/// (loopback or not) as the destination, as they would from the pod's own network: the far side
+/// then learns the client from the connection itself, not from a header it cannot trust.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct HostNetwork;
+pub struct HostNetwork {
+    pub source: Option<std::net::IpAddr>,
+}
 
 impl PodNetwork for HostNetwork {
     fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -67,7 +72,26 @@ impl PodNetwork for HostNetwork {
     }
 
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> {
-        Box::pin(TcpStream::connect(addr))
+        let source = self.source.filter(|s| {
+            s.is_ipv4() == addr.is_ipv4() && s.is_loopback() == addr.ip().is_loopback()
+        });
+        Box::pin(async move {
+            let Some(source) = source else {
+                return TcpStream::connect(addr).await;
+            };
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            match socket.bind(SocketAddr::new(source, 0)) {
+                Ok(()) => socket.connect(addr).await,
+                // The pod's IP is not an address of this host (a local run with made-up IPs).
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    TcpStream::connect(addr).await
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 
@@ -102,8 +126,10 @@ pub trait NetworkFactory: Send + Sync + 'static {
 pub struct HostNetworkFactory;
 
 impl NetworkFactory for HostNetworkFactory {
-    fn network_for(&self, _: &Workload) -> Result<Arc<dyn PodNetwork>, String> {
-        Ok(Arc::new(HostNetwork))
+    fn network_for(&self, workload: &Workload) -> Result<Arc<dyn PodNetwork>, String> {
+        Ok(Arc::new(HostNetwork {
+            source: workload.ips.first().copied(),
+        }))
     }
 }
 
@@ -307,10 +333,10 @@ mod tests {
     struct Recorded(Arc<AtomicUsize>);
     impl PodNetwork for Recorded {
         fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-            HostNetwork.bind(addr)
+            HostNetwork::default().bind(addr)
         }
         fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpStream>> {
-            HostNetwork.connect(addr)
+            HostNetwork::default().connect(addr)
         }
         fn teardown(&self) {
             self.0.fetch_add(1, Ordering::SeqCst);

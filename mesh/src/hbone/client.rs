@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use http::{Request, StatusCode};
 use tokio::net::TcpStream;
 
+use super::budget::{CONNECTION_SEND_QUEUE, Counted, ProcessSendQueue, SendQueue};
 use super::stream::H2Stream;
 use super::{DEFAULT_HANDSHAKE_TIMEOUT, H2Settings, HboneAuthority, TLS_WRITE_BUFFER, headers};
 use crate::cert_manager::{CertError, CertificateSource};
@@ -166,6 +167,8 @@ struct PooledConn {
     /// Milliseconds since `epoch` when the last tunnel ended.
     idle_since_ms: AtomicU64,
     epoch: Instant,
+    /// What this connection's tunnels have waiting for its socket.
+    queue: Arc<SendQueue>,
 }
 
 impl PooledConn {
@@ -260,7 +263,8 @@ impl HboneClient {
                 }
                 other => {
                     return other.map(|(send, recv)| {
-                        H2Stream::new(send, recv, Some(Box::new(reservation)))
+                        let queue = reservation.0.queue.clone();
+                        H2Stream::new(send, recv, queue, Some(Box::new(reservation)))
                     });
                 }
             }
@@ -319,18 +323,21 @@ impl HboneClient {
                 source,
             })?;
             tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+            let queue = SendQueue::new(CONNECTION_SEND_QUEUE, ProcessSendQueue::global());
+            let io = Counted::new(tls, queue.clone());
             h2::client::Builder::new()
                 .initial_window_size(cfg.h2.stream_window)
                 .initial_connection_window_size(cfg.h2.connection_window)
                 .max_frame_size(cfg.h2.max_frame_size)
                 .max_header_list_size(cfg.h2.max_header_list_size)
-                .max_send_buffer_size(cfg.h2.stream_window as usize)
+                .max_send_buffer_size(cfg.h2.stream_send_buffer as usize)
                 .enable_push(false)
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>(io)
                 .await
+                .map(|(send, connection)| (send, connection, queue))
                 .map_err(|source| HboneError::Http2 { addr, source })
         };
-        let (send, connection) = tokio::time::timeout(cfg.handshake_timeout, handshake)
+        let (send, connection, queue) = tokio::time::timeout(cfg.handshake_timeout, handshake)
             .await
             .map_err(|_| HboneError::HandshakeTimeout {
                 addr,
@@ -366,6 +373,7 @@ impl HboneClient {
             closed,
             idle_since_ms: AtomicU64::new(0),
             epoch,
+            queue,
         })
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use http::HeaderMap;
 
 mod batch_read;
+pub mod budget;
 pub mod client;
 pub mod server;
 pub mod stream;
@@ -37,6 +38,13 @@ pub const HBONE_PORT: u16 = 15008;
 /// ztunnel uses, and 16 MiB per connection for several busy tunnels. Frames of 256 KiB moved
 /// 8.8 Gbit/s against 6.6 for 16 KiB and 8.6 for 1 MiB: fewer frames and writes per byte, while
 /// a bulk tunnel delays others sharing its connection by at most one 256 KiB frame.
+///
+/// What a tunnel may hold is bounded apart from the windows, because a peer can grant any
+/// window and then stop reading: `stream_send_buffer` is what HTTP/2 queues per stream for the
+/// socket (one frame; it used to be the 4 MiB window, and a stalled reader cost that per stream),
+/// and [`budget`] caps the queue of a whole connection and of the process. What we *receive* is
+/// bounded by the windows we grant: at most `stream_window` per stream and `connection_window`
+/// per connection wait for an application that does not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct H2Settings {
     pub stream_window: u32,
@@ -44,6 +52,8 @@ pub struct H2Settings {
     pub max_frame_size: u32,
     /// Largest header block accepted; bigger requests are refused.
     pub max_header_list_size: u32,
+    /// Data HTTP/2 may queue per stream before the stream waits for the socket.
+    pub stream_send_buffer: u32,
 }
 
 impl Default for H2Settings {
@@ -53,6 +63,7 @@ impl Default for H2Settings {
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 256 * 1024,
             max_header_list_size: 16 * 1024,
+            stream_send_buffer: 256 * 1024,
         }
     }
 }
@@ -92,23 +103,55 @@ pub fn forwarded_header(client: SocketAddr, host: Option<&str>) -> String {
     }
 }
 
-/// Reads the client address from a `forwarded` header: `for=` as `ip:port`, `[v6]:port` or a
-/// bare IP. Returns `None` when absent or malformed.
-pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+/// Reads the client address a proxy recorded in a `forwarded` header: the `for=` of the last
+/// element (RFC 7239 s. 4: each proxy appends one, so the last is written by the peer itself,
+/// and earlier ones come from whoever connected to it; Istio's ztunnel reads the last too), as
+/// `ip:port`, `"[v6]:port"` or a bare IP (port 0). `None` when absent or malformed.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddr> {
     let value = headers.get(headers::FORWARDED)?.to_str().ok()?;
-    // Several proxies may append elements; the first is the original client.
-    let first = value.split(',').next()?;
-    first.split(';').find_map(|pair| {
+    let last = value.rsplit(',').next()?;
+    last.split(';').find_map(|pair| {
         let (k, v) = pair.trim().split_once('=')?;
-        if !k.eq_ignore_ascii_case("for") {
+        if !k.trim().eq_ignore_ascii_case("for") {
             return None;
         }
         let v = v.trim().trim_matches('"');
-        v.parse::<SocketAddr>()
-            .map(|a| a.ip())
-            .ok()
-            .or_else(|| v.trim_start_matches('[').trim_end_matches(']').parse().ok())
+        v.parse::<SocketAddr>().ok().or_else(|| {
+            v.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, 0))
+        })
     })
+}
+
+/// Who the original client of a tunnel is, for policy, metrics and logs.
+///
+/// The `forwarded` header is the peer's claim, and only a proxy of this mesh that relays other
+/// clients' connections (a waypoint, an ingress gateway: `peer_relays`, asked only when the claim
+/// names another address, decided by the caller from the peer's verified identity) is entitled
+/// to make it. From anyone else the client is the
+/// connection's own peer address: a workload with a valid certificate could otherwise claim any
+/// address and slip past `ipBlocks` rules. A non-relay's header is still used for its port when
+/// it names the peer's own IP (a ztunnel names the application's socket, which is more useful in
+/// a log than the tunnel's).
+pub fn client_address(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    peer_relays: impl FnOnce() -> bool,
+) -> SocketAddr {
+    match forwarded_for(headers) {
+        Some(claimed) if claimed.ip() == peer.ip() => {
+            if claimed.port() != 0 {
+                claimed
+            } else {
+                peer
+            }
+        }
+        Some(claimed) if peer_relays() => claimed,
+        _ => peer,
+    }
 }
 
 /// The peer's workload metadata carried in `baggage`, as Istio's ztunnel sends it.
@@ -193,16 +236,60 @@ mod tests {
                     .parse()
                     .unwrap(),
             );
-            assert_eq!(forwarded_for(&h), Some(addr.ip()));
+            assert_eq!(forwarded_for(&h), Some(addr), "the port is kept");
         }
         let mut h = HeaderMap::new();
         h.insert(
             headers::FORWARDED,
             "for=192.0.2.60;proto=http".parse().unwrap(),
         );
-        assert_eq!(forwarded_for(&h), Some("192.0.2.60".parse().unwrap()));
+        assert_eq!(forwarded_for(&h), Some("192.0.2.60:0".parse().unwrap()));
+        h.insert(
+            headers::FORWARDED,
+            "for=\"198.51.100.7:1234\", For=\"[fd00::9]:80\";host=x"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            forwarded_for(&h),
+            Some("[fd00::9]:80".parse().unwrap()),
+            "the last element is the one the peer wrote"
+        );
         h.insert(headers::FORWARDED, "for=nonsense".parse().unwrap());
         assert_eq!(forwarded_for(&h), None);
+    }
+
+    #[test]
+    fn only_a_relay_may_name_another_client() {
+        let peer: SocketAddr = "10.1.0.5:40000".parse().unwrap();
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(headers::FORWARDED, v.parse().unwrap());
+            h
+        };
+        let none = HeaderMap::new();
+        let cases: &[(&HeaderMap, bool, &str)] = &[
+            // (headers, peer relays, client)
+            (&none, false, "10.1.0.5:40000"),
+            (&none, true, "10.1.0.5:40000"),
+            // A workload forging another address: ignored.
+            (&with("for=\"192.0.2.1:80\""), false, "10.1.0.5:40000"),
+            (&with("for=192.0.2.1"), false, "10.1.0.5:40000"),
+            // A ztunnel naming its own pod's socket: the port is taken.
+            (&with("for=\"10.1.0.5:5555\""), false, "10.1.0.5:5555"),
+            (&with("for=10.1.0.5"), false, "10.1.0.5:40000"),
+            // A waypoint or gateway relaying its client.
+            (&with("for=\"192.0.2.1:80\""), true, "192.0.2.1:80"),
+            (&with("for=192.0.2.1"), true, "192.0.2.1:0"),
+            (&with("for=garbage"), true, "10.1.0.5:40000"),
+        ];
+        for (headers, relays, want) in cases {
+            assert_eq!(
+                client_address(peer, headers, || *relays),
+                want.parse::<SocketAddr>().unwrap(),
+                "{headers:?} relays={relays}"
+            );
+        }
     }
 
     #[test]

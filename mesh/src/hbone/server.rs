@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::budget::{CONNECTION_SEND_QUEUE, Counted, ProcessSendQueue, SendQueue};
 use super::stream::H2Stream;
 use super::{DEFAULT_HANDSHAKE_TIMEOUT, H2Settings, HboneAuthority};
 use crate::cert_manager::CertError;
@@ -28,16 +29,74 @@ use crate::tls::WorkloadCertificate;
 pub struct ServerConfig {
     pub h2: H2Settings,
     pub handshake_timeout: Duration,
-    /// Concurrent tunnels one client connection may carry.
+    /// Concurrent tunnels one client connection may carry (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`; Istio's ztunnel clients open a new connection after
+    /// 100, as ours do).
     pub max_concurrent_streams: u32,
+    /// Connections one peer (source IP) may have open to one listener at a time; more are
+    /// closed at once, before the TLS handshake.
+    pub max_connections_per_peer: usize,
 }
+
+/// Sets [`ServerConfig::max_concurrent_streams`].
+pub const MAX_STREAMS_PER_CONNECTION_VAR: &str = "HBONE_MAX_STREAMS_PER_CONNECTION";
+/// Sets [`ServerConfig::max_connections_per_peer`].
+pub const MAX_CONNECTIONS_PER_PEER_VAR: &str = "HBONE_MAX_CONNECTIONS_PER_PEER";
+
+impl ServerConfig {
+    /// The defaults, with the limits from [`MAX_STREAMS_PER_CONNECTION_VAR`] (1..=10000) and
+    /// [`MAX_CONNECTIONS_PER_PEER_VAR`] (1..=100000).
+    pub fn from_env(env: &dyn crate::ops::Env) -> Result<Self, crate::ops::ConfigError> {
+        fn within<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+            env: &dyn crate::ops::Env,
+            var: &'static str,
+            default: T,
+            range: std::ops::RangeInclusive<T>,
+        ) -> Result<T, crate::ops::ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            let value: T = crate::ops::parse(env, var, &default.to_string())?;
+            if !range.contains(&value) {
+                return Err(crate::ops::ConfigError::Invalid {
+                    var,
+                    value: value.to_string(),
+                    why: format!("must be from {} to {}", range.start(), range.end()),
+                });
+            }
+            Ok(value)
+        }
+        Ok(Self {
+            max_concurrent_streams: within(
+                env,
+                MAX_STREAMS_PER_CONNECTION_VAR,
+                DEFAULT_MAX_STREAMS_PER_CONNECTION,
+                1..=10_000,
+            )?,
+            max_connections_per_peer: within(
+                env,
+                MAX_CONNECTIONS_PER_PEER_VAR,
+                DEFAULT_MAX_CONNECTIONS_PER_PEER,
+                1..=100_000,
+            )?,
+            ..Self::default()
+        })
+    }
+}
+
+/// Default of [`ServerConfig::max_concurrent_streams`].
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Default of [`ServerConfig::max_connections_per_peer`]: with 100 tunnels each, 10,000 tunnels
+/// from one peer to one pod.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 100;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             h2: H2Settings::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            max_concurrent_streams: 1000,
+            max_concurrent_streams: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
         }
     }
 }
@@ -81,6 +140,7 @@ pub struct InboundTunnel {
     pub tls: Arc<TlsSummary>,
     respond: h2::server::SendResponse<Bytes>,
     recv: h2::RecvStream,
+    queue: Arc<SendQueue>,
 }
 
 impl std::fmt::Debug for InboundTunnel {
@@ -100,7 +160,7 @@ impl InboundTunnel {
         let send = self
             .respond
             .send_response(status_response(StatusCode::OK), false)?;
-        Ok(H2Stream::new(send, self.recv, None))
+        Ok(H2Stream::new(send, self.recv, self.queue, None))
     }
 
     /// Answers `status` (400, 401, 503, ...) and ends the stream.
@@ -110,9 +170,11 @@ impl InboundTunnel {
         }
     }
 
-    /// The original client's address from the `forwarded` header, if present.
-    pub fn forwarded_for(&self) -> Option<std::net::IpAddr> {
-        super::forwarded_for(&self.headers)
+    /// The original client: the `forwarded` address when the peer is entitled to relay one
+    /// (`peer_relays`: a waypoint or gateway of this mesh, by its verified identity), else the
+    /// connection's peer address (see [`super::client_address`]).
+    pub fn client_address(&self, peer_relays: impl FnOnce() -> bool) -> SocketAddr {
+        super::client_address(self.peer_addr, &self.headers, peer_relays)
     }
 }
 
@@ -140,12 +202,60 @@ pub enum ServerError {
     },
 }
 
+/// Open connections per peer IP, for [`ServerConfig::max_connections_per_peer`].
+#[derive(Debug, Default)]
+struct PeerConnections(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One open connection of a peer; counted until dropped.
+struct PeerSlot {
+    peers: Arc<PeerConnections>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerConnections {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        // Single inserts and removes: a panic elsewhere cannot leave the map inconsistent.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A slot for `ip`, or `None` when it already has `limit` connections open.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr, limit: usize) -> Option<PeerSlot> {
+        let mut open = self.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A bound HBONE listener.
 pub struct HboneServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     config: Arc<ServerConfig>,
     cert: Arc<dyn ServerCertificate>,
+    peers: Arc<PeerConnections>,
 }
 
 impl std::fmt::Debug for HboneServer {
@@ -183,6 +293,7 @@ impl HboneServer {
             local_addr,
             config: Arc::new(config),
             cert,
+            peers: Arc::default(),
         })
     }
 
@@ -217,6 +328,7 @@ impl HboneServer {
                 config: self.config.clone(),
                 cert: self.cert.clone(),
                 shutdown: shutdown.clone(),
+                peers: self.peers.clone(),
             };
             let handler = handler.clone();
             tokio::spawn(
@@ -237,6 +349,7 @@ struct Connection {
     config: Arc<ServerConfig>,
     cert: Arc<dyn ServerCertificate>,
     shutdown: CancellationToken,
+    peers: Arc<PeerConnections>,
 }
 
 impl Connection {
@@ -251,7 +364,16 @@ impl Connection {
             config,
             cert,
             shutdown,
+            peers,
         } = self;
+        let limit = config.max_connections_per_peer;
+        let Some(_slot) = peers.enter(peer.ip(), limit) else {
+            return Err(format!(
+                "refused: {} already has {limit} HBONE connections open to this listener \
+                 (HBONE_MAX_CONNECTIONS_PER_PEER)",
+                peer.ip()
+            ));
+        };
         let _ = tcp.set_nodelay(true);
         let timeout = config.handshake_timeout;
         let handshake = async {
@@ -266,6 +388,7 @@ impl Connection {
             tls.get_mut()
                 .1
                 .set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
+            let queue = SendQueue::new(CONNECTION_SEND_QUEUE, ProcessSendQueue::global());
             let leaf = tls
                 .get_ref()
                 .1
@@ -290,13 +413,13 @@ impl Connection {
                 .max_frame_size(config.h2.max_frame_size)
                 .max_header_list_size(config.h2.max_header_list_size)
                 .max_concurrent_streams(config.max_concurrent_streams)
-                .max_send_buffer_size(config.h2.stream_window as usize)
-                .handshake::<_, Bytes>(tls)
+                .max_send_buffer_size(config.h2.stream_send_buffer as usize)
+                .handshake::<_, Bytes>(Counted::new(tls, queue.clone()))
                 .await
                 .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-            Ok::<_, String>((peer_identity, summary, h2))
+            Ok::<_, String>((peer_identity, summary, h2, queue))
         };
-        let (peer_identity, tls_summary, mut h2) = tokio::time::timeout(timeout, handshake)
+        let (peer_identity, tls_summary, mut h2, queue) = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| format!("handshake did not finish within {timeout:?}"))??;
         tracing::debug!(%peer_identity, "HBONE connection established");
@@ -328,6 +451,7 @@ impl Connection {
                         tls: tls_summary.clone(),
                         respond,
                         recv,
+                        queue: queue.clone(),
                     };
                     tokio::spawn(handler(tunnel).in_current_span());
                 }

@@ -2,14 +2,21 @@
 //! `AsyncWrite`, so the same copy code serves tunnels and sockets.
 //!
 //! Shutting down the write half sends END_STREAM (a half-close); dropping the stream before that
-//! resets it (RST_STREAM CANCEL), which the peer sees as an aborted connection.
+//! resets it (RST_STREAM CANCEL), which the peer sees as an aborted connection. Only END_STREAM
+//! is a clean end: a reset stream, a connection that dies or a TLS stream cut without
+//! `close_notify` is an error, and [`copy_tcp_and_tunnel`] returns it so the caller resets the
+//! TCP side too (a FIN there would tell the application a truncated transfer was complete).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::budget::{AdmitSlot, SendQueue};
 
 /// Kept alive for as long as the tunnel is; the client pool uses it to count streams per
 /// connection.
@@ -22,6 +29,9 @@ pub struct H2Stream {
     pending: Bytes,
     recv_done: bool,
     send_done: bool,
+    /// The connection's send queue: writes wait while it is full.
+    queue: Arc<SendQueue>,
+    admit: AdmitSlot,
     _guard: StreamGuard,
 }
 
@@ -38,6 +48,7 @@ impl H2Stream {
     pub(crate) fn new(
         send: h2::SendStream<Bytes>,
         recv: h2::RecvStream,
+        queue: Arc<SendQueue>,
         guard: StreamGuard,
     ) -> Self {
         Self {
@@ -46,6 +57,8 @@ impl H2Stream {
             pending: Bytes::new(),
             recv_done: false,
             send_done: false,
+            queue,
+            admit: AdmitSlot::default(),
             _guard: guard,
         }
     }
@@ -107,12 +120,15 @@ impl AsyncWrite for H2Stream {
         if self.send_done {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        let this = &mut *self;
+        ready!(this.queue.poll_admit(cx, &mut this.admit));
         self.send.reserve_capacity(buf.len());
         loop {
             match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(0)) => continue,
                 Some(Ok(cap)) => {
                     let n = cap.min(buf.len());
+                    self.queue.handed(n);
                     self.send
                         .send_data(Bytes::copy_from_slice(&buf[..n]), false)
                         .map_err(h2_to_io)?;
@@ -142,8 +158,14 @@ impl AsyncWrite for H2Stream {
 /// [`crate::copy::copy_bidirectional`] but without staging buffers: bytes read from the socket
 /// are handed to HTTP/2 as they are, and DATA frames from the tunnel are written to the socket
 /// as they arrived. Counts follow `tcp_side`: bytes from side A to side B go to `a_to_b`.
+///
+/// Ends are passed on as they came: a FIN from the socket becomes END_STREAM and END_STREAM
+/// becomes a FIN. Any other end is an error: the tunnel is reset when this returns (its
+/// streams are dropped unfinished), and the caller resets the socket
+/// ([`crate::copy::reset`]) so the application sees the failure too. Reads from the socket
+/// wait while the connection's send queue is full ([`super::budget`]).
 pub async fn copy_tcp_and_tunnel(
-    tcp: tokio::net::TcpStream,
+    tcp: &mut tokio::net::TcpStream,
     tunnel: H2Stream,
     counts: &crate::copy::ByteCounts,
     tcp_side: crate::copy::Side,
@@ -159,9 +181,11 @@ pub async fn copy_tcp_and_tunnel(
         pending,
         recv_done,
         send_done,
+        queue,
+        admit: _,
         _guard,
     } = tunnel;
-    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let (mut tcp_read, mut tcp_write) = tcp.split();
 
     let upload = async {
         use tokio::io::AsyncReadExt;
@@ -171,14 +195,20 @@ pub async fn copy_tcp_and_tunnel(
             if send_done {
                 return Ok(());
             }
+            // Room in the connection's send queue first: a peer that does not read stops this
+            // pump before it reads more from the socket.
+            let room = size;
+            queue.reserve(room).await;
             buf.reserve(size);
-            let n = tcp_read
-                .read_buf(&mut buf)
-                .await
-                .map_err(|source| CopyError::Read {
-                    side: tcp_side,
-                    source,
-                })?;
+            let read = tcp_read.read_buf(&mut buf).await;
+            match *read.as_ref().unwrap_or(&0) {
+                n if n > room => queue.handed(n - room),
+                n => queue.unreserve(room - n),
+            }
+            let n = read.map_err(|source| CopyError::Read {
+                side: tcp_side,
+                source,
+            })?;
             if n == 0 {
                 return send
                     .send_data(Bytes::new(), true)
@@ -205,12 +235,12 @@ pub async fn copy_tcp_and_tunnel(
                     continue;
                 }
                 let part = chunk.split_to(granted.min(chunk.len()));
-                let len = part.len() as u64;
+                let len = part.len();
                 send.send_data(part, false).map_err(|e| CopyError::Write {
                     side: tunnel_side,
                     source: h2_to_io(e),
                 })?;
-                tcp_count.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                tcp_count.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
     };

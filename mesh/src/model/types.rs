@@ -319,6 +319,25 @@ impl State {
             .or_else(|| self.workload_by_ip(endpoint.ip))
             .cloned()
     }
+
+    /// Whether `peer` is a waypoint serving one of `destination`'s services (an endpoint of the
+    /// Service that a service of `destination` names in `istio.io/use-waypoint`): the one proxy
+    /// entitled to relay other clients' addresses to `destination` in `forwarded`, as Istio's
+    /// ztunnel trusts that header only from the destination's own waypoint.
+    pub fn is_waypoint_for(&self, peer: &Identity, destination: &Workload) -> bool {
+        let serves_destination = |e: &Endpoint| {
+            e.workload_uid.as_deref() == Some(destination.uid.as_str())
+                || (e.workload_uid.is_none() && destination.ips.contains(&e.ip))
+        };
+        self.services
+            .values()
+            .filter(|s| s.endpoints.iter().any(serves_destination))
+            .filter_map(|s| s.waypoint.as_ref())
+            .filter_map(|w| self.services.get(&w.service_key()))
+            .flat_map(|waypoint| waypoint.endpoints.iter())
+            .filter_map(|e| self.endpoint_workload(e))
+            .any(|w| w.identity == *peer)
+    }
 }
 
 impl ServicePort {

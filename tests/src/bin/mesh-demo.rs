@@ -289,6 +289,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain_deadline: Duration::from_secs(1),
         workload_cert_ttl: Duration::from_secs(3600),
         dns: Default::default(),
+        hbone: Default::default(),
     };
     let a = ztunnel::app::build(node("node-a"), None)
         .await
@@ -327,6 +328,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 drain_deadline: Duration::from_secs(1),
                 workload_cert_ttl: Duration::from_secs(3600),
                 protocol_detection_timeout: None,
+                hbone: Default::default(),
             };
             Some(
                 waypoint::app::build(config, None)

@@ -505,7 +505,7 @@ fn harness(upstreams: Vec<SocketAddr>, timeout: Duration) -> Harness {
         DnsMetrics::new(&mut registry),
         clock.clone(),
     ));
-    let dns = proxy.for_pod("demo/client", "demo", Arc::new(HostNetwork));
+    let dns = proxy.for_pod("demo/client", "demo", Arc::new(HostNetwork::default()));
     Harness {
         dns,
         clock,

@@ -35,7 +35,18 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
         tunnel.reject(StatusCode::BAD_REQUEST);
         return;
     };
-    let source_ip = tunnel.forwarded_for().unwrap_or(tunnel.peer_addr.ip());
+    if ctx.own_ports.inbound_target_is_ztunnel(authority) {
+        let source = format!("{} ({})", tunnel.peer_addr, tunnel.peer_identity);
+        ctx.self_calls
+            .refuse("inbound", &source, authority, &pod.workload.uid);
+        tunnel.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
+    // `forwarded` names the original client only when a waypoint of this pod relays it; from
+    // anyone else the client is the tunnel's peer (its ztunnel dials from the client pod's IP).
+    let client_addr =
+        tunnel.client_address(|| state.is_waypoint_for(&tunnel.peer_identity, &destination));
+    let source_ip = client_addr.ip();
     let peer_identity = tunnel.peer_identity.clone();
     let source_workload = state
         .workload_by_ip(source_ip)
@@ -49,7 +60,7 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
             destination: super::peer_of(Some(&destination), Some(&destination.identity)),
             service: None,
             mutual_tls: true,
-            source_addr: SocketAddr::new(source_ip, 0),
+            source_addr: client_addr,
             destination_addr: authority,
         },
     );
@@ -67,7 +78,7 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
         tunnel.reject(StatusCode::UNAUTHORIZED);
         return;
     }
-    let upstream = match connect(&pod, authority).await {
+    let mut upstream = match connect(&pod, authority).await {
         Ok(s) => s,
         Err(e) => {
             guard.fail("UF", format!("connect to {authority}: {e}"));
@@ -90,15 +101,17 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
         guard.bytes.clone(),
     );
     let bytes = guard.bytes.clone();
-    let copy = mesh::hbone::stream::copy_tcp_and_tunnel(upstream, stream, &bytes, Side::B);
-    super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await;
+    let copy = mesh::hbone::stream::copy_tcp_and_tunnel(&mut upstream, stream, &bytes, Side::B);
+    if !super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await {
+        mesh::copy::reset(&upstream);
+    }
 }
 
 /// Handles one plaintext connection captured on its way into `pod` (port 15006).
 pub async fn plaintext(
     ctx: Arc<Context>,
     pod: Arc<LocalPod>,
-    client: TcpStream,
+    mut client: TcpStream,
     client_addr: SocketAddr,
     original_destination: SocketAddr,
 ) {
@@ -107,6 +120,18 @@ pub async fn plaintext(
         tracing::info!(%original_destination, pod = %pod.workload.uid, "plaintext inbound for another address: closed");
         return;
     };
+    if ctx
+        .own_ports
+        .inbound_target_is_ztunnel(original_destination)
+    {
+        ctx.self_calls.refuse(
+            "inbound",
+            &client_addr.to_string(),
+            original_destination,
+            &pod.workload.uid,
+        );
+        return;
+    }
     let source_workload = state.workload_by_ip(client_addr.ip()).cloned();
     let mut guard = ConnectionGuard::new(
         &ctx.metrics,
@@ -139,7 +164,7 @@ pub async fn plaintext(
         guard.fail("RBAC", reason);
         return;
     }
-    let upstream = match connect(&pod, original_destination).await {
+    let mut upstream = match connect(&pod, original_destination).await {
         Ok(s) => s,
         Err(e) => {
             guard.fail("UF", format!("connect to {original_destination}: {e}"));
@@ -154,8 +179,11 @@ pub async fn plaintext(
         guard.bytes.clone(),
     );
     let bytes = guard.bytes.clone();
-    let copy = mesh::copy::copy_bidirectional(client, upstream, &bytes);
-    super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await;
+    let copy = mesh::copy::copy_bidirectional(&mut client, &mut upstream, &bytes);
+    if !super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await {
+        mesh::copy::reset(&client);
+        mesh::copy::reset(&upstream);
+    }
 }
 
 /// The current workload behind `pod`, if `addr` is one of its IPs.

@@ -24,6 +24,7 @@ use crate::pods::LocalPod;
 pub mod inbound;
 pub mod live;
 pub mod outbound;
+pub mod own_ports;
 pub mod plan;
 pub mod socks5;
 
@@ -47,6 +48,9 @@ pub struct Context {
     pub applied_version: std::sync::atomic::AtomicU64,
     /// The DNS proxy, when captured pods' DNS is redirected to it (`DNS_CAPTURE`).
     pub dns: Option<Arc<crate::dns::DnsProxy>>,
+    /// ztunnel's own ports: connections addressed to them are refused.
+    pub own_ports: own_ports::OwnPorts,
+    pub self_calls: own_ports::SelfCallMetrics,
 }
 
 impl Context {
@@ -80,22 +84,29 @@ pub(crate) fn peer_of(workload: Option<&Workload>, identity: Option<&Identity>) 
 }
 
 /// Runs `copy` (client on side A, upstream on side B) until it ends, fails, or `cancelled`
-/// fires, recording the outcome on `guard`.
+/// fires, recording the outcome on `guard`. Returns whether both directions ended cleanly; when
+/// not, the caller resets the sockets it holds ([`mesh::copy::reset`]) so an application on
+/// either end sees the failure instead of a clean end of stream.
 pub(crate) async fn copy_until_cancelled(
     copy: impl std::future::Future<Output = Result<(), CopyError>>,
     guard: &mut ConnectionGuard,
     cancelled: &CancellationToken,
-) {
+) -> bool {
     tokio::select! {
         result = copy => match result {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(e @ (CopyError::Read { side: Side::A, .. } | CopyError::Write { side: Side::A, .. })) => {
                 guard.fail("DC", format!("client side: {e}"));
+                false
             }
-            Err(e) => guard.fail("UC", format!("upstream side: {e}")),
+            Err(e) => {
+                guard.fail("UC", format!("upstream side: {e}"));
+                false
+            }
         },
         _ = cancelled.cancelled() => {
             guard.fail("DC", "closed by ztunnel: a policy change denies it, or the drain deadline passed");
+            false
         }
     }
 }

@@ -51,6 +51,18 @@ pub async fn establish(
     client_addr: SocketAddr,
     original_destination: SocketAddr,
 ) -> Result<Established, Refusal> {
+    if ctx
+        .own_ports
+        .outbound_target_is_ztunnel(original_destination, |ip| ctx.pod_by_ip(ip).is_some())
+    {
+        ctx.self_calls.refuse(
+            "outbound",
+            &client_addr.to_string(),
+            original_destination,
+            &pod.workload.uid,
+        );
+        return Err(Refusal::Denied);
+    }
     let state = ctx.store.snapshot();
     let source = state
         .workloads
@@ -196,18 +208,24 @@ pub async fn establish(
     }
 }
 
-/// Copies between the client and an established upstream until both sides end.
-pub async fn run(client: TcpStream, mut established: Established) {
+/// Copies between the client and an established upstream until both sides end. A failure on
+/// either side resets the client's connection (and a plain upstream's), never a clean FIN.
+pub async fn run(mut client: TcpStream, mut established: Established) {
     let cancelled = established.registration.cancelled.clone();
     let bytes = established.guard.bytes.clone();
     match established.upstream {
         Upstream::Tunnel(t) => {
-            let copy = mesh::hbone::stream::copy_tcp_and_tunnel(client, t, &bytes, Side::A);
-            super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await
+            let copy = mesh::hbone::stream::copy_tcp_and_tunnel(&mut client, t, &bytes, Side::A);
+            if !super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await {
+                mesh::copy::reset(&client);
+            }
         }
-        Upstream::Tcp(s) => {
-            let copy = mesh::copy::copy_bidirectional(client, s, &bytes);
-            super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await
+        Upstream::Tcp(mut s) => {
+            let copy = mesh::copy::copy_bidirectional(&mut client, &mut s, &bytes);
+            if !super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await {
+                mesh::copy::reset(&client);
+                mesh::copy::reset(&s);
+            }
         }
     }
 }

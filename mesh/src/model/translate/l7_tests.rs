@@ -1631,3 +1631,63 @@ fn l7_policy_errors_name_the_field() {
         );
     }
 }
+
+/// Who may relay a client's address to a pod in `forwarded`: the waypoint of one of the pod's
+/// services, by the identity of the waypoint's pods, and no one else.
+#[test]
+fn only_the_destinations_own_waypoint_relays_for_it() {
+    let slice = |ns: &str, svc: &str, pods: &[(&str, &str)]| {
+        let endpoints: String = pods
+            .iter()
+            .map(|(ip, name)| {
+                format!("- addresses: [{ip}]\n  targetRef: {{kind: Pod, name: {name}}}\n")
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-x\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints:\n{endpoints}---\n"
+        )
+    };
+    let sa = |name: &str| format!("  serviceAccountName: {name}\n");
+    let yaml = [
+        namespace(
+            "shop",
+            &format!("{AMBIENT}, istio.io/use-waypoint: waypoint"),
+        ),
+        namespace("other", AMBIENT),
+        service("shop", "web", ""),
+        service("shop", "waypoint", ""),
+        service("shop", "direct", "istio.io/use-waypoint: none"),
+        service("other", "waypoint", ""),
+        pod("shop", "web-1", "10.0.0.1", "", &sa("web")),
+        pod("shop", "direct-1", "10.0.0.2", "", &sa("direct")),
+        pod("shop", "waypoint-1", "10.0.0.9", "", &sa("waypoint")),
+        pod("other", "waypoint-1", "10.0.1.9", "", &sa("waypoint")),
+        slice("shop", "web", &[("10.0.0.1", "web-1")]),
+        slice("shop", "direct", &[("10.0.0.2", "direct-1")]),
+        slice("shop", "waypoint", &[("10.0.0.9", "waypoint-1")]),
+        slice("other", "waypoint", &[("10.0.1.9", "waypoint-1")]),
+    ]
+    .concat();
+    let t = translate(&yaml);
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    let state = &t.state;
+    let id = |ns: &str, sa: &str| crate::identity::Identity::new("cluster.local", ns, sa).unwrap();
+    let cases = [
+        // (peer, destination pod, relays)
+        (id("shop", "waypoint"), "shop/web-1", true),
+        // The pod's own service opted out of the waypoint: nobody relays for it.
+        (id("shop", "waypoint"), "shop/direct-1", false),
+        // A waypoint of another namespace, a workload, the pod itself: no.
+        (id("other", "waypoint"), "shop/web-1", false),
+        (id("shop", "direct"), "shop/web-1", false),
+        (id("shop", "web"), "shop/web-1", false),
+    ];
+    for (peer, pod, expected) in cases {
+        let destination = &state.workloads[pod];
+        assert_eq!(
+            state.is_waypoint_for(&peer, destination),
+            expected,
+            "{peer} for {pod}"
+        );
+    }
+}
