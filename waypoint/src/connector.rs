@@ -4,10 +4,12 @@
 //! ztunnel therefore authorizes the waypoint's identity (as in Istio).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use mesh::hbone::{ConnectRequest, HBONE_PORT, HboneAuthority, HboneClient};
 use mesh::identity::Identity;
+use mesh::model::Workload;
 
 use crate::upstream::{Connector, Io, UpstreamTarget};
 
@@ -19,10 +21,15 @@ pub struct HboneConnector {
     pub identity: Identity,
 }
 
+/// The endpoint's workload when it is reached over HBONE (enrolled in the mesh).
+fn hbone_workload(target: &UpstreamTarget) -> Option<&Arc<Workload>> {
+    target.workload.as_ref().filter(|w| w.enrolled)
+}
+
 impl Connector for HboneConnector {
     fn connect(&self, target: &UpstreamTarget) -> BoxFuture<'static, std::io::Result<Box<dyn Io>>> {
         let addr = target.addr;
-        let enrolled = target.workload.as_ref().filter(|w| w.enrolled).cloned();
+        let enrolled = hbone_workload(target).cloned();
         let client = self.client.clone();
         let source = self.identity.clone();
         Box::pin(async move {
@@ -53,5 +60,9 @@ impl Connector for HboneConnector {
                 }
             }
         })
+    }
+
+    fn tunnelled(&self, target: &UpstreamTarget) -> bool {
+        hbone_workload(target).is_some()
     }
 }

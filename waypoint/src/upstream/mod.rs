@@ -93,6 +93,16 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 pub trait Connector: Send + Sync + 'static {
     /// A stream to `target`; errors are reported as connect failures (UF).
     fn connect(&self, target: &UpstreamTarget) -> BoxFuture<'static, io::Result<Box<dyn Io>>>;
+
+    /// Whether streams to `target` are tunnels (HBONE) rather than direct TCP connections.
+    /// For circuit breaking a tunnel is what Istio's waypoint makes of it: its clusters connect
+    /// to Envoy's internal listener `connect_originate`, a local hand-off that is connected at
+    /// once and opens the tunnel behind it, so a request whose connection is a tunnel stops
+    /// being pending as soon as the connection is made for it. Over a direct connection it
+    /// stays pending until connected, as in Envoy. Default: direct.
+    fn tunnelled(&self, _target: &UpstreamTarget) -> bool {
+        false
+    }
 }
 
 /// What a consistent-hash load balancer reads (`useSourceIp`, `httpHeaderName`, `httpCookie`,

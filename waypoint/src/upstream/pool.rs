@@ -11,12 +11,22 @@
 //! overview and Istio's `ConnectionPoolSettings`):
 //! - `http2MaxRequests` caps requests attached to a connection across the cluster (checked on
 //!   arrival and again when a waiting request gets its connection); over it: overflow (UO).
-//! - A request that finds no ready connection is *pending* (also while a connection is being
-//!   made for it, as Envoy counts it); `http1MaxPendingRequests` caps pending requests per
-//!   cluster and one over the cap fails at once (UO).
+//! - A request that finds no ready connection is *pending* until it is handed one (a free
+//!   HTTP/1 connection, an HTTP/2 stream, or a connection made for it);
+//!   `http1MaxPendingRequests` caps pending requests per cluster and one over the cap fails at
+//!   once (UO). It stops being pending when it is handed its connection, under the lock, not
+//!   when its task next runs. While a connection is being made for it, it is still pending for
+//!   a direct TCP connection (Envoy's `Connected` event), but not for an HBONE one
+//!   ([`super::Connector::tunnelled`]): Istio's waypoint connects its clusters to Envoy's
+//!   internal listener `connect_originate`, which is connected at once and makes the tunnel
+//!   behind it, so the CONNECT round trip is part of the request, not of its wait.
 //! - `maxConnections` caps open connections (connecting, idle, busy, draining and upgraded ones
 //!   all count). As Envoy, an endpoint pool with no connection at all may always open one, so the
-//!   count can exceed the cap by at most one per endpoint and protocol.
+//!   count can exceed the cap by at most one per endpoint and protocol. Over the cap a request
+//!   waits as pending (Envoy's `upstream_cx_overflow`), it does not fail. A connection the pool
+//!   retires (`maxRequestsPerConnection` reached, a response not read to its end, a draining
+//!   HTTP/2 connection without streams) gives its slot back as the retiring request ends, as
+//!   Envoy closes it there, not when its socket is finally dropped.
 //! - Pending requests wait per endpoint pool, first come first served: a freed HTTP/1
 //!   connection or HTTP/2 stream goes to the oldest waiter of that pool, a freed connection slot
 //!   to the oldest waiter of the cluster.
@@ -29,7 +39,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -136,10 +146,19 @@ impl Cluster {
         protocol: UpstreamProtocol,
         connector: &dyn super::Connector,
     ) -> Result<Lease, Failure> {
+        let target = super::UpstreamTarget {
+            addr: picked.addr,
+            workload: picked.workload.clone(),
+        };
+        let tunnelled = connector.tunnelled(&target);
         loop {
-            let step = self
-                .lock()
-                .try_acquire(self, picked.addr, picked.generation, protocol)?;
+            let step = self.lock().try_acquire(
+                self,
+                picked.addr,
+                picked.generation,
+                protocol,
+                tunnelled,
+            )?;
             let (grant, pending) = match step {
                 Step::Grant(grant, pending) => (grant, pending),
                 Step::Wait(rx, pending) => match rx.await {
@@ -157,13 +176,15 @@ impl Cluster {
                     // A pooled connection that died while idle: try again.
                 }
                 Grant::Connect { slot, timeout } => {
-                    let target = super::UpstreamTarget {
-                        addr: picked.addr,
-                        workload: picked.workload.clone(),
-                    };
-                    let result =
-                        super::conn::establish(self, connector, target, protocol, slot, timeout)
-                            .await;
+                    let result = super::conn::establish(
+                        self,
+                        connector,
+                        target.clone(),
+                        protocol,
+                        slot,
+                        timeout,
+                    )
+                    .await;
                     drop(pending);
                     return result;
                 }
@@ -194,6 +215,7 @@ impl Cluster {
             protocol: UpstreamProtocol::Http1,
             // Never in a pool: closing it only gives the slot back.
             life: AtomicU8::new(DETACHED),
+            counted: AtomicBool::new(true),
             idle: Mutex::new(None),
             epoch: AtomicU64::new(0),
             waker: Mutex::new(None),
@@ -338,6 +360,10 @@ struct Pool {
 struct Waiter {
     seq: u64,
     tx: oneshot::Sender<Grant>,
+    /// The waiting request's pending count, shared with its [`PendingGuard`].
+    pending: Arc<AtomicBool>,
+    /// Whether its connections are tunnels (see [`pending_ends`]).
+    tunnelled: bool,
 }
 
 /// An HTTP/1 connection between requests.
@@ -376,6 +402,9 @@ pub(super) struct ConnShared {
     generation: u64,
     protocol: UpstreamProtocol,
     life: AtomicU8,
+    /// Counted against `maxConnections`; cleared once when the slot is given back (when the
+    /// pool retires the connection, or when its socket is dropped, whichever comes first).
+    counted: AtomicBool,
     /// (deadline, epoch) while idle with an idle timeout.
     idle: Mutex<Option<(Instant, u64)>>,
     epoch: AtomicU64,
@@ -397,6 +426,7 @@ impl ConnShared {
             generation: 0,
             protocol: UpstreamProtocol::Http2,
             life: AtomicU8::new(CONNECTING),
+            counted: AtomicBool::new(true),
             idle: Mutex::new(None),
             epoch: AtomicU64::new(0),
             waker: Mutex::new(None),
@@ -609,17 +639,30 @@ pub(super) struct Picked {
     pub(super) guard: OutstandingGuard,
 }
 
-/// Counts a request as pending (no connection yet).
+/// Counts a request as pending (no connection yet). The count goes back once: when the pool
+/// hands the request its connection (under the lock, see [`pending_ends`]) or when the guard
+/// drops (the request got its connection, failed or gave up), whichever comes first.
 pub(super) struct PendingGuard {
     cluster: Option<Arc<Cluster>>,
+    counted: Arc<AtomicBool>,
 }
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
         if let Some(cluster) = self.cluster.take() {
-            let mut st = cluster.lock();
-            st.pending = st.pending.saturating_sub(1);
+            cluster.lock().end_pending(&self.counted);
         }
+    }
+}
+
+/// Whether a waiting request stops being pending when it is handed `grant`: a connection or
+/// stream to use, or a failure, always; a connection slot to connect with only when that
+/// connection is a tunnel set up behind a local hand-off (Istio's waypoint: Envoy's internal
+/// listener `connect_originate`), else it stays pending until connected (Envoy's `Connected`).
+fn pending_ends(grant: &Grant, tunnelled: bool) -> bool {
+    match grant {
+        Grant::Lease(_) | Grant::Fail(_) => true,
+        Grant::Connect { .. } => tunnelled,
     }
 }
 
@@ -723,15 +766,19 @@ impl Drop for Http1Checkout {
         let (Some(cluster), Some(conn)) = (self.cluster.take(), self.conn.take()) else {
             return;
         };
-        if !self.reusable {
-            // Dropping the sender mid-response closes the connection.
-            return;
-        }
         let mut st = cluster.lock();
-        let rejected = st.return_http1(&cluster, conn);
+        let retired = if self.reusable {
+            st.return_http1(&cluster, conn)
+        } else {
+            // Dropping the sender mid-response closes the connection.
+            Some(conn)
+        };
+        if let Some(conn) = &retired {
+            st.retire(&cluster, &conn.shared);
+        }
         drop(st);
-        // Not reusable after all: it closes when its sender goes, outside the lock.
-        drop(rejected);
+        // The connection closes when its sender goes, outside the lock.
+        drop(retired);
     }
 }
 
@@ -744,7 +791,9 @@ pub(super) struct StreamGuard {
 impl StreamGuard {
     fn release_locked(mut self, _this: &Arc<Cluster>, st: &mut ClusterState) {
         if self.cluster.take().is_some() {
-            st.release_stream(&self.shared);
+            // Called while serving waiters: a connection retired here gives its slot back
+            // when its socket drops, which serves the waiters of the whole cluster.
+            let _ = st.release_stream(&self.shared);
         }
     }
 }
@@ -753,11 +802,23 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         if let Some(cluster) = self.cluster.take() {
             let mut st = cluster.lock();
-            if let Some(index) = st.release_stream(&self.shared) {
-                st.dispatch_pool(&cluster, index, UpstreamProtocol::Http2);
+            match st.release_stream(&self.shared) {
+                Some(Released::Kept(index)) => {
+                    st.dispatch_pool(&cluster, index, UpstreamProtocol::Http2);
+                }
+                Some(Released::Retired) => st.retire(&cluster, &self.shared),
+                None => {}
             }
         }
     }
+}
+
+/// What ending a stream did to its HTTP/2 connection.
+enum Released {
+    /// Still in the pool (endpoint index): its waiters may get the stream.
+    Kept(usize),
+    /// Out of the pool (draining or closed, no streams left): hyper closes it.
+    Retired,
 }
 
 impl ClusterState {
@@ -924,6 +985,7 @@ impl ClusterState {
         addr: SocketAddr,
         generation: u64,
         protocol: UpstreamProtocol,
+        tunnelled: bool,
     ) -> Result<Step, Failure> {
         let limits = &self.policy.connection_pool;
         let (max_requests, max_pending, max_connections) = (
@@ -943,22 +1005,27 @@ impl ClusterState {
             self.overflow.pending += 1;
             return Err(Failure::Overflow("pending"));
         }
-        self.pending += 1;
-        let pending = PendingGuard {
-            cluster: Some(this.clone()),
-        };
         if self.may_connect(index, protocol) {
             let grant = self.start_connect(this, index, protocol);
-            return Ok(Step::Grant(grant, Some(pending)));
+            // Envoy checks the pending limit even here: the request is pending until its new
+            // connection is connected (at once for a tunnel's local hand-off).
+            let pending = (!pending_ends(&grant, tunnelled)).then(|| self.start_pending(this));
+            return Ok(Step::Grant(grant, pending));
         }
         if self.connections >= max_connections {
             self.overflow.connections += 1;
         }
+        let pending = self.start_pending(this);
         let (tx, rx) = oneshot::channel();
         let seq = self.next_id();
         self.endpoints[index].pools[pool_index(protocol)]
             .waiters
-            .push_back(Waiter { seq, tx });
+            .push_back(Waiter {
+                seq,
+                tx,
+                pending: pending.counted.clone(),
+                tunnelled,
+            });
         Ok(Step::Wait(rx, pending))
     }
 
@@ -1057,6 +1124,7 @@ impl ClusterState {
             generation: endpoint.generation,
             protocol,
             life: AtomicU8::new(CONNECTING),
+            counted: AtomicBool::new(true),
             idle: Mutex::new(None),
             epoch: AtomicU64::new(0),
             waker: Mutex::new(None),
@@ -1101,6 +1169,9 @@ impl ClusterState {
                 grant.release_locked(this, self);
                 return;
             };
+            if pending_ends(&grant, waiter.tunnelled) {
+                self.end_pending(&waiter.pending);
+            }
             if let Err(grant) = waiter.tx.send(grant) {
                 grant.release_locked(this, self);
             }
@@ -1123,8 +1194,12 @@ impl ClusterState {
         }
     }
 
-    /// A connection is gone (or its attempt abandoned): its slot and pool counts go back.
+    /// A connection is gone, retired, or its attempt abandoned: its slot and pool counts go
+    /// back, once.
     fn close_slot(&mut self, shared: &ConnShared) {
+        if !shared.counted.swap(false, Ordering::AcqRel) {
+            return;
+        }
         self.connections = self.connections.saturating_sub(1);
         let life = shared.life.swap(CLOSED, Ordering::AcqRel);
         let Some(index) = self.position(shared.addr, shared.generation) else {
@@ -1139,6 +1214,28 @@ impl ClusterState {
                 pool.conns.retain(|c| c.shared.id != shared.id);
             }
             _ => {}
+        }
+    }
+
+    /// The pool is done with a connection that is about to close: its slot goes back now, and
+    /// to the oldest waiter, as Envoy closes a connection when its last request ends rather
+    /// than when the socket is finally dropped.
+    fn retire(&mut self, this: &Arc<Cluster>, shared: &ConnShared) {
+        self.close_slot(shared);
+        self.dispatch_all(this);
+    }
+
+    fn start_pending(&mut self, this: &Arc<Cluster>) -> PendingGuard {
+        self.pending += 1;
+        PendingGuard {
+            cluster: Some(this.clone()),
+            counted: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn end_pending(&mut self, counted: &AtomicBool) {
+        if counted.swap(false, Ordering::AcqRel) {
+            self.pending = self.pending.saturating_sub(1);
         }
     }
 
@@ -1184,8 +1281,9 @@ impl ClusterState {
         }
     }
 
-    /// A stream ended; returns the endpoint index so the caller can serve waiters.
-    fn release_stream(&mut self, shared: &ConnShared) -> Option<usize> {
+    /// A stream ended: the connection stays (the endpoint index, so the caller can serve
+    /// waiters) or, drained, leaves the pool (the caller gives its slot back).
+    fn release_stream(&mut self, shared: &ConnShared) -> Option<Released> {
         let timeout = self.idle_timeout();
         let index = self.position(shared.addr, shared.generation)?;
         let pool = &mut self.endpoints[index].pools[HTTP2];
@@ -1196,12 +1294,12 @@ impl ClusterState {
                 if conn.draining || conn.sender.is_closed() {
                     // Dropping the pool's handle lets hyper close the connection.
                     pool.conns.remove(at);
-                } else {
-                    conn.shared.set_idle(timeout);
+                    return Some(Released::Retired);
                 }
+                conn.shared.set_idle(timeout);
             }
         }
-        Some(index)
+        Some(Released::Kept(index))
     }
 
     fn register_http1(
@@ -1313,7 +1411,9 @@ impl ClusterState {
         if pool.open + pool.connecting == 0 {
             // Nothing else would serve them: they fail with this attempt, as Envoy purges the
             // pending requests of a pool whose connect failed.
-            for waiter in pool.waiters.drain(..) {
+            let failed: Vec<Waiter> = pool.waiters.drain(..).collect();
+            for waiter in failed {
+                self.end_pending(&waiter.pending);
                 let _ = waiter.tx.send(Grant::Fail(failure.clone()));
             }
         }
