@@ -3,9 +3,18 @@
 //!
 //! It reads every `*.yaml`/`*.yml` file of the directory (sorted, not recursive, dot-files
 //! skipped, so a mounted ConfigMap works), translates the whole set and publishes it. Changes are
-//! found by polling names, sizes and modification times: portable, and cheap for the few files
-//! a local run or a test has. A broken file or object never takes the state down: its last good
-//! version stays, the problem is logged with file, document and field, and counted.
+//! found by polling names, sizes, modification and change times and link targets: portable
+//! enough, and cheap for the few files a local run or a test has. A broken file or object never
+//! takes the state down: its last good version stays, the problem is logged with file, document
+//! and field, and counted.
+//!
+//! What counts as broken, and why it is kept rather than dropped:
+//!
+//! - **Unreadable files.** A file the directory lists but that cannot be read (a dangling
+//!   symbolic link, a link loop, permission denied, an I/O error, not UTF-8, not a regular file)
+//!   keeps its last good contents: a `cluster.yaml` swapped for a broken link must not empty the
+//!   mesh. Only a file whose directory entry is gone is deleted, objects and all. A directory
+//!   (or configured file) that cannot be listed keeps the whole previous state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -75,6 +84,7 @@ impl fmt::Display for Location {
 pub enum FileSourceError {
     #[error("config path {}: {source} (does it exist, and may this process read it?)", path.display())]
     Scan { path: PathBuf, source: io::Error },
+    /// A file the directory lists that cannot be read; its last good contents stay.
     #[error("{}: cannot read: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("{}: {location}: invalid YAML: {source}", path.display())]
@@ -209,10 +219,12 @@ impl FileSource {
                 // that did parse apply: better than starting without all of them.
                 let kept = self.last_good_files.get(&path).cloned();
                 for error in parsed.errors {
-                    if kept.is_some() {
-                        warn!("{error}; keeping this file's last good contents");
-                    } else {
-                        warn!("{error}; applying the file's other documents");
+                    match (&kept, &error) {
+                        (Some(_), _) => warn!("{error}; keeping this file's last good contents"),
+                        (None, FileSourceError::Read { .. }) => {
+                            warn!("{error}; nothing of this file was loaded before")
+                        }
+                        (None, _) => warn!("{error}; applying the file's other documents"),
                     }
                     self.metrics.rejected(error.kind_label());
                     report.rejected.push(error);
@@ -313,9 +325,20 @@ impl FileSource {
     }
 }
 
-/// Names, sizes and modification times of the files: what polling compares.
+/// Per file: name, modification time, size, change time (permissions, owner) and link target,
+/// as far as they can be read: what polling compares. The change time and the link target make
+/// an unreadable file that becomes readable (fixed permissions, a re-pointed link) a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint(Vec<(PathBuf, Option<SystemTime>, Option<u64>)>);
+struct Fingerprint(Vec<FileStamp>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    len: Option<u64>,
+    changed: Option<(i64, i64)>,
+    link: Option<PathBuf>,
+}
 
 struct Snapshot {
     fingerprint: Fingerprint,
@@ -323,6 +346,10 @@ struct Snapshot {
 }
 
 /// The files to read: the path itself if it is a file, else the directory's YAML files.
+///
+/// A directory entry that exists but cannot be followed (a dangling link, a loop, a target this
+/// process may not look at) is listed, so that reading it fails and its last good contents stay;
+/// only entries that are gone, or are directories, are not.
 fn list_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
     let scan_error = |source| FileSourceError::Scan {
         path: path.to_owned(),
@@ -341,9 +368,17 @@ fn list_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
         let is_yaml = file
             .extension()
             .is_some_and(|ext| ext == "yaml" || ext == "yml");
+        if !is_yaml || name.starts_with('.') {
+            continue;
+        }
         // Follows symlinks, as a ConfigMap mount is made of them.
-        if is_yaml && !name.starts_with('.') && std::fs::metadata(&file).is_ok_and(|m| m.is_file())
-        {
+        let listed = match std::fs::metadata(&file) {
+            Ok(metadata) => !metadata.is_dir(),
+            // Unreadable if the entry itself is still there; gone (deleted since the listing)
+            // if not.
+            Err(_) => std::fs::symlink_metadata(&file).is_ok(),
+        };
+        if listed {
             files.push(file);
         }
     }
@@ -352,16 +387,19 @@ fn list_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
 }
 
 fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
     Fingerprint(
         files
             .iter()
             .map(|file| {
                 let metadata = std::fs::metadata(file).ok();
-                (
-                    file.clone(),
-                    metadata.as_ref().and_then(|m| m.modified().ok()),
-                    metadata.as_ref().map(|m| m.len()),
-                )
+                FileStamp {
+                    path: file.clone(),
+                    modified: metadata.as_ref().and_then(|m| m.modified().ok()),
+                    len: metadata.as_ref().map(|m| m.len()),
+                    changed: metadata.as_ref().map(|m| (m.ctime(), m.ctime_nsec())),
+                    link: std::fs::read_link(file).ok(),
+                }
             })
             .collect(),
     )
@@ -375,11 +413,37 @@ fn read_all(path: &Path) -> Result<Snapshot, FileSourceError> {
     let files = files
         .into_iter()
         .map(|file| {
-            let content = std::fs::read_to_string(&file);
+            let content = read_file(&file);
             (file, content)
         })
         .collect();
     Ok(Snapshot { fingerprint, files })
+}
+
+/// One file's text, or why it cannot be had, in words that say what to check.
+fn read_file(file: &Path) -> io::Result<String> {
+    let read = std::fs::metadata(file).and_then(|metadata| {
+        if metadata.is_file() {
+            std::fs::read_to_string(file)
+        } else {
+            // A FIFO would block the read for ever; a directory (swapped in since the
+            // listing) has no text.
+            Err(io::Error::other("not a regular file"))
+        }
+    });
+    read.map_err(|error| {
+        let mut why = match error.kind() {
+            io::ErrorKind::InvalidData => format!("{error}: YAML files must be UTF-8"),
+            io::ErrorKind::PermissionDenied => {
+                format!("{error}: may this process read it (and every directory on the way)?")
+            }
+            _ => error.to_string(),
+        };
+        if let Ok(target) = std::fs::read_link(file) {
+            why = format!("a symbolic link to {}: {why}", target.display());
+        }
+        io::Error::new(error.kind(), why)
+    })
 }
 
 /// One file's documents.

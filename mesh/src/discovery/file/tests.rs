@@ -643,3 +643,190 @@ spec:
         Some(1.0)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Unreadable files and directories keep the last good state
+
+fn pod_names(store: &Store) -> Vec<String> {
+    store.snapshot().workloads.keys().cloned().collect()
+}
+
+#[tokio::test]
+async fn an_unreadable_file_keeps_its_last_good_contents_and_a_deleted_one_is_removed() {
+    use std::os::unix::fs::symlink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster.yaml");
+    write(&cluster, &pod("a", "10.0.0.1"));
+    write(&dir.path().join("other.yaml"), &pod("b", "10.0.0.2"));
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+    assert_eq!(pod_names(&store), ["demo/a", "demo/b"]);
+
+    // (how the file is broken, what the error says)
+    /// Breaks the file in place.
+    type Break = fn(&Path);
+    let cases: [(&str, Break, &str); 4] = [
+        (
+            "a dangling symbolic link",
+            |cluster| symlink("missing.yaml", cluster).unwrap(),
+            "cannot read: a symbolic link to missing.yaml: No such file or directory",
+        ),
+        (
+            "a symbolic link loop",
+            |cluster| {
+                let loop_back = cluster.with_file_name("loop");
+                symlink("loop", cluster).unwrap();
+                symlink("cluster.yaml", loop_back).unwrap();
+            },
+            "cannot read: a symbolic link to loop: Too many levels of symbolic links",
+        ),
+        (
+            "not UTF-8",
+            |cluster| std::fs::write(cluster, b"apiVersion: v1\nkind: \xff\xfe\n").unwrap(),
+            "YAML files must be UTF-8",
+        ),
+        (
+            // Reading it would block the source for ever.
+            "a FIFO",
+            |cluster| {
+                let made = std::process::Command::new("mkfifo").arg(cluster).status();
+                assert!(made.unwrap().success(), "mkfifo {}", cluster.display());
+            },
+            "cannot read: not a regular file",
+        ),
+    ];
+    for (i, (what, break_it, why)) in cases.into_iter().enumerate() {
+        std::fs::remove_file(&cluster).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("loop"));
+        break_it(&cluster);
+        let report = source.load_once(&writer).await.unwrap();
+        assert_eq!(report.files, 2, "{what}: the file is still listed");
+        assert_eq!(report.rejected.len(), 1, "{what}: {:?}", report.rejected);
+        let message = report.rejected[0].to_string();
+        assert!(
+            message.starts_with(&format!("{}: ", cluster.display())) && message.contains(why),
+            "{what}: {message}"
+        );
+        assert_eq!(pod_names(&store), ["demo/a", "demo/b"], "{what}");
+        assert_eq!(
+            metric(&registry, r#"mesh_config_reloads_total{result="partial"}"#),
+            Some(i as f64 + 1.0),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="unknown"}"#),
+        Some(4.0)
+    );
+
+    // Deleted for real: its objects go, the other file's stay.
+    std::fs::remove_file(&cluster).unwrap();
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(report.files, 1);
+    assert_eq!(pod_names(&store), ["demo/b"]);
+}
+
+#[tokio::test]
+async fn polling_keeps_a_file_whose_link_breaks_and_reads_it_again_when_it_is_back() {
+    use std::os::unix::fs::symlink;
+
+    // As a ConfigMap mount: the listed name is a link to a file elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let target = data.path().join("cluster.yaml");
+    write(&target, &pod("a", "10.0.0.1"));
+    symlink(&target, dir.path().join("cluster.yaml")).unwrap();
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+    assert_eq!(pod_names(&store), ["demo/a"]);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(writer, shutdown.clone()));
+
+    std::fs::remove_file(&target).unwrap();
+    wait_for(&store, "the reload after the link broke", |_| {
+        store.version() >= 2
+    })
+    .await;
+    assert_eq!(
+        pod_names(&store),
+        ["demo/a"],
+        "a broken link must not empty the mesh"
+    );
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="unknown"}"#),
+        Some(1.0)
+    );
+
+    write(&target, &pod("b", "10.0.0.2"));
+    wait_for(&store, "the file read again", |s| {
+        s.workloads.contains_key("demo/b")
+    })
+    .await;
+    assert_eq!(pod_names(&store), ["demo/b"]);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_config_path_that_cannot_be_listed_keeps_the_whole_state() {
+    use std::os::unix::fs::symlink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    write(&real.join("cluster.yaml"), &pod("a", "10.0.0.1"));
+    let single = dir.path().join("single.yaml");
+    write(&single, &pod("b", "10.0.0.2"));
+
+    // The configured directory, and a configured single file, each behind a link.
+    for (config, target) in [
+        (dir.path().join("conf"), &real),
+        (dir.path().join("conf.yaml"), &single),
+    ] {
+        symlink(target, &config).unwrap();
+        let mut registry = Registry::default();
+        let mut source = source(&config, &mut registry);
+        let writer = StoreWriter::new();
+        let store = writer.store();
+        source.load_once(&writer).await.unwrap();
+        let before = pod_names(&store);
+        assert_eq!(before.len(), 1);
+
+        for (what, break_it) in [
+            (
+                "dangling",
+                (|config: &Path| symlink("gone", config).unwrap()) as fn(&Path),
+            ),
+            ("a loop", |config: &Path| {
+                symlink(config.file_name().unwrap(), config).unwrap()
+            }),
+        ] {
+            std::fs::remove_file(&config).unwrap();
+            break_it(&config);
+            let error = source.load_once(&writer).await.unwrap_err();
+            assert!(
+                matches!(error, FileSourceError::Scan { .. }),
+                "{what}: {error}"
+            );
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("config path {}: ", config.display())),
+                "{what}: {error}"
+            );
+            assert_eq!(pod_names(&store), before, "{}: {what}", config.display());
+        }
+        assert_eq!(
+            metric(&registry, r#"mesh_config_reloads_total{result="failure"}"#),
+            Some(2.0)
+        );
+    }
+}
