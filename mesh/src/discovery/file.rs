@@ -15,6 +15,20 @@
 //!   keeps its last good contents: a `cluster.yaml` swapped for a broken link must not empty the
 //!   mesh. Only a file whose directory entry is gone is deleted, objects and all. A directory
 //!   (or configured file) that cannot be listed keeps the whole previous state.
+//! - **Unknown fields.** People write these files, so they are parsed strictly, as
+//!   `kubectl apply --validate=strict` does: a field the kind's schema does not have (`podIp:`,
+//!   `serviceAcountName:`, `metadata.lables:`) rejects the object, naming kind, namespace/name and
+//!   the field path, with a "did you mean" for near misses. Rejected rather than warned: warned,
+//!   the pod would apply without its IP (out of the mesh, traffic to it in plaintext) or as
+//!   `sa/default` (someone else's identity and policies). Rejected, an edited object keeps its
+//!   last good version, so a typo never un-meshes a running pod; a new object with a typo is not
+//!   applied, and says so (log, `mesh_config_rejected_total`). The Kubernetes source is lenient
+//!   here: the API server has validated its objects already, and may serve fields newer than
+//!   this build's schema.
+//! - **Near-miss kinds.** A document of a kind nobody here reads is skipped (somebody else's),
+//!   but one whose kind or apiVersion is a near miss of one we read (`AuthorisationPolicy`,
+//!   `Virtualservice`, an AuthorizationPolicy under `networking.istio.io`) is also a warning with
+//!   a "did you mean", in `mesh_config_warnings{code="UnknownKind"}` and the state's warnings.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -28,9 +42,11 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{ConfigMetrics, ReloadResult, StoreWriter};
+use super::{ConfigMetrics, ReloadResult, StoreWriter, WarningLog};
+use crate::model::ConfigWarning;
 use crate::model::translate::{
-    Kind, Object, ObjectKey, SourceObject, TranslateConfig, TranslateError, Translator,
+    Kind, KindSuggestion, Object, ObjectKey, SourceObject, TranslateConfig, TranslateError,
+    Translator, suggest_kind,
 };
 
 #[cfg(test)]
@@ -137,6 +153,9 @@ pub struct LoadReport {
     pub rejected: Vec<FileSourceError>,
     /// Documents of kinds this source does not read.
     pub ignored: usize,
+    /// Warnings in force after the load (also in the published state): near-miss kinds of this
+    /// source's documents and the translation's (routes to undefined subsets).
+    pub warnings: Vec<ConfigWarning>,
 }
 
 /// The file source. Build it, optionally [`load_once`](Self::load_once) to have the first state
@@ -146,6 +165,7 @@ pub struct FileSource {
     config: FileSourceConfig,
     translator: Translator,
     metrics: ConfigMetrics,
+    warning_log: WarningLog,
     /// Parsed contents of each file as last read without a file-level error.
     last_good_files: BTreeMap<PathBuf, Vec<(Location, SourceObject)>>,
     /// What the files looked like at the last load (or why they could not be listed), so
@@ -160,6 +180,7 @@ impl FileSource {
             config,
             translator,
             metrics: ConfigMetrics::new(registry),
+            warning_log: WarningLog::default(),
             last_good_files: BTreeMap::new(),
             seen: None,
         }
@@ -196,6 +217,7 @@ impl FileSource {
         let mut objects = Vec::new();
         let mut origins: HashMap<ObjectKey, (PathBuf, Location)> = HashMap::new();
         let present: BTreeSet<PathBuf> = snapshot.files.iter().map(|(p, _)| p.clone()).collect();
+        let mut file_warnings = Vec::new();
 
         for (path, content) in snapshot.files {
             let parsed = match content {
@@ -205,10 +227,19 @@ impl FileSource {
                     source,
                 }),
             };
-            for (location, kind) in &parsed.ignored {
-                warn!(file = %path.display(), %location, kind, "kind not read by this proxy; skipped");
-                self.metrics.ignored(kind);
+            for ignored in &parsed.ignored {
+                self.metrics.ignored(&ignored.kind);
                 report.ignored += 1;
+                match &ignored.suggestion {
+                    // Logged by the warning log, once.
+                    Some(suggestion) => file_warnings.push(ignored.warning(&path, suggestion)),
+                    None => warn!(
+                        file = %path.display(),
+                        location = %ignored.location,
+                        kind = ignored.kind,
+                        "kind not read by this proxy; skipped"
+                    ),
+                }
             }
             let documents = if parsed.errors.is_empty() {
                 self.last_good_files
@@ -275,7 +306,12 @@ impl FileSource {
         } else {
             ReloadResult::Partial
         });
-        report.version = store.apply(translation.state);
+        let mut state = translation.state;
+        state.warnings.extend(file_warnings);
+        state.warnings.sort();
+        self.warning_log.report(&self.metrics, &state.warnings);
+        report.warnings = state.warnings.clone();
+        report.version = store.apply(state);
         self.seen = Some(Ok(snapshot.fingerprint));
         info!(
             path = %self.config.path.display(),
@@ -283,6 +319,7 @@ impl FileSource {
             objects = report.objects,
             rejected = report.rejected.len(),
             ignored = report.ignored,
+            warnings = report.warnings.len(),
             version = report.version,
             "configuration loaded"
         );
@@ -450,10 +487,46 @@ fn read_file(file: &Path) -> io::Result<String> {
 #[derive(Debug, Default)]
 struct ParsedFile {
     objects: Vec<(Location, SourceObject)>,
-    ignored: Vec<(Location, String)>,
+    ignored: Vec<Ignored>,
     /// Problems that cannot be pinned to one object: the whole file falls back to its last good
     /// contents.
     errors: Vec<FileSourceError>,
+}
+
+/// A document of a kind this proxy does not read.
+#[derive(Debug)]
+struct Ignored {
+    location: Location,
+    api_version: String,
+    kind: String,
+    /// `namespace/name` or `name`, as written, for the warning.
+    name: Option<String>,
+    /// Set when the type is a near miss of one this proxy reads.
+    suggestion: Option<KindSuggestion>,
+}
+
+impl Ignored {
+    fn warning(&self, path: &Path, suggestion: &KindSuggestion) -> ConfigWarning {
+        let mut object = format!("{}: {}", path.display(), self.location);
+        if let Some(name) = &self.name {
+            object.push_str(&format!(" ({} {name})", self.kind));
+        }
+        let field = if self.kind == suggestion.kind.as_str() {
+            "apiVersion"
+        } else {
+            "kind"
+        };
+        ConfigWarning {
+            code: "UnknownKind".to_owned(),
+            kind: self.kind.clone(),
+            object,
+            field: field.to_owned(),
+            message: format!(
+                "apiVersion: {}, kind: {} is not a type this proxy reads; did you mean {suggestion}? The document is skipped",
+                self.api_version, self.kind
+            ),
+        }
+    }
 }
 
 impl ParsedFile {
@@ -572,11 +645,24 @@ fn parse_document(
         }
         return;
     }
+    let metadata = header.metadata.unwrap_or_default();
     let Some(known) = Kind::from_type(api_version, kind) else {
-        parsed.ignored.push((location, kind.to_owned()));
+        let name = metadata
+            .name
+            .as_deref()
+            .map(|name| match &metadata.namespace {
+                Some(namespace) => format!("{namespace}/{name}"),
+                None => name.to_owned(),
+            });
+        parsed.ignored.push(Ignored {
+            location,
+            api_version: api_version.to_owned(),
+            kind: kind.to_owned(),
+            name,
+            suggestion: suggest_kind(api_version, kind),
+        });
         return;
     };
-    let metadata = header.metadata.unwrap_or_default();
     let Some(name) = metadata.name.as_deref().filter(|n| !n.is_empty()) else {
         parsed.errors.push(document_error(
             Some(kind),
@@ -587,5 +673,5 @@ fn parse_document(
     let key = ObjectKey::new(known, metadata.namespace.as_deref(), name);
     parsed
         .objects
-        .push((location, Object::from_value(&key, value)));
+        .push((location, Object::from_value_strict(&key, value)));
 }

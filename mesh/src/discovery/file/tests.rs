@@ -645,6 +645,232 @@ spec:
 }
 
 // ---------------------------------------------------------------------------------------------
+// Typos: strict fields, near-miss kinds, routes to undefined subsets
+
+#[tokio::test]
+async fn a_misspelt_pod_field_is_rejected_and_the_pod_stays_in_the_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    write(&file, NAMESPACE_AND_POD);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+    let meshed = |state: &State| {
+        let client = &state.workloads["demo/client"];
+        assert!(client.enrolled);
+        assert_eq!(
+            client.ips,
+            ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            client.identity.to_string(),
+            "spiffe://cluster.local/ns/demo/sa/client"
+        );
+    };
+    meshed(&store.snapshot());
+
+    // `podIp:` would leave the pod without an IP (out of the mesh, plaintext to it), and
+    // `serviceAcountName:` would make it sa/default. Each is rejected, naming file, document,
+    // object and field; the pod keeps its last good version.
+    for (typo, field, meant) in [
+        ("podIP:", "status.podIp", "podIP"),
+        (
+            "serviceAccountName:",
+            "spec.serviceAcountName",
+            "serviceAccountName",
+        ),
+    ] {
+        let wrong = field.rsplit('.').next().unwrap();
+        write(
+            &file,
+            &NAMESPACE_AND_POD.replace(typo, &format!("{wrong}:")),
+        );
+        let report = source.load_once(&writer).await.unwrap();
+        let messages: Vec<_> = report.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{}: document 2: Pod demo/client: {field}: unknown field `{wrong}`: the Pod schema has no such field here; did you mean `{meant}`?",
+                file.display()
+            )]
+        );
+        meshed(&store.snapshot());
+    }
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="Pod"}"#),
+        Some(2.0)
+    );
+
+    // A new pod with a typo has no last good version: it is not applied, and says so.
+    write(
+        &file,
+        &(NAMESPACE_AND_POD.to_owned()
+            + "---\n"
+            + &pod("new", "10.0.0.5").replace("podIP", "podIp")),
+    );
+    let report = source.load_once(&writer).await.unwrap();
+    assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+    assert!(
+        report.rejected[0]
+            .to_string()
+            .contains("Pod demo/new: status.podIp: unknown field `podIp`"),
+        "{}",
+        report.rejected[0]
+    );
+    assert!(!store.snapshot().workloads.contains_key("demo/new"));
+    meshed(&store.snapshot());
+}
+
+#[tokio::test]
+async fn near_miss_kinds_get_a_did_you_mean_warning_naming_the_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policies.yaml");
+    let yaml = "
+apiVersion: security.istio.io/v1
+kind: AuthorisationPolicy
+metadata: {name: deny-all, namespace: demo}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: networking.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: demo}
+spec: {}
+---
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: knative, namespace: demo}
+";
+    write(&file, yaml);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(report.ignored, 3);
+    let warnings: Vec<_> = report.warnings.iter().map(ToString::to_string).collect();
+    let path = file.display();
+    assert_eq!(
+        warnings,
+        [
+            format!(
+                "{path}: document 1 (AuthorisationPolicy demo/deny-all): kind: apiVersion: security.istio.io/v1, kind: AuthorisationPolicy is not a type this proxy reads; did you mean apiVersion: security.istio.io/v1, kind: AuthorizationPolicy? The document is skipped [UnknownKind]"
+            ),
+            format!(
+                "{path}: document 2 (AuthorizationPolicy demo/allow-web): apiVersion: apiVersion: networking.istio.io/v1, kind: AuthorizationPolicy is not a type this proxy reads; did you mean apiVersion: security.istio.io/v1, kind: AuthorizationPolicy? The document is skipped [UnknownKind]"
+            ),
+        ]
+    );
+    // In the published state (the config dump shows it) and in the metric.
+    assert_eq!(writer.store().snapshot().warnings, report.warnings);
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="AuthorisationPolicy",code="UnknownKind"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="AuthorizationPolicy",code="UnknownKind"}"#
+        ),
+        Some(1.0)
+    );
+    // Somebody else's kind is only ignored.
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="Service",code="UnknownKind"}"#
+        ),
+        None
+    );
+
+    // Fixed, the policy applies and the warnings clear.
+    write(
+        &file,
+        &yaml
+            .replace("AuthorisationPolicy", "AuthorizationPolicy")
+            .replace("networking.istio.io/v1", "security.istio.io/v1"),
+    );
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(writer.store().snapshot().authorization_policies.len(), 2);
+    assert!(writer.store().snapshot().warnings.is_empty());
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="AuthorisationPolicy",code="UnknownKind"}"#
+        ),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_route_to_an_undefined_subset_is_a_warning_in_the_metric_and_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("traffic.yaml");
+    let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: demo}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 50}
+    - {destination: {host: reviews, subset: v3}, weight: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+";
+    write(&file, yaml);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let report = source.load_once(&writer).await.unwrap();
+    // Accepted, as Istio accepts it.
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(writer.store().snapshot().virtual_services.len(), 1);
+    let warnings: Vec<_> = report.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "VirtualService demo/reviews: spec.http[0].route[1].destination.subset: Referenced host+subset in destinationrule not found: \"reviews.demo.svc.cluster.local+v3\" (DestinationRule demo/reviews (host reviews.demo.svc.cluster.local) defines only v1, v2); requests routed there fail with 503 NC [IST0101]"
+        ]
+    );
+    assert_eq!(writer.store().snapshot().warnings, report.warnings);
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="VirtualService",code="IST0101"}"#
+        ),
+        Some(1.0)
+    );
+
+    write(&file, &yaml.replace("{name: v2,", "{name: v3,"));
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="VirtualService",code="IST0101"}"#
+        ),
+        None
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Unreadable files and directories keep the last good state
 
 fn pod_names(store: &Store) -> Vec<String> {
