@@ -3,9 +3,32 @@
 //!
 //! It reads every `*.yaml`/`*.yml` file of the directory (sorted, not recursive, dot-files
 //! skipped, so a mounted ConfigMap works), translates the whole set and publishes it. Changes are
-//! found by polling names, sizes and modification times: portable, and cheap for the few files
-//! a local run or a test has. A broken file or object never takes the state down: its last good
-//! version stays, the problem is logged with file, document and field, and counted.
+//! found by polling names, sizes, modification and change times and link targets: portable
+//! enough, and cheap for the few files a local run or a test has. A broken file or object never
+//! takes the state down: its last good version stays, the problem is logged with file, document
+//! and field, and counted.
+//!
+//! What counts as broken, and why it is kept rather than dropped:
+//!
+//! - **Unreadable files.** A file the directory lists but that cannot be read (a dangling
+//!   symbolic link, a link loop, permission denied, an I/O error, not UTF-8, not a regular file)
+//!   keeps its last good contents: a `cluster.yaml` swapped for a broken link must not empty the
+//!   mesh. Only a file whose directory entry is gone is deleted, objects and all. A directory
+//!   (or configured file) that cannot be listed keeps the whole previous state.
+//! - **Unknown fields.** People write these files, so they are parsed strictly, as
+//!   `kubectl apply --validate=strict` does: a field the kind's schema does not have (`podIp:`,
+//!   `serviceAcountName:`, `metadata.lables:`) rejects the object, naming kind, namespace/name and
+//!   the field path, with a "did you mean" for near misses. Rejected rather than warned: warned,
+//!   the pod would apply without its IP (out of the mesh, traffic to it in plaintext) or as
+//!   `sa/default` (someone else's identity and policies). Rejected, an edited object keeps its
+//!   last good version, so a typo never un-meshes a running pod; a new object with a typo is not
+//!   applied, and says so (log, `mesh_config_rejected_total`). The Kubernetes source is lenient
+//!   here: the API server has validated its objects already, and may serve fields newer than
+//!   this build's schema.
+//! - **Near-miss kinds.** A document of a kind nobody here reads is skipped (somebody else's),
+//!   but one whose kind or apiVersion is a near miss of one we read (`AuthorisationPolicy`,
+//!   `Virtualservice`, an AuthorizationPolicy under `networking.istio.io`) is also a warning with
+//!   a "did you mean", in `mesh_config_warnings{code="UnknownKind"}` and the state's warnings.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -19,9 +42,11 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{ConfigMetrics, ReloadResult, StoreWriter};
+use super::{ConfigMetrics, ReloadResult, StoreWriter, WarningLog};
+use crate::model::ConfigWarning;
 use crate::model::translate::{
-    Kind, Object, ObjectKey, SourceObject, TranslateConfig, TranslateError, Translator,
+    Kind, KindSuggestion, Object, ObjectKey, SourceObject, TranslateConfig, TranslateError,
+    Translator, suggest_kind,
 };
 
 #[cfg(test)]
@@ -75,6 +100,7 @@ impl fmt::Display for Location {
 pub enum FileSourceError {
     #[error("config path {}: {source} (does it exist, and may this process read it?)", path.display())]
     Scan { path: PathBuf, source: io::Error },
+    /// A file the directory lists that cannot be read; its last good contents stay.
     #[error("{}: cannot read: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("{}: {location}: invalid YAML: {source}", path.display())]
@@ -127,6 +153,9 @@ pub struct LoadReport {
     pub rejected: Vec<FileSourceError>,
     /// Documents of kinds this source does not read.
     pub ignored: usize,
+    /// Warnings in force after the load (also in the published state): near-miss kinds of this
+    /// source's documents and the translation's (routes to undefined subsets).
+    pub warnings: Vec<ConfigWarning>,
 }
 
 /// The file source. Build it, optionally [`load_once`](Self::load_once) to have the first state
@@ -136,6 +165,7 @@ pub struct FileSource {
     config: FileSourceConfig,
     translator: Translator,
     metrics: ConfigMetrics,
+    warning_log: WarningLog,
     /// Parsed contents of each file as last read without a file-level error.
     last_good_files: BTreeMap<PathBuf, Vec<(Location, SourceObject)>>,
     /// What the files looked like at the last load (or why they could not be listed), so
@@ -150,6 +180,7 @@ impl FileSource {
             config,
             translator,
             metrics: ConfigMetrics::new(registry),
+            warning_log: WarningLog::default(),
             last_good_files: BTreeMap::new(),
             seen: None,
         }
@@ -186,6 +217,7 @@ impl FileSource {
         let mut objects = Vec::new();
         let mut origins: HashMap<ObjectKey, (PathBuf, Location)> = HashMap::new();
         let present: BTreeSet<PathBuf> = snapshot.files.iter().map(|(p, _)| p.clone()).collect();
+        let mut file_warnings = Vec::new();
 
         for (path, content) in snapshot.files {
             let parsed = match content {
@@ -195,10 +227,19 @@ impl FileSource {
                     source,
                 }),
             };
-            for (location, kind) in &parsed.ignored {
-                warn!(file = %path.display(), %location, kind, "kind not read by this proxy; skipped");
-                self.metrics.ignored(kind);
+            for ignored in &parsed.ignored {
+                self.metrics.ignored(&ignored.kind);
                 report.ignored += 1;
+                match &ignored.suggestion {
+                    // Logged by the warning log, once.
+                    Some(suggestion) => file_warnings.push(ignored.warning(&path, suggestion)),
+                    None => warn!(
+                        file = %path.display(),
+                        location = %ignored.location,
+                        kind = ignored.kind,
+                        "kind not read by this proxy; skipped"
+                    ),
+                }
             }
             let documents = if parsed.errors.is_empty() {
                 self.last_good_files
@@ -209,10 +250,12 @@ impl FileSource {
                 // that did parse apply: better than starting without all of them.
                 let kept = self.last_good_files.get(&path).cloned();
                 for error in parsed.errors {
-                    if kept.is_some() {
-                        warn!("{error}; keeping this file's last good contents");
-                    } else {
-                        warn!("{error}; applying the file's other documents");
+                    match (&kept, &error) {
+                        (Some(_), _) => warn!("{error}; keeping this file's last good contents"),
+                        (None, FileSourceError::Read { .. }) => {
+                            warn!("{error}; nothing of this file was loaded before")
+                        }
+                        (None, _) => warn!("{error}; applying the file's other documents"),
                     }
                     self.metrics.rejected(error.kind_label());
                     report.rejected.push(error);
@@ -263,7 +306,12 @@ impl FileSource {
         } else {
             ReloadResult::Partial
         });
-        report.version = store.apply(translation.state);
+        let mut state = translation.state;
+        state.warnings.extend(file_warnings);
+        state.warnings.sort();
+        self.warning_log.report(&self.metrics, &state.warnings);
+        report.warnings = state.warnings.clone();
+        report.version = store.apply(state);
         self.seen = Some(Ok(snapshot.fingerprint));
         info!(
             path = %self.config.path.display(),
@@ -271,6 +319,7 @@ impl FileSource {
             objects = report.objects,
             rejected = report.rejected.len(),
             ignored = report.ignored,
+            warnings = report.warnings.len(),
             version = report.version,
             "configuration loaded"
         );
@@ -313,9 +362,20 @@ impl FileSource {
     }
 }
 
-/// Names, sizes and modification times of the files: what polling compares.
+/// Per file: name, modification time, size, change time (permissions, owner) and link target,
+/// as far as they can be read: what polling compares. The change time and the link target make
+/// an unreadable file that becomes readable (fixed permissions, a re-pointed link) a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint(Vec<(PathBuf, Option<SystemTime>, Option<u64>)>);
+struct Fingerprint(Vec<FileStamp>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    len: Option<u64>,
+    changed: Option<(i64, i64)>,
+    link: Option<PathBuf>,
+}
 
 struct Snapshot {
     fingerprint: Fingerprint,
@@ -323,6 +383,10 @@ struct Snapshot {
 }
 
 /// The files to read: the path itself if it is a file, else the directory's YAML files.
+///
+/// A directory entry that exists but cannot be followed (a dangling link, a loop, a target this
+/// process may not look at) is listed, so that reading it fails and its last good contents stay;
+/// only entries that are gone, or are directories, are not.
 fn list_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
     let scan_error = |source| FileSourceError::Scan {
         path: path.to_owned(),
@@ -341,9 +405,17 @@ fn list_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
         let is_yaml = file
             .extension()
             .is_some_and(|ext| ext == "yaml" || ext == "yml");
+        if !is_yaml || name.starts_with('.') {
+            continue;
+        }
         // Follows symlinks, as a ConfigMap mount is made of them.
-        if is_yaml && !name.starts_with('.') && std::fs::metadata(&file).is_ok_and(|m| m.is_file())
-        {
+        let listed = match std::fs::metadata(&file) {
+            Ok(metadata) => !metadata.is_dir(),
+            // Unreadable if the entry itself is still there; gone (deleted since the listing)
+            // if not.
+            Err(_) => std::fs::symlink_metadata(&file).is_ok(),
+        };
+        if listed {
             files.push(file);
         }
     }
@@ -352,16 +424,19 @@ fn list_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
 }
 
 fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
     Fingerprint(
         files
             .iter()
             .map(|file| {
                 let metadata = std::fs::metadata(file).ok();
-                (
-                    file.clone(),
-                    metadata.as_ref().and_then(|m| m.modified().ok()),
-                    metadata.as_ref().map(|m| m.len()),
-                )
+                FileStamp {
+                    path: file.clone(),
+                    modified: metadata.as_ref().and_then(|m| m.modified().ok()),
+                    len: metadata.as_ref().map(|m| m.len()),
+                    changed: metadata.as_ref().map(|m| (m.ctime(), m.ctime_nsec())),
+                    link: std::fs::read_link(file).ok(),
+                }
             })
             .collect(),
     )
@@ -375,21 +450,83 @@ fn read_all(path: &Path) -> Result<Snapshot, FileSourceError> {
     let files = files
         .into_iter()
         .map(|file| {
-            let content = std::fs::read_to_string(&file);
+            let content = read_file(&file);
             (file, content)
         })
         .collect();
     Ok(Snapshot { fingerprint, files })
 }
 
+/// One file's text, or why it cannot be had, in words that say what to check.
+fn read_file(file: &Path) -> io::Result<String> {
+    let read = std::fs::metadata(file).and_then(|metadata| {
+        if metadata.is_file() {
+            std::fs::read_to_string(file)
+        } else {
+            // A FIFO would block the read for ever; a directory (swapped in since the
+            // listing) has no text.
+            Err(io::Error::other("not a regular file"))
+        }
+    });
+    read.map_err(|error| {
+        let mut why = match error.kind() {
+            io::ErrorKind::InvalidData => format!("{error}: YAML files must be UTF-8"),
+            io::ErrorKind::PermissionDenied => {
+                format!("{error}: may this process read it (and every directory on the way)?")
+            }
+            _ => error.to_string(),
+        };
+        if let Ok(target) = std::fs::read_link(file) {
+            why = format!("a symbolic link to {}: {why}", target.display());
+        }
+        io::Error::new(error.kind(), why)
+    })
+}
+
 /// One file's documents.
 #[derive(Debug, Default)]
 struct ParsedFile {
     objects: Vec<(Location, SourceObject)>,
-    ignored: Vec<(Location, String)>,
+    ignored: Vec<Ignored>,
     /// Problems that cannot be pinned to one object: the whole file falls back to its last good
     /// contents.
     errors: Vec<FileSourceError>,
+}
+
+/// A document of a kind this proxy does not read.
+#[derive(Debug)]
+struct Ignored {
+    location: Location,
+    api_version: String,
+    kind: String,
+    /// `namespace/name` or `name`, as written, for the warning.
+    name: Option<String>,
+    /// Set when the type is a near miss of one this proxy reads.
+    suggestion: Option<KindSuggestion>,
+}
+
+impl Ignored {
+    fn warning(&self, path: &Path, suggestion: &KindSuggestion) -> ConfigWarning {
+        let mut object = format!("{}: {}", path.display(), self.location);
+        if let Some(name) = &self.name {
+            object.push_str(&format!(" ({} {name})", self.kind));
+        }
+        let field = if self.kind == suggestion.kind.as_str() {
+            "apiVersion"
+        } else {
+            "kind"
+        };
+        ConfigWarning {
+            code: "UnknownKind".to_owned(),
+            kind: self.kind.clone(),
+            object,
+            field: field.to_owned(),
+            message: format!(
+                "apiVersion: {}, kind: {} is not a type this proxy reads; did you mean {suggestion}? The document is skipped",
+                self.api_version, self.kind
+            ),
+        }
+    }
 }
 
 impl ParsedFile {
@@ -508,11 +645,24 @@ fn parse_document(
         }
         return;
     }
+    let metadata = header.metadata.unwrap_or_default();
     let Some(known) = Kind::from_type(api_version, kind) else {
-        parsed.ignored.push((location, kind.to_owned()));
+        let name = metadata
+            .name
+            .as_deref()
+            .map(|name| match &metadata.namespace {
+                Some(namespace) => format!("{namespace}/{name}"),
+                None => name.to_owned(),
+            });
+        parsed.ignored.push(Ignored {
+            location,
+            api_version: api_version.to_owned(),
+            kind: kind.to_owned(),
+            name,
+            suggestion: suggest_kind(api_version, kind),
+        });
         return;
     };
-    let metadata = header.metadata.unwrap_or_default();
     let Some(name) = metadata.name.as_deref().filter(|n| !n.is_empty()) else {
         parsed.errors.push(document_error(
             Some(kind),
@@ -523,5 +673,5 @@ fn parse_document(
     let key = ObjectKey::new(known, metadata.namespace.as_deref(), name);
     parsed
         .objects
-        .push((location, Object::from_value(&key, value)));
+        .push((location, Object::from_value_strict(&key, value)));
 }

@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{ConfigMetrics, ReloadResult, StoreWriter};
+use super::{ConfigMetrics, ReloadResult, StoreWriter, WarningLog};
 use crate::model::translate::{Kind, Object, ObjectKey, SourceObject, TranslateConfig, Translator};
 
 #[cfg(test)]
@@ -255,6 +255,7 @@ pub struct KubeSource {
     client: ::kube::Client,
     translator: Translator,
     metrics: ConfigMetrics,
+    warnings: WarningLog,
     watch_metrics: WatchMetrics,
 }
 
@@ -274,6 +275,7 @@ impl KubeSource {
             client,
             translator,
             metrics: ConfigMetrics::new(registry),
+            warnings: WarningLog::default(),
             watch_metrics: WatchMetrics::new(registry),
         }
     }
@@ -365,6 +367,8 @@ impl KubeSource {
         }
         *reported = now;
         self.metrics.set_in_force(&translation.in_force);
+        self.warnings
+            .report(&self.metrics, &translation.state.warnings);
         self.metrics.reload(if translation.rejections.is_empty() {
             ReloadResult::Success
         } else {

@@ -6,7 +6,7 @@
 //! whole object sets to the same translation and share the config metrics. [`start`] starts
 //! the one a proxy's configuration chose ([`CONFIG_SOURCE`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::model::ConfigWarning;
 use crate::model::translate::Kind;
 
 pub mod file;
@@ -103,6 +104,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WarningLabels {
+    kind: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -136,6 +143,7 @@ pub struct ConfigMetrics {
     ignored: Family<KindLabels, Counter>,
     objects: Family<KindLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
+    warnings: Family<WarningLabels, Gauge>,
 }
 
 impl ConfigMetrics {
@@ -164,11 +172,18 @@ impl ConfigMetrics {
             "Configuration reloads, by result (success, partial, failure)",
             reloads.clone(),
         );
+        let warnings = Family::<WarningLabels, Gauge>::default();
+        registry.register(
+            "mesh_config_warnings",
+            "Configuration that applies but probably not as meant (IST0101: a route to a subset no DestinationRule defines; UnknownKind: a document whose kind is a near miss of one read), by kind and code; in the config dump's state.warnings",
+            warnings.clone(),
+        );
         Self {
             rejected,
             ignored,
             objects,
             reloads,
+            warnings,
         }
     }
 
@@ -202,11 +217,47 @@ impl ConfigMetrics {
         }
     }
 
+    /// Sets `mesh_config_warnings` to the warnings in force now (gauges of warnings gone drop
+    /// out).
+    pub fn set_warnings(&self, warnings: &[ConfigWarning]) {
+        self.warnings.clear();
+        for warning in warnings {
+            self.warnings
+                .get_or_create(&WarningLabels {
+                    kind: warning.kind.clone(),
+                    code: warning.code.clone(),
+                })
+                .inc();
+        }
+    }
+
     pub fn reload(&self, result: ReloadResult) {
         self.reloads
             .get_or_create(&ReloadLabels {
                 result: result.as_str(),
             })
             .inc();
+    }
+}
+
+/// Reports a source's configuration warnings: the gauges on every load, a log line only when a
+/// warning appears (and one when it clears), since the same state is translated again on every
+/// change of anything else.
+#[derive(Debug, Default)]
+pub(crate) struct WarningLog {
+    logged: BTreeSet<ConfigWarning>,
+}
+
+impl WarningLog {
+    pub(crate) fn report(&mut self, metrics: &ConfigMetrics, warnings: &[ConfigWarning]) {
+        metrics.set_warnings(warnings);
+        let now: BTreeSet<ConfigWarning> = warnings.iter().cloned().collect();
+        for warning in now.difference(&self.logged) {
+            tracing::warn!(code = %warning.code, "{warning}");
+        }
+        for warning in self.logged.difference(&now) {
+            tracing::info!(code = %warning.code, object = %warning.object, field = %warning.field, "configuration warning cleared");
+        }
+        self.logged = now;
     }
 }

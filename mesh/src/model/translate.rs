@@ -33,8 +33,10 @@ use crate::identity::{Identity, IdentityError};
 mod l7_policy;
 mod networking;
 mod ratelimit;
+mod strict;
 
-pub use networking::{istio_default_retries, parse_duration};
+pub use networking::{REFERENCED_RESOURCE_NOT_FOUND, istio_default_retries, parse_duration};
+pub use strict::{KindSuggestion, suggest_kind};
 
 #[cfg(test)]
 mod l7_tests;
@@ -153,6 +155,15 @@ impl Kind {
             Kind::VirtualService | Kind::DestinationRule => ncrd::NETWORKING_GROUP,
             Kind::Gateway => ncrd::GATEWAY_API_GROUP,
             Kind::RateLimitPolicy => rcrd::MESH_GROUP,
+        }
+    }
+
+    /// Where a strict parse ([`Object::from_value_strict`]) accepts fields the schema does not
+    /// name: the Gateway API spec is open on purpose (see [`ncrd::GatewaySpec`]).
+    fn open_fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Gateway => &["spec"],
+            _ => &[],
         }
     }
 
@@ -276,7 +287,32 @@ impl Object {
     /// Deserializes a JSON document already recognised as `kind` (see [`Kind::from_type`]).
     /// Schema errors name the key (from the caller, who read it from the document's header)
     /// and the exact field path, so they can be reported and the last good version kept.
+    ///
+    /// Fields the Kubernetes kinds' schemas do not have are skipped, as the API server's
+    /// objects may carry fields newer than this build knows: this is for objects the API
+    /// server has already validated (the Kubernetes source). Documents people write go through
+    /// [`from_value_strict`](Self::from_value_strict).
     pub fn from_value(key: &ObjectKey, value: serde_json::Value) -> Result<Object, TranslateError> {
+        Self::parse(key, value, false)
+    }
+
+    /// [`from_value`](Self::from_value), refusing every field the kind's schema does not have,
+    /// anywhere in the object (metadata included), as `kubectl apply --validate=strict` does: a
+    /// `podIp:` for `podIP:` would otherwise take the pod out of the mesh, a
+    /// `serviceAcountName:` make it `sa/default`. The error names the object and every unknown
+    /// field's path, with a "did you mean" for near misses of the fields the translation reads.
+    pub fn from_value_strict(
+        key: &ObjectKey,
+        value: serde_json::Value,
+    ) -> Result<Object, TranslateError> {
+        Self::parse(key, value, true)
+    }
+
+    fn parse(
+        key: &ObjectKey,
+        value: serde_json::Value,
+        strict: bool,
+    ) -> Result<Object, TranslateError> {
         let kind = key.kind;
         let api_version = value
             .get("apiVersion")
@@ -290,31 +326,80 @@ impl Object {
                 expected: kind.api_versions().join(", "),
             });
         }
-        fn parse<T: serde::de::DeserializeOwned>(
-            key: &ObjectKey,
-            value: serde_json::Value,
-        ) -> Result<Box<T>, TranslateError> {
-            serde_path_to_error::deserialize(value)
-                .map(Box::new)
-                .map_err(|e| TranslateError::Schema {
-                    object: Box::new(key.clone()),
-                    field: e.path().to_string(),
-                    message: e.inner().to_string(),
-                })
-        }
         Ok(match kind {
-            Kind::Namespace => Object::Namespace(parse(key, value)?),
-            Kind::Pod => Object::Pod(parse(key, value)?),
-            Kind::Service => Object::Service(parse(key, value)?),
-            Kind::EndpointSlice => Object::EndpointSlice(parse(key, value)?),
-            Kind::AuthorizationPolicy => Object::AuthorizationPolicy(parse(key, value)?),
-            Kind::PeerAuthentication => Object::PeerAuthentication(parse(key, value)?),
-            Kind::VirtualService => Object::VirtualService(parse(key, value)?),
-            Kind::DestinationRule => Object::DestinationRule(parse(key, value)?),
-            Kind::Gateway => Object::Gateway(parse(key, value)?),
-            Kind::RateLimitPolicy => Object::RateLimitPolicy(parse(key, value)?),
+            Kind::Namespace => Object::Namespace(typed(key, value, strict)?),
+            Kind::Pod => Object::Pod(typed(key, value, strict)?),
+            Kind::Service => Object::Service(typed(key, value, strict)?),
+            Kind::EndpointSlice => Object::EndpointSlice(typed(key, value, strict)?),
+            Kind::AuthorizationPolicy => Object::AuthorizationPolicy(typed(key, value, strict)?),
+            Kind::PeerAuthentication => Object::PeerAuthentication(typed(key, value, strict)?),
+            Kind::VirtualService => Object::VirtualService(typed(key, value, strict)?),
+            Kind::DestinationRule => Object::DestinationRule(typed(key, value, strict)?),
+            Kind::Gateway => Object::Gateway(typed(key, value, strict)?),
+            Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(key, value, strict)?),
         })
     }
+}
+
+/// One document as its serde shape; with `strict`, fields the shape skipped are an error
+/// (outside the kind's [open fields](Kind::open_fields)).
+fn typed<T: serde::de::DeserializeOwned>(
+    key: &ObjectKey,
+    value: serde_json::Value,
+    strict: bool,
+) -> Result<Box<T>, TranslateError> {
+    let schema_error = |e: serde_path_to_error::Error<serde_json::Error>| TranslateError::Schema {
+        object: Box::new(key.clone()),
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    };
+    if !strict {
+        return serde_path_to_error::deserialize(value)
+            .map(Box::new)
+            .map_err(schema_error);
+    }
+    let mut unknown: Vec<(String, String)> = Vec::new();
+    let parsed = {
+        let mut record = |path: serde_ignored::Path<'_>| {
+            let leaf = match &path {
+                serde_ignored::Path::Map { key, .. } => key.clone(),
+                _ => String::new(),
+            };
+            unknown.push((strict::field_path(&path), leaf));
+        };
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut record))
+    };
+    let parsed = parsed.map_err(schema_error)?;
+    let open = key.kind.open_fields();
+    unknown.retain(|(path, _)| {
+        !open.iter().any(|prefix| {
+            path.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('.'))
+        })
+    });
+    // A near miss of a field the translation reads is the one that changes behaviour: first.
+    unknown.sort_by_key(|(_, leaf)| strict::suggest_field(leaf).is_none());
+    let Some(((field, leaf), others)) = unknown.split_first() else {
+        return Ok(Box::new(parsed));
+    };
+    let mut message = format!(
+        "unknown field `{leaf}`: the {} schema has no such field here",
+        key.kind
+    );
+    if let Some(meant) = strict::suggest_field(leaf) {
+        message.push_str(&format!("; did you mean `{meant}`?"));
+    } else {
+        message.push_str(" (check its spelling, case and indentation)");
+    }
+    if !others.is_empty() {
+        let others: Vec<&str> = others.iter().map(|(path, _)| path.as_str()).collect();
+        message.push_str(&format!("; also unknown: {}", others.join(", ")));
+    }
+    Err(TranslateError::Schema {
+        object: Box::new(key.clone()),
+        field: field.clone(),
+        message,
+    })
 }
 
 /// Why an object was rejected. Every message starts with the object (`Kind namespace/name`)
@@ -1363,10 +1448,10 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
             debug!(service = %service.key(), %waypoint, "the service's waypoint has no Service (yet)");
         }
     }
-    let (virtual_services, destination_rules) =
-        networking::assemble_routes(&state.services, virtual_services, destination_rules);
-    state.virtual_services = virtual_services;
-    state.destination_rules = destination_rules;
+    let routes = networking::assemble_routes(&state.services, virtual_services, destination_rules);
+    state.virtual_services = routes.virtual_services;
+    state.destination_rules = routes.destination_rules;
+    state.warnings = routes.warnings;
     // `in_force` iterates by key, so these stay sorted by key.
     for policy in rate_limit_policies {
         let mut policy = policy.clone();

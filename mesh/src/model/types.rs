@@ -272,6 +272,34 @@ pub struct PeerAuthentication {
     pub port_modes: BTreeMap<u16, MtlsMode>,
 }
 
+/// Something in the configuration that applies, but probably not as its author meant, as
+/// `istioctl analyze` reports it: a VirtualService route to a subset no DestinationRule defines,
+/// a document whose kind is a near miss of one the proxies read. Nothing is rejected for it;
+/// it is in the [`State`] (so in `/config_dump`), in the metric `mesh_config_warnings{kind,code}`
+/// and logged when it appears.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ConfigWarning {
+    /// Istio's analyzer code where it has one (`IST0101`), else a name of ours (`UnknownKind`).
+    pub code: String,
+    /// The kind of the object, as written (the metric's `kind` label).
+    pub kind: String,
+    /// Which object: `VirtualService demo/reviews`, or a file's document for one not read.
+    pub object: String,
+    /// The field path inside it (`spec.http[0].route[1].destination.subset`).
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}: {} [{}]",
+            self.object, self.field, self.message, self.code
+        )
+    }
+}
+
 /// One consistent snapshot of everything the proxies know. Built whole by the translation and
 /// swapped in atomically; readers never see half an update.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -295,6 +323,8 @@ pub struct State {
     /// resolved against `services` and `waypoint_gateways`.
     pub rate_limit_policies: Vec<Arc<super::ratelimit::RateLimitPolicy>>,
     pub root_namespace: String,
+    /// What applies but looks wrong (see [`ConfigWarning`]), sorted.
+    pub warnings: Vec<ConfigWarning>,
     #[serde(skip)]
     pub by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]

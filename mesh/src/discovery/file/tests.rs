@@ -643,3 +643,416 @@ spec:
         Some(1.0)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Typos: strict fields, near-miss kinds, routes to undefined subsets
+
+#[tokio::test]
+async fn a_misspelt_pod_field_is_rejected_and_the_pod_stays_in_the_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.yaml");
+    write(&file, NAMESPACE_AND_POD);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+    let meshed = |state: &State| {
+        let client = &state.workloads["demo/client"];
+        assert!(client.enrolled);
+        assert_eq!(
+            client.ips,
+            ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            client.identity.to_string(),
+            "spiffe://cluster.local/ns/demo/sa/client"
+        );
+    };
+    meshed(&store.snapshot());
+
+    // `podIp:` would leave the pod without an IP (out of the mesh, plaintext to it), and
+    // `serviceAcountName:` would make it sa/default. Each is rejected, naming file, document,
+    // object and field; the pod keeps its last good version.
+    for (typo, field, meant) in [
+        ("podIP:", "status.podIp", "podIP"),
+        (
+            "serviceAccountName:",
+            "spec.serviceAcountName",
+            "serviceAccountName",
+        ),
+    ] {
+        let wrong = field.rsplit('.').next().unwrap();
+        write(
+            &file,
+            &NAMESPACE_AND_POD.replace(typo, &format!("{wrong}:")),
+        );
+        let report = source.load_once(&writer).await.unwrap();
+        let messages: Vec<_> = report.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{}: document 2: Pod demo/client: {field}: unknown field `{wrong}`: the Pod schema has no such field here; did you mean `{meant}`?",
+                file.display()
+            )]
+        );
+        meshed(&store.snapshot());
+    }
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="Pod"}"#),
+        Some(2.0)
+    );
+
+    // A new pod with a typo has no last good version: it is not applied, and says so.
+    write(
+        &file,
+        &(NAMESPACE_AND_POD.to_owned()
+            + "---\n"
+            + &pod("new", "10.0.0.5").replace("podIP", "podIp")),
+    );
+    let report = source.load_once(&writer).await.unwrap();
+    assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+    assert!(
+        report.rejected[0]
+            .to_string()
+            .contains("Pod demo/new: status.podIp: unknown field `podIp`"),
+        "{}",
+        report.rejected[0]
+    );
+    assert!(!store.snapshot().workloads.contains_key("demo/new"));
+    meshed(&store.snapshot());
+}
+
+#[tokio::test]
+async fn near_miss_kinds_get_a_did_you_mean_warning_naming_the_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policies.yaml");
+    let yaml = "
+apiVersion: security.istio.io/v1
+kind: AuthorisationPolicy
+metadata: {name: deny-all, namespace: demo}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: networking.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: demo}
+spec: {}
+---
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: knative, namespace: demo}
+";
+    write(&file, yaml);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(report.ignored, 3);
+    let warnings: Vec<_> = report.warnings.iter().map(ToString::to_string).collect();
+    let path = file.display();
+    assert_eq!(
+        warnings,
+        [
+            format!(
+                "{path}: document 1 (AuthorisationPolicy demo/deny-all): kind: apiVersion: security.istio.io/v1, kind: AuthorisationPolicy is not a type this proxy reads; did you mean apiVersion: security.istio.io/v1, kind: AuthorizationPolicy? The document is skipped [UnknownKind]"
+            ),
+            format!(
+                "{path}: document 2 (AuthorizationPolicy demo/allow-web): apiVersion: apiVersion: networking.istio.io/v1, kind: AuthorizationPolicy is not a type this proxy reads; did you mean apiVersion: security.istio.io/v1, kind: AuthorizationPolicy? The document is skipped [UnknownKind]"
+            ),
+        ]
+    );
+    // In the published state (the config dump shows it) and in the metric.
+    assert_eq!(writer.store().snapshot().warnings, report.warnings);
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="AuthorisationPolicy",code="UnknownKind"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="AuthorizationPolicy",code="UnknownKind"}"#
+        ),
+        Some(1.0)
+    );
+    // Somebody else's kind is only ignored.
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="Service",code="UnknownKind"}"#
+        ),
+        None
+    );
+
+    // Fixed, the policy applies and the warnings clear.
+    write(
+        &file,
+        &yaml
+            .replace("AuthorisationPolicy", "AuthorizationPolicy")
+            .replace("networking.istio.io/v1", "security.istio.io/v1"),
+    );
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(writer.store().snapshot().authorization_policies.len(), 2);
+    assert!(writer.store().snapshot().warnings.is_empty());
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="AuthorisationPolicy",code="UnknownKind"}"#
+        ),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_route_to_an_undefined_subset_is_a_warning_in_the_metric_and_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("traffic.yaml");
+    let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: demo}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 9080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 50}
+    - {destination: {host: reviews, subset: v3}, weight: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+";
+    write(&file, yaml);
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let report = source.load_once(&writer).await.unwrap();
+    // Accepted, as Istio accepts it.
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(writer.store().snapshot().virtual_services.len(), 1);
+    let warnings: Vec<_> = report.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "VirtualService demo/reviews: spec.http[0].route[1].destination.subset: Referenced host+subset in destinationrule not found: \"reviews.demo.svc.cluster.local+v3\" (DestinationRule demo/reviews (host reviews.demo.svc.cluster.local) defines only v1, v2); requests routed there fail with 503 NC [IST0101]"
+        ]
+    );
+    assert_eq!(writer.store().snapshot().warnings, report.warnings);
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="VirtualService",code="IST0101"}"#
+        ),
+        Some(1.0)
+    );
+
+    write(&file, &yaml.replace("{name: v2,", "{name: v3,"));
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_eq!(
+        metric(
+            &registry,
+            r#"mesh_config_warnings{kind="VirtualService",code="IST0101"}"#
+        ),
+        None
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unreadable files and directories keep the last good state
+
+fn pod_names(store: &Store) -> Vec<String> {
+    store.snapshot().workloads.keys().cloned().collect()
+}
+
+#[tokio::test]
+async fn an_unreadable_file_keeps_its_last_good_contents_and_a_deleted_one_is_removed() {
+    use std::os::unix::fs::symlink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster.yaml");
+    write(&cluster, &pod("a", "10.0.0.1"));
+    write(&dir.path().join("other.yaml"), &pod("b", "10.0.0.2"));
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+    assert_eq!(pod_names(&store), ["demo/a", "demo/b"]);
+
+    // (how the file is broken, what the error says)
+    /// Breaks the file in place.
+    type Break = fn(&Path);
+    let cases: [(&str, Break, &str); 4] = [
+        (
+            "a dangling symbolic link",
+            |cluster| symlink("missing.yaml", cluster).unwrap(),
+            "cannot read: a symbolic link to missing.yaml: No such file or directory",
+        ),
+        (
+            "a symbolic link loop",
+            |cluster| {
+                let loop_back = cluster.with_file_name("loop");
+                symlink("loop", cluster).unwrap();
+                symlink("cluster.yaml", loop_back).unwrap();
+            },
+            "cannot read: a symbolic link to loop: Too many levels of symbolic links",
+        ),
+        (
+            "not UTF-8",
+            |cluster| std::fs::write(cluster, b"apiVersion: v1\nkind: \xff\xfe\n").unwrap(),
+            "YAML files must be UTF-8",
+        ),
+        (
+            // Reading it would block the source for ever.
+            "a FIFO",
+            |cluster| {
+                let made = std::process::Command::new("mkfifo").arg(cluster).status();
+                assert!(made.unwrap().success(), "mkfifo {}", cluster.display());
+            },
+            "cannot read: not a regular file",
+        ),
+    ];
+    for (i, (what, break_it, why)) in cases.into_iter().enumerate() {
+        std::fs::remove_file(&cluster).unwrap();
+        let _ = std::fs::remove_file(dir.path().join("loop"));
+        break_it(&cluster);
+        let report = source.load_once(&writer).await.unwrap();
+        assert_eq!(report.files, 2, "{what}: the file is still listed");
+        assert_eq!(report.rejected.len(), 1, "{what}: {:?}", report.rejected);
+        let message = report.rejected[0].to_string();
+        assert!(
+            message.starts_with(&format!("{}: ", cluster.display())) && message.contains(why),
+            "{what}: {message}"
+        );
+        assert_eq!(pod_names(&store), ["demo/a", "demo/b"], "{what}");
+        assert_eq!(
+            metric(&registry, r#"mesh_config_reloads_total{result="partial"}"#),
+            Some(i as f64 + 1.0),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="unknown"}"#),
+        Some(4.0)
+    );
+
+    // Deleted for real: its objects go, the other file's stay.
+    std::fs::remove_file(&cluster).unwrap();
+    let report = source.load_once(&writer).await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(report.files, 1);
+    assert_eq!(pod_names(&store), ["demo/b"]);
+}
+
+#[tokio::test]
+async fn polling_keeps_a_file_whose_link_breaks_and_reads_it_again_when_it_is_back() {
+    use std::os::unix::fs::symlink;
+
+    // As a ConfigMap mount: the listed name is a link to a file elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let target = data.path().join("cluster.yaml");
+    write(&target, &pod("a", "10.0.0.1"));
+    symlink(&target, dir.path().join("cluster.yaml")).unwrap();
+    let mut registry = Registry::default();
+    let mut source = source(dir.path(), &mut registry);
+    let writer = StoreWriter::new();
+    let store = writer.store();
+    source.load_once(&writer).await.unwrap();
+    assert_eq!(pod_names(&store), ["demo/a"]);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(source.run(writer, shutdown.clone()));
+
+    std::fs::remove_file(&target).unwrap();
+    wait_for(&store, "the reload after the link broke", |_| {
+        store.version() >= 2
+    })
+    .await;
+    assert_eq!(
+        pod_names(&store),
+        ["demo/a"],
+        "a broken link must not empty the mesh"
+    );
+    assert_eq!(
+        metric(&registry, r#"mesh_config_rejected_total{kind="unknown"}"#),
+        Some(1.0)
+    );
+
+    write(&target, &pod("b", "10.0.0.2"));
+    wait_for(&store, "the file read again", |s| {
+        s.workloads.contains_key("demo/b")
+    })
+    .await;
+    assert_eq!(pod_names(&store), ["demo/b"]);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_config_path_that_cannot_be_listed_keeps_the_whole_state() {
+    use std::os::unix::fs::symlink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    write(&real.join("cluster.yaml"), &pod("a", "10.0.0.1"));
+    let single = dir.path().join("single.yaml");
+    write(&single, &pod("b", "10.0.0.2"));
+
+    // The configured directory, and a configured single file, each behind a link.
+    for (config, target) in [
+        (dir.path().join("conf"), &real),
+        (dir.path().join("conf.yaml"), &single),
+    ] {
+        symlink(target, &config).unwrap();
+        let mut registry = Registry::default();
+        let mut source = source(&config, &mut registry);
+        let writer = StoreWriter::new();
+        let store = writer.store();
+        source.load_once(&writer).await.unwrap();
+        let before = pod_names(&store);
+        assert_eq!(before.len(), 1);
+
+        for (what, break_it) in [
+            (
+                "dangling",
+                (|config: &Path| symlink("gone", config).unwrap()) as fn(&Path),
+            ),
+            ("a loop", |config: &Path| {
+                symlink(config.file_name().unwrap(), config).unwrap()
+            }),
+        ] {
+            std::fs::remove_file(&config).unwrap();
+            break_it(&config);
+            let error = source.load_once(&writer).await.unwrap_err();
+            assert!(
+                matches!(error, FileSourceError::Scan { .. }),
+                "{what}: {error}"
+            );
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("config path {}: ", config.display())),
+                "{what}: {error}"
+            );
+            assert_eq!(pod_names(&store), before, "{}: {what}", config.display());
+        }
+        assert_eq!(
+            metric(&registry, r#"mesh_config_reloads_total{result="failure"}"#),
+            Some(2.0)
+        );
+    }
+}

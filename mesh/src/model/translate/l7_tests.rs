@@ -1691,3 +1691,139 @@ fn only_the_destinations_own_waypoint_relays_for_it() {
         );
     }
 }
+
+/// `(object, field, message)` of the state's warnings.
+fn warnings(t: &Translation) -> Vec<(&str, &str, &str)> {
+    t.state
+        .warnings
+        .iter()
+        .map(|w| {
+            assert_eq!(w.code, REFERENCED_RESOURCE_NOT_FOUND);
+            assert_eq!(w.kind, "VirtualService");
+            (w.object.as_str(), w.field.as_str(), w.message.as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn routes_to_subsets_no_destination_rule_defines_are_warnings_not_rejections() {
+    let routes = "
+  hosts: [reviews]
+  http:
+  - match: [{gateways: [public]}]
+    route: [{destination: {host: reviews, subset: v9}}]
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+    - destination: {host: reviews, subset: v3}
+      weight: 50
+    mirror: {host: reviews, subset: shadow}
+  - route: [{destination: {host: ratings, subset: v1}}]
+    mirrors: [{destination: {host: reviews, subset: v1}}, {destination: {host: reviews.bookinfo, subset: v4}}]
+  - route: [{destination: {host: reviews}}]
+  tcp:
+  - route: [{destination: {host: reviews, subset: v2}, weight: 1}, {destination: {host: reviews, subset: tcp}, weight: 1}]";
+    let rule = "
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]";
+    let yaml = service("bookinfo", "reviews", "")
+        + &vs("bookinfo", "reviews", routes)
+        + &dr("bookinfo", "reviews", rule);
+    let t = translate(&yaml);
+    // Accepted as Istio accepts it; the waypoint answers 503 NC for those subsets.
+    assert_eq!(only_vs(&t).http.len(), 3);
+    let ratings = "ratings.bookinfo.svc.cluster.local";
+    let not_found = |host: &str, subset: &str, why: &str| {
+        format!(
+            "Referenced host+subset in destinationrule not found: \"{host}+{subset}\" ({why}); requests routed there fail with 503 NC"
+        )
+    };
+    let only_v1_v2 =
+        format!("DestinationRule bookinfo/reviews (host {REVIEWS}) defines only v1, v2");
+    let expected = [
+        // Indexes are as written: the gateway-only spec.http[0] is not a waypoint route and is
+        // not checked, but the paths of the others still count it.
+        (
+            "spec.http[1].mirror.subset",
+            not_found(REVIEWS, "shadow", &only_v1_v2),
+        ),
+        (
+            "spec.http[1].route[1].destination.subset",
+            not_found(REVIEWS, "v3", &only_v1_v2),
+        ),
+        (
+            "spec.http[2].mirrors[1].destination.subset",
+            not_found(REVIEWS, "v4", &only_v1_v2),
+        ),
+        (
+            "spec.http[2].route[0].destination.subset",
+            not_found(
+                ratings,
+                "v1",
+                &format!("no DestinationRule has host {ratings}"),
+            ),
+        ),
+        (
+            "spec.tcp[0].route[1].destination.subset",
+            not_found(REVIEWS, "tcp", &only_v1_v2),
+        ),
+    ];
+    let got = warnings(&t);
+    let want: Vec<(&str, &str, &str)> = expected
+        .iter()
+        .map(|(field, message)| ("VirtualService bookinfo/reviews", *field, message.as_str()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        t.state.warnings[1].to_string(),
+        format!(
+            "VirtualService bookinfo/reviews: spec.http[1].route[1].destination.subset: {} [IST0101]",
+            not_found(REVIEWS, "v3", &only_v1_v2)
+        )
+    );
+
+    // Defining the subsets clears the warnings.
+    let full = "
+  host: reviews
+  subsets: [{name: v1}, {name: v2}, {name: v3}, {name: v4}, {name: shadow}, {name: tcp}]";
+    let ratings_rule = "\n  host: ratings\n  subsets: [{name: v1}]";
+    let t = translate(
+        &(service("bookinfo", "reviews", "")
+            + &vs("bookinfo", "reviews", routes)
+            + &dr("bookinfo", "reviews", full)
+            + &dr("bookinfo", "ratings", ratings_rule)),
+    );
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    assert_eq!(warnings(&t), vec![]);
+}
+
+#[test]
+fn subsets_are_checked_against_the_destination_rule_in_force() {
+    // Two rules for one host: the older is the one the waypoint uses (and the one checked),
+    // even though the newer defines the subset.
+    let older = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a-old, namespace: bookinfo, creationTimestamp: '2024-01-01T00:00:00Z'}\nspec:\n  host: reviews\n  subsets: [{name: v1}]\n---\n";
+    let newer = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: b-new, namespace: bookinfo, creationTimestamp: '2025-01-01T00:00:00Z'}\nspec:\n  host: reviews\n  subsets: [{name: v1}, {name: v2}]\n---\n";
+    let routes =
+        "\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews, subset: v2}}]";
+    let t = translate(&(vs("bookinfo", "reviews", routes) + older + newer));
+    assert_eq!(
+        warnings(&t),
+        vec![(
+            "VirtualService bookinfo/reviews",
+            "spec.http[0].route[0].destination.subset",
+            format!(
+                "Referenced host+subset in destinationrule not found: \"{REVIEWS}+v2\" (DestinationRule bookinfo/a-old (host {REVIEWS}) defines only v1); requests routed there fail with 503 NC"
+            )
+            .as_str()
+        )]
+    );
+    // A rule without subsets.
+    let t = translate(
+        &(vs("bookinfo", "reviews", routes) + &dr("bookinfo", "reviews", "\n  host: reviews")),
+    );
+    assert!(
+        warnings(&t)[0].2.contains("defines no subsets"),
+        "{:?}",
+        warnings(&t)
+    );
+}

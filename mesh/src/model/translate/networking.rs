@@ -71,11 +71,12 @@ use tracing::{debug, warn};
 use super::{ObjectKey, TranslateConfig, TranslateError, invalid, ip_block, port_number};
 use crate::model::networking_crd as ncrd;
 use crate::model::{
-    AbortStatus, ConnectionPool, CorsPolicy, Destination, DestinationRule, DirectResponse, Fault,
-    FaultAbort, FaultDelay, HashKey, HeaderEdits, HeaderOperations, HttpAction, HttpMatch,
-    HttpRoute, L4Match, LoadBalancer, Mirror, NamedMatch, Redirect, RedirectPort, Regex,
-    RetryCondition, RetryOn, RetryPolicy, Rewrite, RouteDestination, Service, Subset, TcpRoute,
-    TrafficPolicy, ValueMatch, VirtualService, WAYPOINT_GATEWAY_CLASS, WaypointGateway,
+    AbortStatus, ConfigWarning, ConnectionPool, CorsPolicy, Destination, DestinationRule,
+    DirectResponse, Fault, FaultAbort, FaultDelay, HashKey, HeaderEdits, HeaderOperations,
+    HttpAction, HttpMatch, HttpRoute, L4Match, LoadBalancer, Mirror, NamedMatch, Redirect,
+    RedirectPort, Regex, RetryCondition, RetryOn, RetryPolicy, Rewrite, RouteDestination, Service,
+    Subset, TcpRoute, TrafficPolicy, ValueMatch, VirtualService, WAYPOINT_GATEWAY_CLASS,
+    WaypointGateway,
 };
 
 type Result<T> = std::result::Result<T, TranslateError>;
@@ -85,6 +86,48 @@ type Result<T> = std::result::Result<T, TranslateError>;
 pub(super) struct AcceptedRoute<T> {
     pub(super) value: T,
     pub(super) created_at: Option<Timestamp>,
+    /// The subsets a VirtualService routes or mirrors to, checked against the DestinationRules
+    /// at assembly; none for a DestinationRule.
+    pub(super) subset_refs: Vec<SubsetRef>,
+}
+
+/// A `destination.subset` as written: where (`spec.http[0].route[1].destination.subset`),
+/// for which host (expanded as the route's destination is).
+#[derive(Debug, Clone)]
+pub(super) struct SubsetRef {
+    field: String,
+    host: String,
+    subset: String,
+}
+
+/// The subsets an HTTP route (`p` = `spec.http[i]`, as written) sends to: its destinations
+/// and mirrors, in the order `http_route` translated them.
+fn http_subset_refs(p: &str, r: &ncrd::HttpRoute, route: &HttpRoute, out: &mut Vec<SubsetRef>) {
+    if let HttpAction::Route(destinations) = &route.action {
+        for (j, d) in destinations.iter().enumerate() {
+            push_subset_ref(format!("{p}.route[{j}].destination"), &d.destination, out);
+        }
+    }
+    // `mirror` and `mirrors` are exclusive (validated), so the translated list is one or the
+    // other, in order.
+    for (j, m) in route.mirrors.iter().enumerate() {
+        let field = if r.mirror.is_some() {
+            format!("{p}.mirror")
+        } else {
+            format!("{p}.mirrors[{j}].destination")
+        };
+        push_subset_ref(field, &m.destination, out);
+    }
+}
+
+fn push_subset_ref(destination_field: String, d: &Destination, out: &mut Vec<SubsetRef>) {
+    if let Some(subset) = d.subset.as_deref().filter(|s| !s.is_empty()) {
+        out.push(SubsetRef {
+            field: format!("{destination_field}.subset"),
+            host: d.host.clone(),
+            subset: subset.to_owned(),
+        });
+    }
 }
 
 /// Istio's default retry policy, applied to routes without `retries`.
@@ -573,14 +616,21 @@ pub(super) fn virtual_service(
         return Err(ctx.invalid("spec", "one of http, tcp or tls is required"));
     }
     let mut http = Vec::new();
-    for (i, route) in spec.http.iter().enumerate() {
-        if let Some(route) = http_route(&ctx, &format!("spec.http[{i}]"), route)? {
+    let mut subset_refs = Vec::new();
+    for (i, written) in spec.http.iter().enumerate() {
+        let p = format!("spec.http[{i}]");
+        if let Some(route) = http_route(&ctx, &p, written)? {
+            http_subset_refs(&p, written, &route, &mut subset_refs);
             http.push(route);
         }
     }
     let mut tcp = Vec::new();
     for (i, route) in spec.tcp.iter().enumerate() {
         if let Some(route) = tcp_route(&ctx, &format!("spec.tcp[{i}]"), route)? {
+            for (j, d) in route.route.iter().enumerate() {
+                let field = format!("spec.tcp[{i}].route[{j}].destination");
+                push_subset_ref(field, &d.destination, &mut subset_refs);
+            }
             tcp.push(route);
         }
     }
@@ -606,6 +656,7 @@ pub(super) fn virtual_service(
             created: created_at.map(|t| t.to_string()),
         },
         created_at,
+        subset_refs,
     }))
 }
 
@@ -1292,6 +1343,7 @@ pub(super) fn destination_rule(
             created: created_at.map(|t| t.to_string()),
         },
         created_at,
+        subset_refs: Vec::new(),
     })
 }
 
@@ -1578,13 +1630,27 @@ pub(super) fn waypoint_gateway(key: &ObjectKey, gw: &ncrd::Gateway) -> Option<Wa
 // ---------------------------------------------------------------------------------------------
 // Assembly
 
+/// What [`assemble_routes`] builds.
+pub(super) struct Routes {
+    pub(super) virtual_services: Vec<Arc<VirtualService>>,
+    pub(super) destination_rules: Vec<Arc<DestinationRule>>,
+    /// Routes to subsets no DestinationRule defines (IST0101).
+    pub(super) warnings: Vec<ConfigWarning>,
+}
+
+/// Istio's analyzer code for a reference to something that does not exist.
+pub const REFERENCED_RESOURCE_NOT_FOUND: &str = "IST0101";
+
 /// Resolves `<name>.<namespace>` hosts against the Services that exist, orders VirtualServices
-/// and DestinationRules oldest first (Istio's precedence) and reports shadowed ones.
+/// and DestinationRules oldest first (Istio's precedence), reports shadowed ones, and warns of
+/// every route or mirror to a subset that the DestinationRule in force for its host (the one the
+/// waypoint uses) does not define, as `istioctl analyze` does (IST0101). The VirtualService still
+/// applies, as in Istio: requests to such a subset get 503 `NC`.
 pub(super) fn assemble_routes(
     services: &BTreeMap<String, Arc<Service>>,
     virtual_services: Vec<&AcceptedRoute<VirtualService>>,
     destination_rules: Vec<&AcceptedRoute<DestinationRule>>,
-) -> (Vec<Arc<VirtualService>>, Vec<Arc<DestinationRule>>) {
+) -> Routes {
     let short: HashMap<String, &str> = services
         .values()
         .map(|s| (format!("{}.{}", s.name, s.namespace), s.hostname.as_str()))
@@ -1601,9 +1667,15 @@ pub(super) fn assemble_routes(
         })
     };
 
+    let mut subset_refs: Vec<(String, SubsetRef)> = Vec::new();
     let mut vss: Vec<(Option<Timestamp>, VirtualService)> = virtual_services
         .into_iter()
         .map(|a| {
+            for r in &a.subset_refs {
+                let mut r = r.clone();
+                resolve(&mut r.host);
+                subset_refs.push((a.value.key(), r));
+            }
             let mut vs = a.value.clone();
             vs.hosts.iter_mut().for_each(resolve);
             for route in &mut vs.http {
@@ -1681,6 +1753,41 @@ pub(super) fn assemble_routes(
             }
         }
     }
+    let mut warnings = Vec::new();
+    for (vs, r) in subset_refs {
+        let why = match drs.iter().find(|(_, dr)| dr.host == r.host) {
+            None => format!("no DestinationRule has host {}", r.host),
+            Some((_, dr)) if dr.subset(&r.subset).is_none() => {
+                let defined: Vec<&str> = dr.subsets.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    "DestinationRule {} (host {}) defines {}",
+                    dr.key(),
+                    r.host,
+                    if defined.is_empty() {
+                        "no subsets".to_owned()
+                    } else {
+                        format!("only {}", defined.join(", "))
+                    }
+                )
+            }
+            Some(_) => continue,
+        };
+        warnings.push(ConfigWarning {
+            code: REFERENCED_RESOURCE_NOT_FOUND.to_owned(),
+            kind: "VirtualService".to_owned(),
+            object: format!("VirtualService {vs}"),
+            field: r.field,
+            message: format!(
+                "Referenced host+subset in destinationrule not found: \"{}+{}\" ({why}); requests routed there fail with 503 NC",
+                r.host, r.subset
+            ),
+        });
+    }
+    warnings.sort();
     let destination_rules = drs.into_iter().map(|(_, dr)| Arc::new(dr)).collect();
-    (virtual_services, destination_rules)
+    Routes {
+        virtual_services,
+        destination_rules,
+        warnings,
+    }
 }

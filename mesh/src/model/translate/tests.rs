@@ -1219,3 +1219,180 @@ fn kinds_are_recognised_by_group_and_kind() {
         "Pod default/p"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Strict parsing (the file source) against lenient (the Kubernetes source)
+
+/// One document parsed both ways.
+fn parse_both(yaml: &str) -> (SourceObject, SourceObject) {
+    let json: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+    let kind = Kind::from_type(
+        json["apiVersion"].as_str().unwrap(),
+        json["kind"].as_str().unwrap(),
+    )
+    .unwrap();
+    let key = ObjectKey::new(
+        kind,
+        json["metadata"]["namespace"].as_str(),
+        json["metadata"]["name"].as_str().unwrap(),
+    );
+    (
+        Object::from_value_strict(&key, json.clone()),
+        Object::from_value(&key, json),
+    )
+}
+
+#[test]
+fn strict_parsing_rejects_unknown_fields_of_every_kind_naming_object_and_path() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: demo}\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{pod}spec: {{nodeName: a, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIp: 10.0.0.1}}"),
+            "Pod demo/web: status.podIp: unknown field `podIp`: the Pod schema has no such field here; did you mean `podIP`?",
+        ),
+        (
+            format!("{pod}spec: {{nodeName: a, serviceAcountName: web, containers: [{{name: c}}]}}"),
+            "Pod demo/web: spec.serviceAcountName: unknown field `serviceAcountName`: the Pod schema has no such field here; did you mean `serviceAccountName`?",
+        ),
+        (
+            format!("{pod}spec: {{nodeName: a, containers: [{{name: c, ports: [{{containerport: 80}}]}}]}}"),
+            "Pod demo/web: spec.containers[0].ports[0].containerport: unknown field `containerport`: the Pod schema has no such field here; did you mean `containerPort`?",
+        ),
+        (
+            format!("{pod}spec: {{nodename: a, containers: [{{name: c, imagePolicy: x}}]}}\nstatus: {{podIPs: [{{ip: 10.0.0.1, family: v4}}]}}"),
+            "Pod demo/web: spec.nodename: unknown field `nodename`: the Pod schema has no such field here; did you mean `nodeName`?; also unknown: spec.containers[0].imagePolicy, status.podIPs[0].family",
+        ),
+        (
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, lables: {istio.io/dataplane-mode: ambient}}".to_owned(),
+            "Namespace demo: metadata.lables: unknown field `lables`: the Namespace schema has no such field here; did you mean `labels`?",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIp: 10.96.0.1, ports: [{port: 80}]}".to_owned(),
+            "Service demo/web: spec.clusterIp: unknown field `clusterIp`: the Service schema has no such field here; did you mean `clusterIP`?",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nsepc: {clusterIP: 10.96.0.1}".to_owned(),
+            "Service demo/web: sepc: unknown field `sepc`: the Service schema has no such field here; did you mean `spec`?",
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: demo}\naddressType: IPv4\nendpoints: [{adresses: [10.0.0.1]}]".to_owned(),
+            "EndpointSlice demo/web-1: endpoints[0].adresses: unknown field `adresses`: the EndpointSlice schema has no such field here; did you mean `addresses`?",
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: demo}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1], zone: a, colour: blue}]".to_owned(),
+            "EndpointSlice demo/web-1: endpoints[0].colour: unknown field `colour`: the EndpointSlice schema has no such field here (check its spelling, case and indentation)",
+        ),
+        // Istio kinds' specs were already closed; their metadata is now too.
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo, label: {a: b}}\nspec: {action: DENY}".to_owned(),
+            "AuthorizationPolicy demo/deny: metadata.label: unknown field `label`: the AuthorizationPolicy schema has no such field here; did you mean `labels`?",
+        ),
+    ];
+    for (yaml, expected) in &cases {
+        let (strict, lenient) = parse_both(yaml);
+        let error = strict.expect_err(yaml);
+        assert_eq!(error.to_string(), *expected, "{yaml}");
+        assert!(matches!(error, TranslateError::Schema { .. }));
+        // The Kubernetes source's objects (validated by the API server, possibly newer than
+        // this schema) are still read leniently.
+        assert!(lenient.is_ok(), "{yaml}: {lenient:?}");
+    }
+}
+
+#[test]
+fn strict_parsing_accepts_what_a_cluster_serves_and_the_open_gateway_spec() {
+    let documents = [
+        // What `kubectl get pod -o yaml` shows, abridged but with every section.
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: web-5d9c7f
+  namespace: demo
+  uid: 0f2b
+  resourceVersion: '42'
+  creationTimestamp: '2024-05-01T10:00:00Z'
+  labels: {app: web, pod-template-hash: 5d9c7f}
+  annotations: {kubectl.kubernetes.io/restartedAt: x}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d9c7f, uid: a, controller: true, blockOwnerDeletion: true}]
+  managedFields: [{manager: kubelet, operation: Update, apiVersion: v1, fieldsType: FieldsV1, fieldsV1: {f:status: {}}}]
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  serviceAccount: web
+  hostNetwork: false
+  containers:
+  - name: web
+    image: web:1
+    ports: [{name: http, containerPort: 8080, protocol: TCP}]
+    resources: {limits: {cpu: 500m}}
+    readinessProbe: {httpGet: {path: /, port: 8080}}
+  tolerations: [{key: k, operator: Exists, effect: NoSchedule}]
+status:
+  phase: Running
+  podIP: 10.0.0.1
+  podIPs: [{ip: 10.0.0.1}]
+  hostIP: 192.168.0.1
+  conditions: [{type: Ready, status: 'True', lastProbeTime: null}]
+  containerStatuses: [{name: web, ready: true, restartCount: 0, image: web:1, imageID: x, started: true, state: {running: {startedAt: '2024-05-01T10:00:01Z'}}}]
+  qosClass: Burstable",
+        "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ipFamilies: [IPv4]
+  ports: [{name: http, port: 80, targetPort: http, protocol: TCP, appProtocol: http}]
+  selector: {app: web}
+  sessionAffinity: None
+  type: ClusterIP
+status: {loadBalancer: {}}",
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+  infrastructure: {labels: {a: b}}",
+    ];
+    for yaml in documents {
+        let (strict, _) = parse_both(yaml);
+        assert!(strict.is_ok(), "{yaml}: {strict:?}");
+    }
+    // Open below spec only: the Gateway's metadata is still checked.
+    let (strict, _) = parse_both(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: w, namespace: demo, namepsace: x}\nspec: {gatewayClassName: istio-waypoint}",
+    );
+    assert!(
+        strict
+            .unwrap_err()
+            .to_string()
+            .starts_with("Gateway demo/w: metadata.namepsace: unknown field `namepsace`"),
+    );
+}
+
+#[test]
+fn a_pod_update_with_a_misspelt_field_keeps_its_last_good_workload() {
+    let good = pod("demo", "a", "10.0.0.1", "", "  serviceAccountName: web");
+    let typo = good.replace("podIP:", "podIp:");
+    let strict = |yaml: &str| {
+        let (object, _) = parse_both(yaml.trim_end_matches("---\n"));
+        vec![object]
+    };
+    let mut translator = Translator::new(TranslateConfig::default());
+    let ns = strict(&namespace("demo", AMBIENT));
+    let t = translator.translate(ns.iter().cloned().chain(strict(&good)));
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    let t = translator.translate(ns.into_iter().chain(strict(&typo)));
+    assert_eq!(
+        messages(&t),
+        [
+            "Pod demo/a: status.podIp: unknown field `podIp`: the Pod schema has no such field here; did you mean `podIP`?"
+        ]
+    );
+    assert!(t.rejections[0].kept_last_good);
+    let workload = &t.state.workloads["demo/a"];
+    assert!(workload.enrolled);
+    assert_eq!(workload.ips, vec![ip("10.0.0.1")]);
+    assert_eq!(workload.service_account, "web");
+}
