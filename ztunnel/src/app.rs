@@ -76,13 +76,14 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         SourceKind::Kubernetes => SourceSpec::Kubernetes(KubeSourceConfig::ztunnel(translate)),
     };
 
-    let metrics = TcpMetrics::new(&mut registry);
+    let metrics = TcpMetrics::new(&mut registry, &config.cluster_id);
     let dns = dns_proxy(&config, &store, &mut registry);
     let ctx = Arc::new(Context {
         store: store.clone(),
         certs: certs.clone(),
         metrics,
         live: proxy::live::LiveConnections::default(),
+        cluster_id: config.cluster_id.clone(),
         cluster_domain: config.cluster_domain.clone(),
         hbone_server: ServerConfig::default(),
         pods_by_ip: ArcSwap::from_pointee(HashMap::new()),
