@@ -93,6 +93,10 @@ impl CertMetrics {
 struct CertState {
     cert: Option<Arc<WorkloadCertificate>>,
     last_error: Option<String>,
+    /// When `last_error` happened.
+    last_error_at: Option<SystemTime>,
+    /// When the task fetches again: the retry after a failure, or the renewal.
+    next_attempt: Option<SystemTime>,
     /// At least one fetch attempt finished.
     attempted: bool,
 }
@@ -132,7 +136,38 @@ pub struct CertSummary {
     pub serial: Option<String>,
     pub not_before: Option<u64>,
     pub not_after: Option<u64>,
+    /// Why the last fetch failed (cleared by a success).
     pub last_error: Option<String>,
+    /// When it failed (Unix seconds).
+    pub last_error_at: Option<u64>,
+    /// When the next fetch starts (Unix seconds): the retry after a failure, or the renewal.
+    pub next_attempt: Option<u64>,
+}
+
+impl CertSummary {
+    /// Why this certificate keeps a proxy from being ready (its identity, what is wrong, the CA's
+    /// error and when the next attempt is), or `None` when it is available.
+    pub fn not_ready(&self, now: SystemTime) -> Option<String> {
+        let what = match self.state {
+            "available" => return None,
+            "pending" => "is pending",
+            "expired" => "has expired",
+            _ => "could not be fetched",
+        };
+        let mut why = format!("certificate for {} {what}", self.identity);
+        match &self.last_error {
+            Some(error) => why.push_str(&format!(": {error}")),
+            None if self.state == "pending" => {
+                why.push_str(": the first request to the CA has not finished")
+            }
+            None => {}
+        }
+        if let Some(next) = self.next_attempt {
+            let left = next.saturating_sub(unix_secs(now));
+            why.push_str(&format!("; next attempt in {left}s"));
+        }
+        Some(why)
+    }
 }
 
 impl CertManager {
@@ -207,18 +242,15 @@ impl CertManager {
                     (None, false) => "pending",
                     (None, true) => "failed",
                 };
-                let secs = |t: SystemTime| {
-                    t.duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0)
-                };
                 CertSummary {
                     identity: identity.clone(),
                     state,
                     serial: info.as_ref().map(|i| i.serial.clone()),
-                    not_before: info.as_ref().map(|i| secs(i.not_before)),
-                    not_after: info.as_ref().map(|i| secs(i.not_after)),
+                    not_before: info.as_ref().map(|i| unix_secs(i.not_before)),
+                    not_after: info.as_ref().map(|i| unix_secs(i.not_after)),
                     last_error: s.last_error.clone(),
+                    last_error_at: s.last_error_at.map(unix_secs),
+                    next_attempt: s.next_attempt.map(unix_secs),
                 }
             })
             .collect();
@@ -300,6 +332,8 @@ async fn refresh_loop(
                 tx.send_replace(CertState {
                     cert: Some(cert),
                     last_error: None,
+                    last_error_at: None,
+                    next_attempt: Some(SystemTime::now() + wait),
                     attempted: true,
                 });
                 wait
@@ -321,8 +355,11 @@ async fn refresh_loop(
                 // Full range jitter around the base: [base/2, base*3/2).
                 let wait = base / 2 + base.mul_f64(fastrand::f64());
                 tracing::warn!(%identity, %error, retry_in = ?wait, "certificate fetch failed");
+                let now = SystemTime::now();
                 tx.send_modify(|s| {
                     s.last_error = Some(error);
+                    s.last_error_at = Some(now);
+                    s.next_attempt = Some(now + wait);
                     s.attempted = true;
                 });
                 wait
@@ -373,6 +410,12 @@ fn renew_delay(not_after: SystemTime, now: SystemTime) -> Duration {
 /// Floor on the renewal delay, so a CA handing out nearly expired certificates cannot make the
 /// loop spin.
 const MIN_RENEW_DELAY: Duration = Duration::from_millis(500);
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
 fn humantime(t: SystemTime) -> String {
     let secs = t

@@ -41,6 +41,8 @@ pub struct Peer {
     pub principal: Option<Identity>,
     pub app: String,
     pub version: String,
+    /// Empty: the proxy's own cluster ([`TcpMetrics::new`]) when the workload is known (the
+    /// state holds only this cluster's workloads), else `unknown`.
     pub cluster: String,
 }
 
@@ -120,7 +122,16 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionInfo {
-    fn labels(&self, response_flags: &'static str) -> TcpLabels {
+    fn labels(&self, response_flags: &'static str, local_cluster: &str) -> TcpLabels {
+        let cluster = |p: &Peer| {
+            if !p.cluster.is_empty() {
+                p.cluster.clone()
+            } else if !p.workload.is_empty() {
+                or_unknown(local_cluster)
+            } else {
+                UNKNOWN.to_owned()
+            }
+        };
         let principal = |p: &Option<Identity>| {
             p.as_ref()
                 .map(|i| i.to_string())
@@ -139,7 +150,7 @@ impl ConnectionInfo {
             source_version: or_unknown(&self.source.version),
             source_canonical_service: or_unknown(&self.source.app),
             source_canonical_revision: or_unknown(&self.source.version),
-            source_cluster: or_unknown(&self.source.cluster),
+            source_cluster: cluster(&self.source),
             destination_workload: or_unknown(&self.destination.workload),
             destination_workload_namespace: or_unknown(&self.destination.namespace),
             destination_principal: principal(&self.destination.principal),
@@ -150,7 +161,7 @@ impl ConnectionInfo {
             destination_service_namespace: svc_ns,
             destination_canonical_service: or_unknown(&self.destination.app),
             destination_canonical_revision: or_unknown(&self.destination.version),
-            destination_cluster: or_unknown(&self.destination.cluster),
+            destination_cluster: cluster(&self.destination),
             request_protocol: "tcp",
             response_flags,
             connection_security_policy: if self.mutual_tls {
@@ -165,6 +176,8 @@ impl ConnectionInfo {
 /// `istio_tcp_*` counters.
 #[derive(Clone, Debug)]
 pub struct TcpMetrics {
+    /// The cluster of the workloads this proxy knows (`CLUSTER_ID`).
+    cluster: Arc<str>,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
     failed: Family<TcpLabels, Counter>,
@@ -173,8 +186,11 @@ pub struct TcpMetrics {
 }
 
 impl TcpMetrics {
-    pub fn new(registry: &mut Registry) -> Self {
+    /// Counters of a proxy in cluster `cluster_id`: the `source_cluster`/`destination_cluster`
+    /// of a peer whose workload it knows, as Istio labels workloads with their cluster.
+    pub fn new(registry: &mut Registry, cluster_id: &str) -> Self {
         let m = Self {
+            cluster: cluster_id.into(),
             opened: Family::default(),
             closed: Family::default(),
             failed: Family::default(),
@@ -226,7 +242,7 @@ pub struct ConnectionGuard {
 
 impl ConnectionGuard {
     pub fn new(metrics: &TcpMetrics, info: ConnectionInfo) -> Self {
-        let labels = info.labels("-");
+        let labels = info.labels("-", &metrics.cluster);
         metrics.opened.get_or_create(&labels).inc();
         Self {
             metrics: metrics.clone(),

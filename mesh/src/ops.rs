@@ -105,6 +105,36 @@ pub const CA_ADDRESS: &str = "CA_ADDRESS";
 pub const CA_ROOT_CERT: &str = "CA_ROOT_CERT";
 pub const CA_SERVER_NAME: &str = "CA_SERVER_NAME";
 pub const CA_TOKEN_FILE: &str = "CA_TOKEN_FILE";
+/// Deadline of one certificate request to the CA, connecting included (milliseconds).
+pub const CA_REQUEST_TIMEOUT: &str = "CA_REQUEST_TIMEOUT_MS";
+pub const DEFAULT_CA_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The cluster this proxy runs in, as Istio names it (`CLUSTER_ID`, default `Kubernetes`): sent
+/// as `k8s.cluster.name` in HBONE `baggage` and used for the `source_cluster` and
+/// `destination_cluster` metric labels of workloads in this cluster.
+pub const CLUSTER_ID: &str = "CLUSTER_ID";
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
+/// [`CLUSTER_ID`]: a name that fits in a `baggage` value (visible ASCII without `,;=\"`).
+pub fn cluster_id(env: &dyn Env) -> Result<String, ConfigError> {
+    let value = env
+        .get(CLUSTER_ID)
+        .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_owned());
+    let bad = value
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, ',' | ';' | '=' | '"' | '\\'));
+    match bad {
+        Some(c) => Err(ConfigError::Invalid {
+            var: CLUSTER_ID,
+            value: value.clone(),
+            why: format!(
+                "{c:?} is not allowed: the cluster name travels in the HBONE `baggage` header \
+                 (use letters, digits, `-`, `_`, `.`; Istio's default is {DEFAULT_CLUSTER_ID:?})"
+            ),
+        }),
+        None => Ok(value),
+    }
+}
 
 /// Where workload certificates come from.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -113,17 +143,33 @@ pub struct CaConfig {
     pub root_cert: PathBuf,
     pub server_name: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// Deadline of one certificate request, connecting and the TLS handshake included.
+    pub request_timeout: Duration,
 }
 
 impl CaConfig {
-    /// `CA_ADDRESS`, `CA_ROOT_CERT` (required), `CA_SERVER_NAME`, `CA_TOKEN_FILE`.
+    /// `CA_ADDRESS`, `CA_ROOT_CERT` (required), `CA_SERVER_NAME`, `CA_TOKEN_FILE`,
+    /// `CA_REQUEST_TIMEOUT_MS`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let timeout_ms: u64 = parse(
+            env,
+            CA_REQUEST_TIMEOUT,
+            &DEFAULT_CA_REQUEST_TIMEOUT.as_millis().to_string(),
+        )?;
+        if timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                var: CA_REQUEST_TIMEOUT,
+                value: "0".into(),
+                why: "must be at least 1 (milliseconds)".into(),
+            });
+        }
         Ok(CaConfig {
             address: required(env, CA_ADDRESS, "host:port of the CA, e.g. 127.0.0.1:15012")?,
             root_cert: required(env, CA_ROOT_CERT, "PEM root the CA's certificate chains to")?
                 .into(),
             server_name: env.get(CA_SERVER_NAME),
             token_file: env.get(CA_TOKEN_FILE).map(PathBuf::from),
+            request_timeout: Duration::from_millis(timeout_ms),
         })
     }
 
@@ -147,7 +193,7 @@ impl CaConfig {
                 .clone()
                 .map_or(TokenSource::None, TokenSource::File),
             impersonate,
-            timeout: Duration::from_secs(10),
+            timeout: self.request_timeout,
         })?;
         Ok(CertManager::new(
             Arc::new(signer),
@@ -515,5 +561,67 @@ pub mod view {
             let _ = writeln!(out, "{}", line(row));
         }
         out.push('\n');
+    }
+
+    /// Unix seconds as RFC 3339 (UTC), `-` when absent.
+    pub fn timestamp(v: &Value) -> String {
+        v.as_i64()
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "-".into())
+    }
+
+    /// Unix seconds as RFC 3339 and how far from `now` (`(in 12s)`, `(5s ago)`).
+    fn moment(v: &Value, now: i64) -> String {
+        match v.as_i64() {
+            Some(t) if t >= now => format!("{} (in {}s)", timestamp(v), t - now),
+            Some(t) => format!("{} ({}s ago)", timestamp(v), now - t),
+            None => "-".into(),
+        }
+    }
+
+    /// The `certificates` of a config dump (`CertSummary`s) as a table: state, validity, when
+    /// the next fetch (retry or renewal) starts and why the last one failed.
+    pub fn certificates(dump: &Value, out: &mut String) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let rows = dump["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let error = match &c["last_error"] {
+                    Value::Null => "-".to_owned(),
+                    e => format!("{} ({})", cell(e), moment(&c["last_error_at"], now)),
+                };
+                vec![
+                    cell(&c["identity"]),
+                    cell(&c["state"]),
+                    cell(&c["serial"]),
+                    timestamp(&c["not_before"]),
+                    timestamp(&c["not_after"]),
+                    moment(&c["next_attempt"], now),
+                    error,
+                ]
+            })
+            .collect();
+        table(
+            out,
+            "CERTIFICATES",
+            &[
+                "IDENTITY",
+                "STATE",
+                "SERIAL",
+                "NOT BEFORE",
+                "NOT AFTER",
+                "NEXT ATTEMPT",
+                "LAST ERROR",
+            ],
+            rows,
+        );
     }
 }

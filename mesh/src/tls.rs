@@ -48,23 +48,37 @@ pub enum TlsError {
     Rustls { what: String, source: rustls::Error },
 }
 
-/// The crypto provider HBONE uses: ring, TLS 1.3 AES-GCM suites only, X25519 and P-256 key
-/// exchange. Istio's ztunnel offers the same, so either side can be ours or theirs.
+mod x25519mlkem768;
+pub use x25519mlkem768::X25519MLKEM768;
+
+/// The crypto provider HBONE uses: ring, TLS 1.3 AES-GCM suites only; key exchange
+/// X25519MLKEM768 (hybrid post-quantum, preferred), X25519 and P-256, in the order Istio's
+/// ztunnel offers them, so either side can be ours or theirs, an Istio restricted to
+/// post-quantum key exchange included. A client sends both the hybrid and the X25519 share, so
+/// a peer without ML-KEM costs no extra round trip.
 pub fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring as r;
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
         .get_or_init(|| {
-            Arc::new(CryptoProvider {
-                cipher_suites: vec![
-                    r::cipher_suite::TLS13_AES_256_GCM_SHA384,
-                    r::cipher_suite::TLS13_AES_128_GCM_SHA256,
-                ],
-                kx_groups: vec![r::kx_group::X25519, r::kx_group::SECP256R1],
-                ..r::default_provider()
-            })
+            use rustls::crypto::ring::kx_group;
+            provider_with_groups(vec![X25519MLKEM768, kx_group::X25519, kx_group::SECP256R1])
         })
         .clone()
+}
+
+/// HBONE's provider (suites, signatures) with other key-exchange groups.
+fn provider_with_groups(
+    kx_groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> Arc<CryptoProvider> {
+    use rustls::crypto::ring as r;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            r::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            r::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        kx_groups,
+        ..r::default_provider()
+    })
 }
 
 /// Parses every certificate in a PEM text. `what` names the source in errors.
@@ -227,21 +241,13 @@ impl WorkloadCertificate {
             return Err(TlsError::KeyMismatch { what });
         }
         let key = Arc::new(rustls::sign::CertifiedKey::new(chain.clone(), signing_key));
-        let client_verifier =
-            TrustDomainClientVerifier::new(roots.clone(), identity.trust_domain().to_owned())
-                .map_err(|source| TlsError::Rustls {
-                    what: format!("{what}: client verifier"),
+        let server_config =
+            build_server_config(&identity, &roots, &key, provider).map_err(|source| {
+                TlsError::Rustls {
+                    what: what.clone(),
                     source,
-                })?;
-        let mut server_config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|source| TlsError::Rustls {
-                what: what.clone(),
-                source,
-            })?
-            .with_client_cert_verifier(Arc::new(client_verifier))
-            .with_cert_resolver(Arc::new(FixedCert(key.clone())));
-        server_config.alpn_protocols = vec![ALPN_H2.to_vec()];
+                }
+            })?;
         Ok(WorkloadCertificate {
             identity,
             info,
@@ -282,12 +288,20 @@ impl WorkloadCertificate {
     /// Client configuration presenting this certificate and accepting only a server that proves
     /// one of `expected` identities.
     pub fn client_config(&self, expected: Vec<Identity>) -> Arc<rustls::ClientConfig> {
+        Arc::new(self.build_client_config(expected, provider()))
+    }
+
+    fn build_client_config(
+        &self,
+        expected: Vec<Identity>,
+        provider: Arc<CryptoProvider>,
+    ) -> rustls::ClientConfig {
         let verifier = IdentityServerVerifier {
             roots: self.roots.clone(),
             expected,
-            provider: provider(),
+            provider: provider.clone(),
         };
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("the provider offers TLS 1.3 suites");
         let mut config = builder
@@ -297,8 +311,26 @@ impl WorkloadCertificate {
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         // HBONE peers are addressed by IP and identified by SAN; no SNI is needed or sent.
         config.enable_sni = false;
-        Arc::new(config)
+        config
     }
+}
+
+/// The server side of HBONE for `identity`: TLS 1.3, a client certificate from `identity`'s
+/// trust domain required, ALPN `h2`.
+fn build_server_config(
+    identity: &Identity,
+    roots: &Arc<RootCertStore>,
+    key: &Arc<rustls::sign::CertifiedKey>,
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let client_verifier =
+        TrustDomainClientVerifier::new(roots.clone(), identity.trust_domain().to_owned())?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(client_verifier))
+        .with_cert_resolver(Arc::new(FixedCert(key.clone())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
 }
 
 /// The server name rustls needs for a client connection. It is not sent (SNI is off) and not
@@ -470,3 +502,6 @@ impl ServerCertVerifier for IdentityServerVerifier {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -227,6 +227,50 @@ pub async fn start_ca(
     }
 }
 
+/// A server that accepts TCP connections and never answers, keeping each open: a CA that hung
+/// (or something else listening on its port). Stops when dropped.
+pub struct SilentServer {
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts a [`SilentServer`] on loopback.
+pub async fn start_silent_server() -> SilentServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (count, s) = (accepted.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                _ = s.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((conn, _)) => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        held.push(conn);
+                    }
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    SilentServer {
+        addr,
+        accepted,
+        stop,
+    }
+}
+
 /// What an HBONE server saw of one tunnel request.
 #[derive(Debug, Clone)]
 pub struct SeenTunnel {

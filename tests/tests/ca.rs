@@ -227,6 +227,110 @@ async fn manager_recovers_when_ca_starts_late() {
     assert_eq!(got.identity(), &web);
 }
 
+/// A CA that accepts the TCP connection and never answers (no TLS ServerHello, no gRPC reply):
+/// each request fails by its deadline with an error naming the address and what to check, the
+/// channel does not stay stuck behind the first attempt, and the certificate manager reports
+/// the failure and its next attempt instead of staying `pending`.
+#[tokio::test]
+async fn a_ca_that_accepts_and_never_answers_fails_within_the_deadline() {
+    init_tracing();
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let silent = start_silent_server().await;
+    let deadline = Duration::from_millis(500);
+    let signer = GrpcCaClient::new(CaClientConfig {
+        address: silent.addr.to_string(),
+        root_cert_pem: pki.root_pem().to_owned(),
+        server_name: Some("localhost".into()),
+        token: TokenSource::None,
+        impersonate: true,
+        timeout: deadline,
+    })
+    .unwrap();
+    let web = pki.id("demo", "web");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    for attempt in 1..=3 {
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            signer.sign(&web, csr_for(&web, &key), Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("attempt {attempt}: the request never ended"))
+        .unwrap_err();
+        // The first waits out the deadline; the next may end at once with the channel's report
+        // of the abandoned handshake, never later than the deadline.
+        let took = started.elapsed();
+        assert!(
+            took < deadline + Duration::from_secs(2) && (attempt > 1 || took >= deadline),
+            "attempt {attempt}: ended after {took:?}, deadline {deadline:?}"
+        );
+        assert!(matches!(&err, SignError::Timeout { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&silent.addr.to_string())
+                && text.contains("did not answer within")
+                && text.contains("is the CA healthy"),
+            "names the CA and what to check: {text}"
+        );
+    }
+    assert!(silent.accepted.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+
+    let mut registry = Registry::default();
+    let manager = CertManager::new(
+        Arc::new(signer),
+        CertManagerConfig {
+            initial_backoff: Duration::from_secs(20),
+            ..CertManagerConfig::default()
+        },
+        &mut registry,
+    );
+    let err = tokio::time::timeout(Duration::from_secs(10), manager.fetch_certificate(&web))
+        .await
+        .expect("the first fetch ends by the CA deadline")
+        .unwrap_err();
+    assert!(err.to_string().contains("did not answer within"), "{err}");
+    let [summary] = &manager.summaries()[..] else {
+        panic!("one identity: {:?}", manager.summaries());
+    };
+    assert_eq!(summary.identity, web);
+    assert_eq!(summary.state, "failed", "{summary:?}");
+    assert!(
+        summary
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(&silent.addr.to_string())),
+        "{summary:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        summary.last_error_at.is_some_and(|t| t <= now),
+        "{summary:?}"
+    );
+    assert!(
+        summary
+            .next_attempt
+            .is_some_and(|t| t + 1 >= now + 10 && t <= now + 31),
+        "the retry is 10-30 s away (backoff 20 s +-50%): {summary:?}"
+    );
+    let why = summary.not_ready(std::time::SystemTime::now()).unwrap();
+    assert!(
+        why.contains(&web.to_string())
+            && why.contains("did not answer within")
+            && why.contains("next attempt in"),
+        "{why}"
+    );
+    assert!(
+        encode(&registry).contains(&format!(
+            r#"mesh_workload_cert_fetches_total{{identity="{web}",result="failure"}} 1"#
+        )),
+        "{}",
+        encode(&registry)
+    );
+}
+
 /// Both ends on certificates that live 3 s: a tunnel carries data across several rotations
 /// (and past the expiry of the certificates it was opened with), and new tunnels keep working.
 #[tokio::test]

@@ -1555,10 +1555,16 @@ fn ztunnel_daemonset_has_the_privileges_it_needs_and_no_more() {
         env_value(c, mesh::discovery::CONFIG_SOURCE).as_deref(),
         Some("kubernetes")
     );
+    // Istio's default cluster name, so metrics and baggage match an Istio install's.
+    assert_eq!(
+        env_value(c, ztunnel::config::CLUSTER_ID).as_deref(),
+        Some(mesh::ops::DEFAULT_CLUSTER_ID)
+    );
     // Every variable is one ztunnel reads (a typo would be silently ignored).
     let known: BTreeSet<String> = [
         ztunnel::config::NODE_NAME,
         ztunnel::config::TRUST_DOMAIN,
+        ztunnel::config::CLUSTER_ID,
         ztunnel::config::CLUSTER_DOMAIN,
         ztunnel::config::ROOT_NAMESPACE,
         ztunnel::config::CONFIG_PATH,
@@ -1739,6 +1745,7 @@ fn the_waypoint_is_what_ztunnel_recognises_as_one() {
         waypoint::config::WAYPOINT_NAMESPACE,
         waypoint::config::SERVICE_ACCOUNT,
         waypoint::config::TRUST_DOMAIN,
+        waypoint::config::CLUSTER_ID,
         waypoint::config::CLUSTER_DOMAIN,
         waypoint::config::ROOT_NAMESPACE,
         waypoint::config::CONFIG_PATH,

@@ -82,10 +82,21 @@ struct Node {
 }
 
 async fn start_node(name: &str, config_dir: &Path, ca: &RunningCa, root: &Path) -> Node {
+    start_node_in(mesh::ops::DEFAULT_CLUSTER_ID, name, config_dir, ca, root).await
+}
+
+async fn start_node_in(
+    cluster_id: &str,
+    name: &str,
+    config_dir: &Path,
+    ca: &RunningCa,
+    root: &Path,
+) -> Node {
     let any = "127.0.0.1:0".parse::<SocketAddr>().unwrap();
     let config = ztunnel::config::Config {
         node_name: name.into(),
         trust_domain: TRUST_DOMAIN.into(),
+        cluster_id: cluster_id.into(),
         cluster_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         config_path: config_dir.to_owned(),
@@ -94,6 +105,7 @@ async fn start_node(name: &str, config_dir: &Path, ca: &RunningCa, root: &Path) 
             root_cert: root.to_owned(),
             server_name: Some("localhost".into()),
             token_file: None,
+            request_timeout: mesh::ops::DEFAULT_CA_REQUEST_TIMEOUT,
         },
         capture: ztunnel::config::CaptureMode::None,
         probe_sources: vec![],
@@ -495,4 +507,125 @@ async fn socks5_bad_input_is_refused_without_harm() {
     .await;
     assert_eq!(code, 0);
     assert_eq!(roundtrip(&mut ok, "still").await, "web: still");
+}
+
+/// `CLUSTER_ID` on the wire and in metrics, both ways: node-a's CONNECTs carry its cluster in
+/// `baggage` (seen by a recording HBONE server standing in for node-b), its metrics label both
+/// known workloads with it, and its 200 to a CONNECT carries the destination pod's `baggage`,
+/// as Istio's ztunnel answers.
+#[tokio::test]
+async fn baggage_carries_the_cluster_both_ways() {
+    init_tracing();
+    let net = 43;
+    let cluster = "east-1";
+    let pki = TestPki::new(TRUST_DOMAIN);
+    let ca = start_ca(&pki, Arc::new(AllowAny), "127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, pki.root_pem()).unwrap();
+    let config_dir = dir.path().join("mesh");
+    std::fs::create_dir(&config_dir).unwrap();
+    std::fs::write(config_dir.join("cluster.yaml"), cluster_yaml(net)).unwrap();
+    let web_ip = format!("127.{net}.0.21");
+    start_backend(format!("{web_ip}:8080").parse().unwrap(), "web").await;
+    // node-b is played by an HBONE server that records each request and forwards it.
+    let server = mesh::hbone::HboneServer::bind(
+        format!("{web_ip}:15008").parse().unwrap(),
+        mesh::hbone::ServerConfig::default(),
+        Arc::new(pki.cert(&pki.id("demo", "web"))),
+    )
+    .await
+    .unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(
+        server.run(stop.clone(), move |tunnel: mesh::hbone::InboundTunnel| {
+            let _ = seen_tx.send(tunnel.headers.clone());
+            forward(tunnel)
+        }),
+    );
+    let a = start_node_in(cluster, "node-a", &config_dir, &ca, &root).await;
+    wait_ready(&[&a]).await;
+
+    let socks = a.bound.socks5_addr.unwrap();
+    let (mut s, code) = socks5(
+        socks,
+        &format!("127.{net}.0.11"),
+        format!("{web_ip}:8080").parse().unwrap(),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(roundtrip(&mut s, "hi").await, "web: hi");
+    let headers = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let baggage = headers
+        .get(mesh::hbone::headers::BAGGAGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no baggage: {headers:?}"));
+    let parsed = mesh::hbone::Baggage::parse(baggage);
+    assert_eq!(parsed.cluster.as_deref(), Some(cluster), "{baggage}");
+    assert_eq!(parsed.namespace.as_deref(), Some("demo"), "{baggage}");
+    assert_eq!(parsed.service.as_deref(), Some("sleep"), "{baggage}");
+    drop(s);
+    let labelled = async {
+        loop {
+            let (_, metrics) = http_get(a.bound.metrics_addr, "/metrics").await;
+            if metrics.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains(r#"destination_workload="web""#)
+                    && l.contains(&format!(r#"source_cluster="{cluster}""#))
+                    && l.contains(&format!(r#"destination_cluster="{cluster}""#))
+            }) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), labelled)
+        .await
+        .expect("source_cluster and destination_cluster are the CLUSTER_ID");
+
+    // The 200 to a CONNECT names the destination pod: sleep, in node-a's cluster.
+    let sleep_ip = format!("127.{net}.0.11");
+    start_backend(format!("{sleep_ip}:9090").parse().unwrap(), "sleep").await;
+    let client = mesh::hbone::HboneClient::new(
+        mesh::hbone::ClientConfig::default(),
+        Arc::new(StaticCerts::default().with(pki.cert(&pki.id("demo", "web")))),
+    );
+    let (mut tunnel, answer) = client
+        .connect_with_headers(mesh::hbone::ConnectRequest {
+            source: pki.id("demo", "web"),
+            destination: pki.id("demo", "sleep"),
+            hbone_addr: format!("{sleep_ip}:15008").parse().unwrap(),
+            authority: mesh::hbone::HboneAuthority(format!("{sleep_ip}:9090").parse().unwrap()),
+            headers: http::HeaderMap::new(),
+        })
+        .await
+        .unwrap();
+    let baggage = answer
+        .get(mesh::hbone::headers::BAGGAGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no baggage on the 200: {answer:?}"));
+    let parsed = mesh::hbone::Baggage::parse(baggage);
+    assert_eq!(parsed.cluster.as_deref(), Some(cluster), "{baggage}");
+    assert_eq!(parsed.namespace.as_deref(), Some("demo"), "{baggage}");
+    assert_eq!(parsed.service.as_deref(), Some("sleep"), "{baggage}");
+    assert_eq!(
+        parsed.workload.as_ref().map(|(_, name)| name.as_str()),
+        Some("sleep"),
+        "{baggage}"
+    );
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"sleep: ping");
+
+    stop.cancel();
+    a.bound.shutdown_trigger().cancel();
+    a.bound.wait().await.unwrap();
 }

@@ -49,8 +49,7 @@ pub fn readiness_handler(
             ctx.certs
                 .summaries()
                 .into_iter()
-                .find(|c| c.state != "available")
-                .map(|c| format!("certificate {} is {}", c.identity, c.state))
+                .find_map(|c| c.not_ready(std::time::SystemTime::now()))
         };
         match why {
             None => text(StatusCode::OK, "ready\n"),

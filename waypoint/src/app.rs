@@ -183,10 +183,12 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         .await
         .context("starting the configuration source")?;
 
-    let connector = Arc::new(HboneConnector {
-        client: HboneClient::new(ClientConfig::default(), Arc::new(certs.clone())),
-        identity: config.identity.clone(),
-    });
+    let connector = Arc::new(HboneConnector::new(
+        HboneClient::new(ClientConfig::default(), Arc::new(certs.clone())),
+        config.identity.clone(),
+        &config.waypoint,
+        &config.cluster_id,
+    ));
     let upstreams = Upstreams::new(connector.clone());
     let conflicts = Family::<ConflictLabels, Gauge>::default();
     registry.register(
@@ -201,7 +203,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         routes: ArcSwap::from_pointee(Routing::default()),
         upstreams,
         metrics: RequestMetrics::new(&mut registry),
-        tcp_metrics: TcpMetrics::new(&mut registry),
+        tcp_metrics: TcpMetrics::new(&mut registry, &config.cluster_id),
         live: Live::default(),
         connector,
         conflicts,

@@ -18,6 +18,7 @@ pub const WAYPOINT_NAMESPACE: &str = "WAYPOINT_NAMESPACE";
 /// Istio's deployment controller names it).
 pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
 pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
+pub use mesh::ops::CLUSTER_ID;
 pub const CLUSTER_DOMAIN: &str = "CLUSTER_DOMAIN";
 pub const ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 pub const CONFIG_PATH: &str = "MESH_CONFIG_PATH";
@@ -53,6 +54,9 @@ pub struct Config {
     pub waypoint: WaypointRef,
     pub identity: Identity,
     pub trust_domain: String,
+    /// This cluster's name (`CLUSTER_ID`, Istio's default `Kubernetes`): sent in `baggage` to
+    /// endpoints and the cluster label of metrics.
+    pub cluster_id: String,
     pub cluster_domain: String,
     pub root_namespace: String,
     /// A YAML file or directory (the file source); empty when the objects come from the
@@ -102,6 +106,7 @@ impl Config {
             waypoint: WaypointRef { namespace, name },
             identity,
             trust_domain,
+            cluster_id: mesh::ops::cluster_id(env)?,
             cluster_domain: env
                 .get(CLUSTER_DOMAIN)
                 .unwrap_or_else(|| mesh::model::translate::DEFAULT_CLUSTER_DOMAIN.to_owned()),

@@ -74,8 +74,13 @@ fn or_unknown(s: &str) -> String {
 /// Labels for a peer: its workload (from the state) and the identity it proved (source) or was
 /// expected to prove (destination). `app`/`version` are the canonical service and revision, as
 /// Istio's ambient proxies fill them. Without a workload the namespace still comes from the
-/// identity, as Istio falls back to the principal. The cluster is not modelled: `unknown`.
-pub fn peer_labels(workload: Option<&Workload>, identity: Option<&Identity>) -> PeerLabels {
+/// identity, as Istio falls back to the principal. A workload from the state is in this
+/// proxy's cluster, `cluster` (`CLUSTER_ID`); without one the cluster is `unknown`.
+pub fn peer_labels(
+    workload: Option<&Workload>,
+    identity: Option<&Identity>,
+    cluster: &str,
+) -> PeerLabels {
     let principal = identity.map_or_else(|| UNKNOWN.to_owned(), |i| i.to_string());
     match workload {
         Some(w) => PeerLabels {
@@ -86,7 +91,7 @@ pub fn peer_labels(workload: Option<&Workload>, identity: Option<&Identity>) -> 
             version: or_unknown(&w.canonical_revision),
             canonical_service: or_unknown(&w.canonical_service),
             canonical_revision: or_unknown(&w.canonical_revision),
-            cluster: UNKNOWN.to_owned(),
+            cluster: or_unknown(cluster),
         },
         None => PeerLabels {
             namespace: identity.map_or_else(|| UNKNOWN.to_owned(), |i| or_unknown(i.namespace())),
@@ -487,8 +492,8 @@ mod tests {
         let sleep = workload("demo", "sleep");
         let web = workload("demo", "web");
         RequestRecord {
-            source: peer_labels(Some(&sleep), Some(&sleep.identity)),
-            destination: peer_labels(Some(&web), Some(&web.identity)),
+            source: peer_labels(Some(&sleep), Some(&sleep.identity), "Kubernetes"),
+            destination: peer_labels(Some(&web), Some(&web.identity), "Kubernetes"),
             service: ServiceLabels {
                 host: "web.demo.svc.cluster.local".into(),
                 name: "web".into(),
@@ -530,7 +535,7 @@ mod tests {
     #[test]
     fn peer_labels_fill_unknown() {
         let web = workload("demo", "web");
-        let full = peer_labels(Some(&web), Some(&web.identity));
+        let full = peer_labels(Some(&web), Some(&web.identity), "east");
         assert_eq!(
             full,
             PeerLabels {
@@ -541,20 +546,21 @@ mod tests {
                 version: "v1".into(),
                 canonical_service: "web".into(),
                 canonical_revision: "v1".into(),
-                cluster: "unknown".into(),
+                cluster: "east".into(),
             }
         );
-        let no_identity = peer_labels(Some(&web), None);
+        let no_identity = peer_labels(Some(&web), None, "east");
         assert_eq!(no_identity.principal, "unknown");
         let id = Identity::new("cluster.local", "prod", "robot").unwrap();
-        let identity_only = peer_labels(None, Some(&id));
+        let identity_only = peer_labels(None, Some(&id), "east");
         assert_eq!(identity_only.namespace, "prod");
+        assert_eq!(identity_only.cluster, "unknown", "a peer not in the state");
         assert_eq!(identity_only.workload, "unknown");
         assert_eq!(
             identity_only.principal,
             "spiffe://cluster.local/ns/prod/sa/robot"
         );
-        assert_eq!(peer_labels(None, None), PeerLabels::default());
+        assert_eq!(peer_labels(None, None, "east"), PeerLabels::default());
         assert_eq!(PeerLabels::default().app, "unknown");
         assert_eq!(service_labels(None).host, "unknown");
     }
@@ -608,8 +614,9 @@ mod tests {
             r#"source_principal="spiffe://cluster.local/ns/demo/sa/sleep""#,
             r#"source_app="sleep""#,
             r#"source_version="v1""#,
-            r#"source_cluster="unknown""#,
+            r#"source_cluster="Kubernetes""#,
             r#"destination_workload="web""#,
+            r#"destination_cluster="Kubernetes""#,
             r#"destination_principal="spiffe://cluster.local/ns/demo/sa/web""#,
             r#"destination_service="web.demo.svc.cluster.local""#,
             r#"destination_service_name="web""#,

@@ -56,7 +56,7 @@ pub fn render(dump: &Value, section: Section, output: Output) -> Result<String, 
         upstreams(dump, &mut out);
     }
     if matches!(section, Section::Certificates | Section::All) {
-        certificates(dump, &mut out);
+        mesh::ops::view::certificates(dump, &mut out);
     }
     Ok(out)
 }
@@ -189,28 +189,6 @@ fn upstreams(dump: &Value, out: &mut String) {
             "CONNECTIONS",
             "OVERFLOWS",
         ],
-        rows,
-    );
-}
-
-fn certificates(dump: &Value, out: &mut String) {
-    let rows = dump["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            vec![
-                cell(&c["identity"]),
-                cell(&c["state"]),
-                cell(&c["serial"]),
-                cell(&c["not_after"]),
-            ]
-        })
-        .collect();
-    table(
-        out,
-        "CERTIFICATES",
-        &["IDENTITY", "STATE", "SERIAL", "NOT AFTER"],
         rows,
     );
 }

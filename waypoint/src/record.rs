@@ -27,14 +27,17 @@ pub fn record(
             format!("{flags},URX")
         };
     }
+    let cluster = finish.ctx().config.cluster_id.clone();
     let record = RequestRecord {
         source: peer_labels(
             downstream.source.workload.as_deref(),
             downstream.source.identity.as_ref(),
+            &cluster,
         ),
         destination: peer_labels(
             finish.destination_workload.as_deref(),
             finish.destination_workload.as_ref().map(|w| &w.identity),
+            &cluster,
         ),
         service: service_labels(Some(&service)),
         protocol: if finish.grpc {

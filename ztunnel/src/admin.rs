@@ -31,15 +31,15 @@ impl Readiness {
         if ctx.applied_version.load(Ordering::Acquire) == 0 {
             return Err("waiting for the pods of the first configuration to be set up".into());
         }
+        let now = std::time::SystemTime::now();
         let pending: Vec<String> = ctx
             .certs
             .summaries()
             .into_iter()
-            .filter(|c| c.state != "available")
-            .map(|c| format!("{} ({})", c.identity, c.state))
+            .filter_map(|c| c.not_ready(now))
             .collect();
         if !pending.is_empty() {
-            return Err(format!("certificates not ready: {}", pending.join(", ")));
+            return Err(pending.join("\n"));
         }
         Ok(())
     }

@@ -102,13 +102,14 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         .as_ref()
         .map(|l| l.local_addr())
         .transpose()?;
-    let metrics = TcpMetrics::new(&mut registry);
+    let metrics = TcpMetrics::new(&mut registry, &config.cluster_id);
     let dns = dns_proxy(&config, &store, &mut registry);
     let ctx = Arc::new(Context {
         store: store.clone(),
         certs: certs.clone(),
         metrics,
         live: proxy::live::LiveConnections::default(),
+        cluster_id: config.cluster_id.clone(),
         cluster_domain: config.cluster_domain.clone(),
         hbone_server: config.hbone.clone(),
         pods_by_ip: ArcSwap::from_pointee(HashMap::new()),

@@ -11,7 +11,9 @@ pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 pub const CLUSTER_DOMAIN: &str = "CLUSTER_DOMAIN";
 pub const ROOT_NAMESPACE: &str = "ROOT_NAMESPACE";
 pub const CONFIG_PATH: &str = "MESH_CONFIG_PATH";
-pub use mesh::ops::{CA_ADDRESS, CA_ROOT_CERT, CA_SERVER_NAME, CA_TOKEN_FILE};
+pub use mesh::ops::{
+    CA_ADDRESS, CA_REQUEST_TIMEOUT, CA_ROOT_CERT, CA_SERVER_NAME, CA_TOKEN_FILE, CLUSTER_ID,
+};
 pub const CAPTURE_MODE: &str = "CAPTURE_MODE";
 pub const CAPTURE_PROBE_SOURCES: &str = "CAPTURE_PROBE_SOURCES";
 pub const ADMIN_ADDR: &str = "ADMIN_ADDR";
@@ -68,6 +70,9 @@ pub enum CaptureMode {
 pub struct Config {
     pub node_name: String,
     pub trust_domain: String,
+    /// This cluster's name (`CLUSTER_ID`, Istio's default `Kubernetes`): sent in `baggage` and
+    /// the cluster label of metrics.
+    pub cluster_id: String,
     pub cluster_domain: String,
     pub root_namespace: String,
     /// A YAML file or directory (the file source); empty when the objects come from the
@@ -189,6 +194,7 @@ impl Config {
         Ok(Config {
             node_name: required(env, NODE_NAME, "the name of the node this ztunnel serves")?,
             trust_domain,
+            cluster_id: mesh::ops::cluster_id(env)?,
             cluster_domain: env
                 .get(CLUSTER_DOMAIN)
                 .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.to_owned()),
@@ -288,6 +294,30 @@ mod tests {
         );
         assert_eq!(c.dns.upstreams, None);
         assert_eq!(c.dns.upstream_timeout, Duration::from_secs(4));
+        assert_eq!(c.cluster_id, "Kubernetes", "Istio's default CLUSTER_ID");
+        assert_eq!(c.ca.request_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn cluster_id_and_ca_timeout() {
+        let mut env = base();
+        env.insert(CLUSTER_ID, "east-1".into());
+        env.insert(CA_REQUEST_TIMEOUT, "2500".into());
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!(c.cluster_id, "east-1");
+        assert_eq!(c.ca.request_timeout, Duration::from_millis(2500));
+        // A value that cannot travel in `baggage`, or a zero deadline, names the variable.
+        for (var, value) in [
+            (CLUSTER_ID, "east,1"),
+            (CLUSTER_ID, "east 1"),
+            (CA_REQUEST_TIMEOUT, "0"),
+            (CA_REQUEST_TIMEOUT, "soon"),
+        ] {
+            let mut env = base();
+            env.insert(var, value.into());
+            let err = Config::from_env(&env).unwrap_err().to_string();
+            assert!(err.starts_with(var), "{var}={value}: {err}");
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@ enum Command {
     /// Serve this node's enrolled pods. Configured by environment variables: NODE_NAME,
     /// CA_ADDRESS, CA_ROOT_CERT (required); CONFIG_SOURCE (`file` | `kubernetes`; `file` when
     /// MESH_CONFIG_PATH is set), MESH_CONFIG_PATH, TRUST_DOMAIN, CLUSTER_DOMAIN,
-    /// ROOT_NAMESPACE, CA_SERVER_NAME, CA_TOKEN_FILE, CAPTURE_MODE (`none` | `netns:<prefix>` |
+    /// ROOT_NAMESPACE, CLUSTER_ID (default `Kubernetes`), CA_SERVER_NAME, CA_TOKEN_FILE,
+    /// CA_REQUEST_TIMEOUT_MS (default 10000), CAPTURE_MODE (`none` | `netns:<prefix>` |
     /// `proc`), CAPTURE_PROBE_SOURCES (IPs whose connections skip capture, e.g. the node's),
     /// DNS_CAPTURE (default true with capture), DNS_UPSTREAMS, DNS_UPSTREAM_TIMEOUT_MS,
     /// ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, SOCKS5_ADDR (`off` to disable),

@@ -76,7 +76,7 @@ fn tables(dump: &Value, section: Section) -> String {
         policies(dump, &mut out);
     }
     if all || section == Section::Certificates {
-        certificates(dump, &mut out);
+        mesh::ops::view::certificates(dump, &mut out);
     }
     if all || section == Section::Connections {
         connections(dump, &mut out);
@@ -260,49 +260,6 @@ fn policies(dump: &Value, out: &mut String) {
         out,
         "PEER AUTHENTICATIONS",
         &["NAMESPACE", "NAME", "MODE", "SCOPE", "PORTS"],
-        rows,
-    );
-}
-
-fn timestamp(v: &Value) -> String {
-    v.as_i64()
-        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "-".into())
-}
-
-fn certificates(dump: &Value, out: &mut String) {
-    let rows = dump["certificates"]
-        .as_array()
-        .map(|cs| {
-            cs.iter()
-                .map(|c| {
-                    vec![
-                        s(&c["identity"]),
-                        s(&c["state"]),
-                        s(&c["serial"]),
-                        timestamp(&c["not_before"]),
-                        timestamp(&c["not_after"]),
-                        s(&c["last_error"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    table(
-        out,
-        "CERTIFICATES",
-        &[
-            "IDENTITY",
-            "STATE",
-            "SERIAL",
-            "NOT BEFORE",
-            "NOT AFTER",
-            "LAST ERROR",
-        ],
         rows,
     );
 }

@@ -31,6 +31,12 @@ pub enum SignError {
     },
     #[error("CA at {address} is unreachable: {message} (is it running and is the address right?)")]
     Unreachable { address: String, message: String },
+    #[error(
+        "CA at {address} did not answer within {after:?} (TCP connect, TLS handshake and \
+         CreateCertificate together): is {address} the CA's gRPC-over-TLS port (15012 by \
+         default) and is the CA healthy?"
+    )]
+    Timeout { address: String, after: Duration },
     #[error("CA returned an empty certificate chain for {0}")]
     EmptyChain(Identity),
 }
@@ -85,17 +91,25 @@ pub struct CaClientConfig {
     /// Send the identity under `ImpersonatedIdentity` metadata, as Istio's ztunnel does when it
     /// asks on a pod's behalf.
     pub impersonate: bool,
+    /// Deadline of one signing request, connecting included.
     pub timeout: Duration,
 }
 
 /// A gRPC client of `IstioCertificateService`. The connection is made lazily and re-made after
 /// failures, so a CA that is down at start-up is not fatal.
+///
+/// Every [`CertificateSigner::sign`] call ends within `timeout`. tonic's own timeouts do not
+/// ensure that: `Endpoint::connect_timeout` covers only the TCP connect, and
+/// `Endpoint::timeout` starts only once a lazy channel has connected (the connection is made
+/// while the request waits in the channel's buffer), so a CA that accepts and never finishes
+/// the TLS handshake held a request, and every caller waiting on it, for ever.
 #[derive(Debug, Clone)]
 pub struct GrpcCaClient {
     client: IstioCertificateServiceClient<Channel>,
     address: String,
     token: TokenSource,
     impersonate: bool,
+    timeout: Duration,
 }
 
 impl GrpcCaClient {
@@ -110,8 +124,11 @@ impl GrpcCaClient {
             address: address.clone(),
             why,
         };
+        // The handshake deadline lets the channel give up a stalled connection attempt (and try
+        // again on the next request) instead of keeping it, and every later request, waiting.
         let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(config.root_cert_pem.as_bytes()));
+            .ca_certificate(Certificate::from_pem(config.root_cert_pem.as_bytes()))
+            .timeout(config.timeout);
         if let Some(name) = &config.server_name {
             tls = tls.domain_name(name.clone());
         }
@@ -128,6 +145,7 @@ impl GrpcCaClient {
             address,
             token: config.token,
             impersonate: config.impersonate,
+            timeout: config.timeout,
         })
     }
 }
@@ -140,54 +158,85 @@ impl CertificateSigner for GrpcCaClient {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<String>, SignError>> {
         Box::pin(async move {
-            let mut request = tonic::Request::new(IstioCertificateRequest {
-                csr: csr_pem,
-                validity_duration: ttl.as_secs() as i64,
-                metadata: self
-                    .impersonate
-                    .then(|| super::server::impersonation_metadata(identity)),
-            });
-            if let Some(token) = self.token.token().await? {
-                let value = format!("Bearer {token}")
-                    .parse()
-                    .map_err(|_| SignError::Refused {
-                        address: self.address.clone(),
-                        identity: identity.clone(),
-                        code: tonic::Code::InvalidArgument,
-                        message: "token holds characters not allowed in a header".into(),
-                    })?;
-                request.metadata_mut().insert("authorization", value);
-            }
-            let response = self
-                .client
-                .clone()
-                .create_certificate(request)
+            tokio::time::timeout(self.timeout, self.sign_unbounded(identity, csr_pem, ttl))
                 .await
-                .map_err(|status| match status.code() {
-                    tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Unknown
-                        if status.message().contains("transport")
-                            || status.code() != tonic::Code::Unknown =>
+                .unwrap_or_else(|_| {
+                    Err(SignError::Timeout {
+                        address: self.address.clone(),
+                        after: self.timeout,
+                    })
+                })
+        })
+    }
+}
+
+impl GrpcCaClient {
+    async fn sign_unbounded(
+        &self,
+        identity: &Identity,
+        csr_pem: String,
+        ttl: Duration,
+    ) -> Result<Vec<String>, SignError> {
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: csr_pem,
+            validity_duration: ttl.as_secs() as i64,
+            metadata: self
+                .impersonate
+                .then(|| super::server::impersonation_metadata(identity)),
+        });
+        if let Some(token) = self.token.token().await? {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| SignError::Refused {
+                    address: self.address.clone(),
+                    identity: identity.clone(),
+                    code: tonic::Code::InvalidArgument,
+                    message: "token holds characters not allowed in a header".into(),
+                })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        // Tells the CA how long we wait (`grpc-timeout`), so it can give up too.
+        request.set_timeout(self.timeout);
+        let response = self
+            .client
+            .clone()
+            .create_certificate(request)
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                    if status.message().contains("transport")
+                        || status.code() != tonic::Code::Unknown =>
+                {
+                    let message = format!("{}: {}", status.message(), source_chain(&status));
+                    // A connection attempt given up by its deadline (TCP connect or TLS
+                    // handshake), which the channel reports to the request after it: the CA did
+                    // not answer, it did not refuse.
+                    if message.to_ascii_lowercase().contains("timeout")
+                        || message.contains("timed out")
                     {
+                        SignError::Timeout {
+                            address: self.address.clone(),
+                            after: self.timeout,
+                        }
+                    } else {
                         SignError::Unreachable {
                             address: self.address.clone(),
-                            message: format!("{}: {}", status.message(), source_chain(&status)),
+                            message,
                         }
                     }
-                    code => SignError::Refused {
-                        address: self.address.clone(),
-                        identity: identity.clone(),
-                        code,
-                        message: status.message().to_owned(),
-                    },
-                })?;
-            let chain = response.into_inner().cert_chain;
-            if chain.is_empty() {
-                return Err(SignError::EmptyChain(identity.clone()));
-            }
-            Ok(chain)
-        })
+                }
+                code => SignError::Refused {
+                    address: self.address.clone(),
+                    identity: identity.clone(),
+                    code,
+                    message: status.message().to_owned(),
+                },
+            })?;
+        let chain = response.into_inner().cert_chain;
+        if chain.is_empty() {
+            return Err(SignError::EmptyChain(identity.clone()));
+        }
+        Ok(chain)
     }
 }
 

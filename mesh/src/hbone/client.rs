@@ -29,6 +29,9 @@ pub struct ClientConfig {
     pub h2: H2Settings,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// How long a new connection waits for the source's certificate (its first fetch from the
+    /// CA) before it fails.
+    pub certificate_timeout: Duration,
     /// Tunnels per connection before another connection is opened. Istio's ztunnel uses 100.
     pub max_streams_per_connection: usize,
     /// A connection with no tunnels for this long is closed.
@@ -41,6 +44,7 @@ impl Default for ClientConfig {
             h2: H2Settings::default(),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            certificate_timeout: super::DEFAULT_CERTIFICATE_TIMEOUT,
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(60),
         }
@@ -66,6 +70,11 @@ pub struct ConnectRequest {
 pub enum HboneError {
     #[error("no client certificate: {0}")]
     Certificate(#[from] CertError),
+    #[error(
+        "no client certificate for {identity} after waiting {after:?}: the CA has not answered \
+         yet (the proxy's certificates view shows the CA's error and the next attempt)"
+    )]
+    CertificateTimeout { identity: Identity, after: Duration },
     #[error("connect to {addr} failed: {source} (is the destination's port 15008 reachable?)")]
     Connect {
         addr: SocketAddr,
@@ -106,6 +115,14 @@ impl HboneError {
             HboneError::Status { status, .. } => Some(*status),
             _ => None,
         }
+    }
+
+    /// The tunnel failed before dialing because this side has no certificate to present.
+    pub fn is_certificate(&self) -> bool {
+        matches!(
+            self,
+            HboneError::Certificate(_) | HboneError::CertificateTimeout { .. }
+        )
     }
 }
 
@@ -242,6 +259,17 @@ impl HboneClient {
 
     /// Opens a tunnel and waits for the server's answer: `Ok` only on 200.
     pub async fn connect(&self, request: ConnectRequest) -> Result<H2Stream, HboneError> {
+        self.connect_with_headers(request)
+            .await
+            .map(|(stream, _)| stream)
+    }
+
+    /// [`Self::connect`], also returning the headers of the 200 (Istio's ztunnel sends the
+    /// destination workload's `baggage` there).
+    pub async fn connect_with_headers(
+        &self,
+        request: ConnectRequest,
+    ) -> Result<(H2Stream, http::HeaderMap), HboneError> {
         let key: PoolKey = (
             request.source.clone(),
             request.destination.clone(),
@@ -262,9 +290,12 @@ impl HboneClient {
                     continue;
                 }
                 other => {
-                    return other.map(|(send, recv)| {
+                    return other.map(|(send, recv, headers)| {
                         let queue = reservation.0.queue.clone();
-                        H2Stream::new(send, recv, queue, Some(Box::new(reservation)))
+                        (
+                            H2Stream::new(send, recv, queue, Some(Box::new(reservation))),
+                            headers,
+                        )
                     });
                 }
             }
@@ -299,7 +330,15 @@ impl HboneClient {
     async fn dial(&self, request: &ConnectRequest) -> Result<PooledConn, HboneError> {
         let cfg = &self.inner.config;
         let addr = request.hbone_addr;
-        let cert = self.inner.certs.certificate(&request.source).await?;
+        let cert = tokio::time::timeout(
+            cfg.certificate_timeout,
+            self.inner.certs.certificate(&request.source),
+        )
+        .await
+        .map_err(|_| HboneError::CertificateTimeout {
+            identity: request.source.clone(),
+            after: cfg.certificate_timeout,
+        })??;
         let tcp = tokio::time::timeout(cfg.connect_timeout, self.inner.connector.connect(addr))
             .await
             .map_err(|_| HboneError::ConnectTimeout {
@@ -381,7 +420,7 @@ impl HboneClient {
         &self,
         reservation: &StreamReservation,
         request: &ConnectRequest,
-    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), HboneError> {
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, http::HeaderMap), HboneError> {
         let addr = request.hbone_addr;
         let h2_err = |source| HboneError::Http2 { addr, source };
         let mut builder = Request::builder()
@@ -411,7 +450,8 @@ impl HboneClient {
             });
         }
         tracing::trace!(conn = reservation.0.id, authority = %request.authority, "HBONE tunnel open");
-        Ok((stream, response.into_body()))
+        let (parts, body) = response.into_parts();
+        Ok((stream, body, parts.headers))
     }
 }
 

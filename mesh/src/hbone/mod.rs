@@ -78,6 +78,11 @@ pub(crate) const TLS_WRITE_BUFFER: usize = 512 * 1024;
 /// and does not hold a task forever.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a new HBONE connection, on either side, waits for this side's certificate before
+/// it fails: the first fetch of an identity waits on the CA, whose requests have their own
+/// deadline (`CA_REQUEST_TIMEOUT_MS`, 10 s); later ones answer at once from the cache.
+pub const DEFAULT_CERTIFICATE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The `:authority` of an HBONE `CONNECT`: where the tunnel's bytes should go.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct HboneAuthority(pub SocketAddr);
@@ -166,6 +171,21 @@ pub struct Baggage {
 }
 
 impl Baggage {
+    /// What Istio's proxies say of `workload` (in cluster `cluster`): on an outbound CONNECT
+    /// the source's, on the 200 the destination's.
+    pub fn of_workload(workload: &crate::model::Workload, cluster: &str) -> Self {
+        Baggage {
+            cluster: Some(cluster.to_owned()),
+            namespace: Some(workload.namespace.clone()),
+            workload: Some((
+                workload.workload_kind.clone(),
+                workload.workload_name.clone(),
+            )),
+            service: Some(workload.canonical_service.clone()),
+            version: Some(workload.canonical_revision.clone()),
+        }
+    }
+
     pub fn to_header(&self) -> String {
         let mut parts = Vec::new();
         if let Some(c) = &self.cluster {

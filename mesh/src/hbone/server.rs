@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::budget::{CONNECTION_SEND_QUEUE, Counted, ProcessSendQueue, SendQueue};
 use super::stream::H2Stream;
-use super::{DEFAULT_HANDSHAKE_TIMEOUT, H2Settings, HboneAuthority};
+use super::{DEFAULT_CERTIFICATE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, H2Settings, HboneAuthority};
 use crate::cert_manager::CertError;
 use crate::identity::Identity;
 use crate::tls::WorkloadCertificate;
@@ -29,6 +29,9 @@ use crate::tls::WorkloadCertificate;
 pub struct ServerConfig {
     pub h2: H2Settings,
     pub handshake_timeout: Duration,
+    /// How long an accepted connection waits for the certificate to present (its first fetch
+    /// from the CA) before it is closed.
+    pub certificate_timeout: Duration,
     /// Concurrent tunnels one client connection may carry (HTTP/2
     /// `SETTINGS_MAX_CONCURRENT_STREAMS`; Istio's ztunnel clients open a new connection after
     /// 100, as ours do).
@@ -95,6 +98,7 @@ impl Default for ServerConfig {
         Self {
             h2: H2Settings::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            certificate_timeout: DEFAULT_CERTIFICATE_TIMEOUT,
             max_concurrent_streams: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
         }
@@ -156,10 +160,16 @@ impl std::fmt::Debug for InboundTunnel {
 impl InboundTunnel {
     /// Answers 200 and returns the tunnel. Call only once the upstream is connected and the
     /// request authorised.
-    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self
-            .respond
-            .send_response(status_response(StatusCode::OK), false)?;
+    pub fn accept(self) -> Result<H2Stream, h2::Error> {
+        self.accept_with_headers(HeaderMap::new())
+    }
+
+    /// [`Self::accept`], with `headers` on the 200 (ztunnel: the destination's `baggage`, as
+    /// Istio's ztunnel answers).
+    pub fn accept_with_headers(mut self, headers: HeaderMap) -> Result<H2Stream, h2::Error> {
+        let mut response = status_response(StatusCode::OK);
+        *response.headers_mut() = headers;
+        let send = self.respond.send_response(response, false)?;
         Ok(H2Stream::new(send, self.recv, self.queue, None))
     }
 
@@ -375,12 +385,28 @@ impl Connection {
             ));
         };
         let _ = tcp.set_nodelay(true);
+        // Without a certificate there is nothing to serve: the connection is closed before TLS,
+        // and the operator is told why (the CA's error), not left with a silent hang.
+        let cert = match tokio::time::timeout(config.certificate_timeout, cert.server_certificate())
+            .await
+        {
+            Ok(Ok(cert)) => cert,
+            Ok(Err(error)) => {
+                tracing::warn!(%peer, %error, "HBONE connection closed: no certificate to present");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(
+                    %peer,
+                    after = ?config.certificate_timeout,
+                    "HBONE connection closed: no certificate to present yet (the CA has not \
+                     answered; the certificates view shows its error)"
+                );
+                return Ok(());
+            }
+        };
         let timeout = config.handshake_timeout;
         let handshake = async {
-            let cert = cert
-                .server_certificate()
-                .await
-                .map_err(|e| format!("no certificate to present: {e}"))?;
             let mut tls = tokio_rustls::TlsAcceptor::from(cert.server_config())
                 .accept(super::batch_read::BatchedRead::new(tcp))
                 .await

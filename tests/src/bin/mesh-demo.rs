@@ -234,6 +234,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         root_cert: root.clone(),
         server_name: Some("localhost".into()),
         token_file: None,
+        request_timeout: mesh::ops::DEFAULT_CA_REQUEST_TIMEOUT,
     };
 
     // The cluster from the example YAML: pods, their IPs, the service and its waypoint.
@@ -276,6 +277,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let node = |name: &str| Config {
         node_name: name.into(),
         trust_domain: TRUST_DOMAIN.into(),
+        cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
         cluster_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         config_path: args.config.clone(),
@@ -317,6 +319,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 waypoint: waypoint.clone(),
                 identity,
                 trust_domain: TRUST_DOMAIN.into(),
+                cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
                 cluster_domain: "cluster.local".into(),
                 root_namespace: "istio-system".into(),
                 config_path: args.config.clone(),

@@ -86,7 +86,7 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
             return;
         }
     };
-    let stream = match tunnel.accept() {
+    let stream = match tunnel.accept_with_headers(super::accept_headers(&ctx, &destination)) {
         Ok(s) => s,
         Err(e) => {
             guard.fail("DC", format!("client went away before 200: {e}"));

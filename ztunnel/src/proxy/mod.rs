@@ -40,6 +40,8 @@ pub struct Context {
     pub certs: CertManager,
     pub metrics: TcpMetrics,
     pub live: live::LiveConnections,
+    /// This cluster's name (`CLUSTER_ID`), sent in `baggage`.
+    pub cluster_id: String,
     pub cluster_domain: String,
     pub hbone_server: ServerConfig,
     /// The pods this node serves, by IP; replaced whole after each sync.
@@ -76,6 +78,17 @@ impl Context {
             .find(|s| s.hostname == full)
             .and_then(|s| s.vips.first().copied())
     }
+}
+
+/// The headers of ztunnel's 200 to a CONNECT: the destination workload's `baggage`, as
+/// Istio's ztunnel answers.
+pub(crate) fn accept_headers(ctx: &Context, destination: &Workload) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    let baggage = mesh::hbone::Baggage::of_workload(destination, &ctx.cluster_id).to_header();
+    if let Ok(v) = baggage.parse() {
+        headers.insert(mesh::hbone::headers::BAGGAGE, v);
+    }
+    headers
 }
 
 /// How the metrics label one side of a connection.

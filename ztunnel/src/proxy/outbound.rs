@@ -116,7 +116,7 @@ pub async fn establish(
                 request_headers.insert(headers::FORWARDED, v);
             }
             let baggage = Baggage {
-                cluster: None,
+                cluster: Some(ctx.cluster_id.clone()),
                 namespace: Some(source.namespace.clone()),
                 workload: Some((source.workload_kind.clone(), source.workload_name.clone())),
                 service: Some(source.canonical_service.clone()),
@@ -142,6 +142,12 @@ pub async fn establish(
                     let refusal = if e.status() == Some(http::StatusCode::UNAUTHORIZED) {
                         guard.fail("RBAC", format!("destination denied: {e}"));
                         Refusal::Denied
+                    } else if e.is_certificate() {
+                        // Nothing was dialed: this side has no certificate (the CA is down,
+                        // refusing or not answering). Said so, so it is not taken for the
+                        // destination's fault.
+                        guard.fail("UF", format!("source certificate unavailable: {e}"));
+                        Refusal::Unreachable
                     } else {
                         guard.fail("UF", e.to_string());
                         Refusal::Unreachable
