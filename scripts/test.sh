@@ -40,5 +40,27 @@ echo "== binaries (the virtual-cluster tests run the real ztunnel and waypoint p
 # has none, so every binary is built here, with the profile the tests use.
 cargo build --workspace --bins --profile ci --locked
 
+echo "== fuzz targets: a short run of each (README.md, \"Fuzzing\")"
+# cargo-fuzz drives libFuzzer through rustc flags that are unstable; RUSTC_BOOTSTRAP=1 lets this
+# stable toolchain take them, for this step only. No sanitizer: the code is safe Rust, and a
+# panic, an overflow (debug assertions are on) or a failed check is what the targets look for.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "cargo-fuzz not found; installing it from crates.io" >&2
+    cargo install --locked cargo-fuzz
+fi
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
+RUSTC_BOOTSTRAP=1 cargo fuzz build --sanitizer none
+fuzz_work="$(mktemp -d)"
+trap 'rm -rf "$fuzz_work"' EXIT
+for target in $(cargo fuzz list); do
+    # New inputs go to a scratch directory; the committed seeds are only read.
+    mkdir -p "$fuzz_work/$target"
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$target" \
+        "$fuzz_work/$target" "fuzz/corpus/$target" -- \
+        -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 2>"$fuzz_work/$target.log" \
+        || { tail -n 60 "$fuzz_work/$target.log"; echo "fuzz target $target failed" >&2; exit 1; }
+    echo "$target: $(grep -E '^stat::number_of_executed_units' "$fuzz_work/$target.log" | awk '{print $2}') inputs in ${FUZZ_SECONDS}s, $(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$fuzz_work/$target.log" | tail -n 1)"
+done
+
 echo "== tests (profile ci: optimised, with debug assertions)"
 cargo nextest run --workspace --cargo-profile ci --locked --no-fail-fast

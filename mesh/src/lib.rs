@@ -12,6 +12,8 @@ pub mod ca;
 pub mod cert_manager;
 pub mod copy;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;

@@ -209,6 +209,23 @@ impl FileSource {
         Ok(self.apply(snapshot, store))
     }
 
+    /// A load of files given as `(path, contents)` instead of read from disk: the same parse,
+    /// last-good bookkeeping and translation. For the fuzz targets ([`crate::fuzzing`]).
+    pub(crate) fn apply_texts(
+        &mut self,
+        files: Vec<(PathBuf, String)>,
+        store: &StoreWriter,
+    ) -> LoadReport {
+        let snapshot = Snapshot {
+            fingerprint: Fingerprint(Vec::new()),
+            files: files
+                .into_iter()
+                .map(|(path, text)| (path, Ok(text)))
+                .collect(),
+        };
+        self.apply(snapshot, store)
+    }
+
     fn apply(&mut self, snapshot: Snapshot, store: &StoreWriter) -> LoadReport {
         let mut report = LoadReport {
             files: snapshot.files.len(),

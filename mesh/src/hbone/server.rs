@@ -498,7 +498,7 @@ impl Connection {
 }
 
 /// Checks the request is an HBONE `CONNECT` to `ip:port`.
-fn validate(request: &Request<h2::RecvStream>) -> Result<HboneAuthority, String> {
+pub(crate) fn validate<B>(request: &Request<B>) -> Result<HboneAuthority, String> {
     if request.method() != Method::CONNECT {
         return Err(format!("method {} is not CONNECT", request.method()));
     }

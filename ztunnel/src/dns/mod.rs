@@ -396,7 +396,7 @@ impl PodDns {
             .metrics
             .upstream(labels, started.elapsed(), result.is_err());
         match result {
-            Ok(mut answer) => {
+            Ok(answer) => {
                 self.cache
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -408,12 +408,7 @@ impl PodDns {
                     answer.message.answers().len(),
                     None,
                 );
-                answer.bytes[..2].copy_from_slice(&message.id().to_be_bytes());
-                if answer.bytes.len() <= size_limit(message, protocol) {
-                    return Some(answer.bytes);
-                }
-                answer.message.set_id(message.id());
-                encode(&answer.message, message, protocol)
+                reply_from_upstream(answer, message, protocol)
             }
             Err(e) => {
                 self.proxy.warn_upstream_failure(&e);
@@ -452,6 +447,26 @@ impl PodDns {
             error = error.map(tracing::field::display),
         );
     }
+}
+
+/// The upstream's answer as the client gets it: the bytes as received with the client's id,
+/// when they fit and still read as what was parsed, else re-encoded from the parsed message.
+/// The id is part of what a name compressed with a pointer into the header (offset 0 or 1)
+/// reads, so a hostile or broken upstream's answer can mean something else, or nothing, once
+/// the id is changed; the client must never get bytes that are not the answer we accepted.
+fn reply_from_upstream(
+    mut answer: forward::Answer,
+    request: &Message,
+    protocol: Protocol,
+) -> Option<Vec<u8>> {
+    answer.bytes[..2].copy_from_slice(&request.id().to_be_bytes());
+    answer.message.set_id(request.id());
+    if answer.bytes.len() <= size_limit(request, protocol)
+        && Message::from_vec(&answer.bytes).is_ok_and(|reread| reread == answer.message)
+    {
+        return Some(answer.bytes);
+    }
+    encode(&answer.message, request, protocol)
 }
 
 /// The largest response the client takes: its EDNS buffer (at least 512) over UDP.

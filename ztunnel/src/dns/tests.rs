@@ -919,3 +919,54 @@ async fn metrics_carry_istio_labels() {
         "{text}"
     );
 }
+
+/// Found by the `dns_message` fuzz target: an upstream answer whose CNAME target is compressed
+/// as a pointer to offset 1 (inside the id) parses under the upstream's id, and stops parsing
+/// once the proxy writes the client's id over it. The client must get the answer as accepted,
+/// re-encoded, never the broken bytes.
+#[test]
+fn an_answer_whose_names_point_into_the_id_is_re_encoded_for_the_client() {
+    let question = query("alias.example.", RecordType::A);
+    let mut upstream = question.to_vec().unwrap();
+    // Upstream id 0x0000 (byte 1 is a root label), flags: response, RD, RA; one answer.
+    upstream[..4].copy_from_slice(&[0x00, 0x00, 0x81, 0x80]);
+    upstream[6..8].copy_from_slice(&1u16.to_be_bytes());
+    // alias.example. CNAME, TTL 60, rdata: a pointer to offset 1.
+    upstream.extend_from_slice(&[0xc0, 0x0c, 0, 5, 0, 1, 0, 0, 0, 60, 0, 2, 0xc0, 0x01]);
+    let message = Message::from_vec(&upstream).unwrap();
+    assert_eq!(
+        message.answers().len(),
+        1,
+        "the upstream's answer is valid as sent"
+    );
+
+    let mut request = question.clone();
+    request.set_id(0x00ff);
+    let mut patched = upstream.clone();
+    patched[..2].copy_from_slice(&0x00ffu16.to_be_bytes());
+    assert!(
+        Message::from_vec(&patched).is_err(),
+        "precondition: with the client's id the same bytes no longer parse"
+    );
+
+    for protocol in [Protocol::Udp, Protocol::Tcp] {
+        let answer = forward::Answer {
+            bytes: upstream.clone(),
+            message: message.clone(),
+        };
+        let reply = reply_from_upstream(answer, &request, protocol).unwrap();
+        let reply = Message::from_vec(&reply).expect("the client gets a DNS message");
+        assert_eq!(reply.id(), 0x00ff);
+        assert_eq!(reply.answers(), message.answers(), "{protocol:?}");
+    }
+
+    // An ordinary answer still goes out as the upstream's own bytes, with the client's id.
+    let plain = a_response(&question, 60, &["192.0.2.7"]).to_vec().unwrap();
+    let answer = forward::Answer {
+        bytes: plain.clone(),
+        message: Message::from_vec(&plain).unwrap(),
+    };
+    let reply = reply_from_upstream(answer, &request, Protocol::Udp).unwrap();
+    assert_eq!(reply[..2], [0x00, 0xff]);
+    assert_eq!(reply[2..], plain[2..]);
+}
