@@ -101,6 +101,7 @@ async fn start_node(name: &str, config_dir: &Path, ca: &RunningCa, root: &Path) 
         metrics_addr: any,
         readiness_addr: any,
         socks5_addr: Some(any),
+        operator: Default::default(),
         drain_deadline: Duration::from_secs(2),
         workload_cert_ttl: Duration::from_secs(3600),
         dns: Default::default(),
