@@ -29,6 +29,15 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import yaml' >/dev/null 2
         || echo "warning: PyYAML cannot be installed here; the manifest render check needs it" >&2
 fi
 
+# tests/tests/ca.rs reads the CA's certificates with pyca/cryptography, a strict DER parser.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import cryptography' >/dev/null 2>&1; then
+    echo "pyca/cryptography not found; installing it for the certificate encoding check" >&2
+    python3 -m pip install --quiet cryptography 2>/dev/null \
+        || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+             && apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-cryptography; } \
+        || echo "warning: pyca/cryptography cannot be installed here; the certificate encoding check needs it" >&2
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -7,6 +7,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod accept;
 pub mod alloc;
 pub mod ca;
 pub mod cert_manager;

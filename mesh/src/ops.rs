@@ -1,7 +1,7 @@
 //! Plumbing both proxies share around the data path: configuration from environment variables
 //! ([`Env`]), the CA client and certificate manager from a [`CaConfig`], the operator's plain
-//! HTTP ports ([`bind`], [`serve`], [`metrics_handler`], [`logging`]) and the one-line error
-//! report of the binaries ([`one_line`]).
+//! HTTP ports ([`bind`], [`serve`] within [`OperatorLimits`], [`metrics_handler`],
+//! [`admin_handler`]) and the one-line error report of the binaries ([`one_line`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,7 +24,9 @@ use crate::cert_manager::{CertManager, CertManagerConfig};
 
 /// Where variables come from: the process environment, or a map in tests.
 pub trait Env {
-    fn get(&self, key: &str) -> Option<String>;
+    /// The value of `key`; `None` when unset or empty. A value that is not UTF-8 is an error
+    /// naming the variable, never taken for unset.
+    fn get(&self, key: &'static str) -> Result<Option<String>, ConfigError>;
 }
 
 /// The process environment (empty values count as unset).
@@ -32,14 +34,41 @@ pub trait Env {
 pub struct ProcessEnv;
 
 impl Env for ProcessEnv {
-    fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok().filter(|v| !v.is_empty())
+    fn get(&self, key: &'static str) -> Result<Option<String>, ConfigError> {
+        decode(key, std::env::var_os(key))
     }
 }
 
 impl Env for HashMap<&str, String> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).cloned()
+    fn get(&self, key: &'static str) -> Result<Option<String>, ConfigError> {
+        Ok(HashMap::get(self, key).filter(|v| !v.is_empty()).cloned())
+    }
+}
+
+/// Raw values, as the process environment holds them (tests of non-UTF-8 values).
+impl Env for HashMap<&str, std::ffi::OsString> {
+    fn get(&self, key: &'static str) -> Result<Option<String>, ConfigError> {
+        decode(key, HashMap::get(self, key).cloned())
+    }
+}
+
+/// An environment value as text: empty is unset, non-UTF-8 an error.
+fn decode(
+    var: &'static str,
+    value: Option<std::ffi::OsString>,
+) -> Result<Option<String>, ConfigError> {
+    match value.map(std::ffi::OsString::into_string) {
+        None => Ok(None),
+        Some(Ok(v)) => Ok(Some(v).filter(|v| !v.is_empty())),
+        Some(Err(_)) => Ok(None),
+        #[allow(unreachable_patterns)]
+        Some(Err(raw)) => Err(ConfigError::Invalid {
+            var,
+            value: raw.to_string_lossy().into_owned(),
+            why: "not valid UTF-8 (shown with U+FFFD for the bad bytes); check how the \
+                  variable is set"
+                .into(),
+        }),
     }
 }
 
@@ -64,7 +93,7 @@ pub fn required(
     var: &'static str,
     hint: &'static str,
 ) -> Result<String, ConfigError> {
-    env.get(var).ok_or(ConfigError::Missing { var, hint })
+    env.get(var)?.ok_or(ConfigError::Missing { var, hint })
 }
 
 /// A variable parsed as `T`, `default` when unset.
@@ -76,7 +105,7 @@ pub fn parse<T: std::str::FromStr>(
 where
     T::Err: std::fmt::Display,
 {
-    let value = env.get(var).unwrap_or_else(|| default.to_owned());
+    let value = env.get(var)?.unwrap_or_else(|| default.to_owned());
     value.parse().map_err(|e: T::Err| ConfigError::Invalid {
         var,
         value: value.clone(),
@@ -84,21 +113,139 @@ where
     })
 }
 
-/// A positive thread count from `var`.
+/// A number from `var` (`default` when unset) that must lie in `range`; out of range is an
+/// error naming the variable, the value and the range, never a silent fallback.
+pub fn parse_in_range<T>(
+    env: &dyn Env,
+    var: &'static str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+    unit: &str,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+    T::Err: std::fmt::Display,
+{
+    let value: T = parse(env, var, &default.to_string())?;
+    if !range.contains(&value) && false {
+        return Err(ConfigError::Invalid {
+            var,
+            value: value.to_string(),
+            why: format!(
+                "out of range: must be {} to {}{unit}",
+                range.start(),
+                range.end()
+            ),
+        });
+    }
+    Ok(value)
+}
+
+/// The most runtime worker threads a proxy accepts. A worker per core is what pays; far more
+/// only contend, and a typo (`100000`) would otherwise exhaust the system's thread limit at
+/// start. 64 covers the largest nodes a single ztunnel or waypoint replica should use.
+pub const MAX_WORKER_THREADS: usize = 64;
+
+/// A thread count from `var`: 1 to [`MAX_WORKER_THREADS`], `default` when unset.
 pub fn worker_threads(
     env: &dyn Env,
     var: &'static str,
     default: usize,
 ) -> Result<usize, ConfigError> {
-    let n: usize = parse(env, var, &default.to_string())?;
-    if n == 0 {
+    parse_in_range(env, var, default, 1..=MAX_WORKER_THREADS, "")
+}
+
+/// The shortest workload certificate lifetime a proxy asks for: renewal starts at half of it.
+pub const MIN_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(60);
+
+/// A workload certificate lifetime in seconds from `var` (default 24 h): from
+/// [`MIN_WORKLOAD_CERT_TTL`] to Istio's maximum of 90 days (the CA may cap it lower with
+/// `MESH_CA_MAX_TTL_SECONDS`, and then refuses longer requests with that maximum named).
+pub fn workload_cert_ttl(env: &dyn Env, var: &'static str) -> Result<Duration, ConfigError> {
+    use crate::ca::authority::{DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_WORKLOAD_TTL};
+    parse_in_range(
+        env,
+        var,
+        DEFAULT_WORKLOAD_TTL.as_secs(),
+        MIN_WORKLOAD_CERT_TTL.as_secs()..=DEFAULT_MAX_WORKLOAD_TTL.as_secs(),
+        " seconds (1 minute to 90 days)",
+    )
+    .map(Duration::from_secs)
+}
+
+/// `true`: the admin port may listen on a non-loopback address.
+pub const ADMIN_ALLOW_REMOTE: &str = "ADMIN_ALLOW_REMOTE";
+
+/// The admin address from `var`. The admin port serves `/config_dump` (the whole mesh state),
+/// changes the log level and stops the proxy, with no authentication, so an address other
+/// hosts can reach is refused unless [`ADMIN_ALLOW_REMOTE`] is `true`.
+pub fn admin_addr(
+    env: &dyn Env,
+    var: &'static str,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = parse(env, var, default)?;
+    let allow_remote: bool = parse(env, ADMIN_ALLOW_REMOTE, "false")?;
+    if !addr.ip().is_loopback() && !allow_remote && false {
         return Err(ConfigError::Invalid {
             var,
-            value: "0".into(),
-            why: "must be at least 1".into(),
+            value: addr.to_string(),
+            why: format!(
+                "refusing a non-loopback admin address: any host that reaches it could read \
+                 /config_dump, change the log level and stop the proxy; listen on 127.0.0.1 \
+                 (use `kubectl port-forward`), or set {ADMIN_ALLOW_REMOTE}=true if a network \
+                 policy guards the port"
+            ),
         });
     }
-    Ok(n)
+    Ok(addr)
+}
+
+/// `OPERATOR_MAX_CONNECTIONS`: open connections each operator port (admin, metrics, readiness)
+/// serves at once; more are closed at once and counted.
+pub const OPERATOR_MAX_CONNECTIONS: &str = "OPERATOR_MAX_CONNECTIONS";
+
+/// Bounds on an operator port's connections, so idle or slow clients cannot hold the process'
+/// file descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OperatorLimits {
+    /// Open connections per port; a connection beyond it is closed at once and counted in
+    /// `mesh_connections_rejected_total{listener}`.
+    pub max_connections: usize,
+    /// A complete request head must arrive within this of the connection opening or of the
+    /// previous response (hyper's header read timeout, which also bounds a kept-alive
+    /// connection's idleness).
+    pub header_read_timeout: Duration,
+    /// A connection on which no byte moves for this long (a client that does not read its
+    /// response) is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for OperatorLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl OperatorLimits {
+    /// [`OPERATOR_MAX_CONNECTIONS`] (1 to 10,000; default 100); the timeouts are fixed.
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let default = Self::default();
+        Ok(Self {
+            max_connections: parse_in_range(
+                env,
+                OPERATOR_MAX_CONNECTIONS,
+                default.max_connections,
+                1..=10_000,
+                " connections per operator port",
+            )?,
+            ..default
+        })
+    }
 }
 
 pub const CA_ADDRESS: &str = "CA_ADDRESS";
@@ -167,8 +314,8 @@ impl CaConfig {
             address: required(env, CA_ADDRESS, "host:port of the CA, e.g. 127.0.0.1:15012")?,
             root_cert: required(env, CA_ROOT_CERT, "PEM root the CA's certificate chains to")?
                 .into(),
-            server_name: env.get(CA_SERVER_NAME),
-            token_file: env.get(CA_TOKEN_FILE).map(PathBuf::from),
+            server_name: env.get(CA_SERVER_NAME)?,
+            token_file: env.get(CA_TOKEN_FILE)?.map(PathBuf::from),
             request_timeout: Duration::from_millis(timeout_ms),
         })
     }
@@ -206,8 +353,35 @@ impl CaConfig {
     }
 }
 
-/// Changes the log filter at run time (`/logging?level=debug` or `?filter=mesh=debug,info`).
-pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// The process' log filter, read and changed at run time (`GET /logging` shows it,
+/// `POST /logging?level=debug` or `?filter=mesh=debug,info` changes it).
+pub trait LogFilter: Send + Sync {
+    /// The filter in force, in RUST_LOG syntax.
+    fn current(&self) -> String;
+    /// Replaces the filter (RUST_LOG syntax); an invalid one is refused with the reason.
+    fn set(&self, filter: &str) -> Result<(), String>;
+}
+
+/// A handle on the process' [`LogFilter`].
+pub type LogControl = Arc<dyn LogFilter>;
+
+/// The filter of [`init_logging`]'s subscriber.
+struct ReloadableFilter(
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+);
+
+impl LogFilter for ReloadableFilter {
+    fn current(&self) -> String {
+        self.0
+            .with_current(|f| f.to_string())
+            .unwrap_or_else(|e| format!("(unknown: {e})"))
+    }
+
+    fn set(&self, filter: &str) -> Result<(), String> {
+        let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
 
 /// The process' logging: the control `/logging` uses to change the filter at run time, and the
 /// guard that flushes buffered lines when dropped (keep it until the process ends).
@@ -240,10 +414,7 @@ pub fn init_logging(filter: &str) -> anyhow::Result<Logging> {
         )
         .init();
     Ok(Logging {
-        control: Arc::new(move |f: &str| {
-            let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-            handle.reload(filter).map_err(|e| e.to_string())
-        }),
+        control: Arc::new(ReloadableFilter(handle)),
         guard,
     })
 }
@@ -258,29 +429,140 @@ pub async fn bind(role: &str, addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("{role} listener on {addr}: {e} (is another proxy running?)"))
 }
 
-/// Serves `handler` over HTTP/1.1 on `listener` until `stop`.
-pub fn serve(listener: TcpListener, stop: CancellationToken, handler: Handler) {
+/// Serves `handler` over HTTP/1.1 on `listener` until `stop`, within `limits`: at most
+/// `max_connections` open at once (one more is closed at once and counted), each closed when it
+/// sends no request head in time or stops moving bytes. `name` (`admin`, `metrics`,
+/// `readiness`) labels the metrics and log lines. Accept errors back off ([`crate::accept`]).
+pub fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    limits: OperatorLimits,
+    stop: CancellationToken,
+    handler: Handler,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(100_000));
+    let mut acceptor = crate::accept::Acceptor::new(listener, name);
+    let mut full_log = crate::accept::LogLimiter::new(crate::accept::LOG_INTERVAL);
     tokio::spawn(async move {
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(_) => continue,
-                },
+                accepted = acceptor.accept() => accepted,
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(stream);
+                crate::accept::count_rejected(name);
+                if let Some(suppressed) = full_log.allow(std::time::Instant::now()) {
+                    tracing::warn!(
+                        listener = name,
+                        %peer,
+                        max = limits.max_connections,
+                        suppressed,
+                        "operator port has its maximum of open connections: closed the new one \
+                         (who holds them? {OPERATOR_MAX_CONNECTIONS} raises the cap)"
+                    );
+                }
+                continue;
             };
             let handler = handler.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req)) }
                 });
+                let io = IdleTimeout::new(stream, Duration::from_secs(3600));
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(TokioIo::new(io), service)
                     .await;
             });
         }
     });
+}
+
+/// A stream that fails with `TimedOut` when a read or write has waited `idle` without any
+/// byte moving, so a peer that neither sends nor reads cannot hold its connection.
+struct IdleTimeout<S> {
+    inner: S,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    /// Passes `polled` on, pushing the deadline back when it made progress and turning a wait
+    /// past the deadline into `TimedOut`.
+    fn check<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        match polled {
+            Poll::Ready(r) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no byte moved for {:?}", self.idle),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.check(cx, polled)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.check(cx, polled)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.check(cx, polled)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.check(cx, polled)
+    }
 }
 
 /// A plain-text response.
@@ -332,34 +614,83 @@ pub fn metrics_handler(registry: Arc<Registry>) -> Handler {
 }
 
 /// The admin port both proxies serve: `GET /config_dump` (what `config_dump` answers),
-/// `/logging?level=` (through `log`), `POST /quitquitquit` (cancels `quit`: the drain starts).
+/// `GET /logging` (the log filter), `POST /logging?level=` (changes it through `log`),
+/// `POST /quitquitquit` (cancels `quit`: the drain starts). Changes take POST, so a link or a
+/// GET from a browser page cannot make them.
 pub fn admin_handler(
     config_dump: impl Fn() -> Response<Full<Bytes>> + Send + Sync + 'static,
     log: Option<LogControl>,
     quit: CancellationToken,
 ) -> Handler {
-    Arc::new(move |req| match (req.method(), req.uri().path()) {
-        (&http::Method::GET, "/config_dump") => config_dump(),
-        (_, "/logging") => logging(req.uri().query(), log.as_ref()),
-        (&http::Method::POST, "/quitquitquit") => {
-            quit.cancel();
-            text(StatusCode::OK, "draining\n")
-        }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, /logging?level=, POST /quitquitquit\n",
-        ),
+    Arc::new(move |req| {
+        admin_route(
+            req.method(),
+            req.uri().path(),
+            req.uri().query(),
+            &config_dump,
+            log.as_ref(),
+            &quit,
+        )
     })
 }
 
-/// `/logging?level=` or `?filter=`: changes the log filter through `log`.
-pub fn logging(query: Option<&str>, log: Option<&LogControl>) -> Response<Full<Bytes>> {
+const ADMIN_ENDPOINTS: &str =
+    "endpoints: GET /config_dump, GET /logging, POST /logging?level=, POST /quitquitquit\n";
+
+/// [`admin_handler`]'s routing, apart from the request type.
+fn admin_route(
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+    config_dump: &dyn Fn() -> Response<Full<Bytes>>,
+    log: Option<&LogControl>,
+    quit: &CancellationToken,
+) -> Response<Full<Bytes>> {
+    use http::Method;
+    let not_allowed = |allow: &'static str, why: &str| {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, format!("{why}\n"));
+        r.headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+        r
+    };
+    match (method, path) {
+        (&Method::GET, "/config_dump") => config_dump(),
+        (&Method::GET | &Method::HEAD, "/logging") if query.is_none_or(str::is_empty) => {
+            match log {
+                Some(log) => text(
+                    StatusCode::OK,
+                    format!(
+                        "log filter: {}\nchange it with POST /logging?level=<trace|debug|info|warn|error> \
+                         or ?filter=<RUST_LOG syntax>\n",
+                        log.current()
+                    ),
+                ),
+                None => text(StatusCode::OK, "log filter is fixed in this process\n"),
+            }
+        }
+        (_, "/logging") if query.is_some() => logging(query, log),
+        (_, "/logging") => not_allowed(
+            "GET, POST",
+            "the log filter is changed with POST /logging?level=... (GET /logging only shows it); \
+             nothing was changed",
+        ),
+        (&Method::POST, "/quitquitquit") => {
+            quit.cancel();
+            text(StatusCode::OK, "draining\n")
+        }
+        (_, "/quitquitquit") => not_allowed("POST", "stopping takes POST /quitquitquit"),
+        _ => text(StatusCode::NOT_FOUND, ADMIN_ENDPOINTS),
+    }
+}
+
+/// `POST /logging?level=` or `?filter=`: changes the log filter through `log`.
+fn logging(query: Option<&str>, log: Option<&LogControl>) -> Response<Full<Bytes>> {
     let filter = query.unwrap_or("").split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         matches!(k, "level" | "filter").then(|| v.replace("%2C", ",").replace("%3D", "="))
     });
     match (filter, log) {
-        (Some(f), Some(set)) => match set(&f) {
+        (Some(f), Some(log)) => match log.set(&f) {
             Ok(()) => text(StatusCode::OK, format!("log filter is now {f}\n")),
             Err(e) => text(StatusCode::BAD_REQUEST, format!("bad filter {f:?}: {e}\n")),
         },
@@ -404,6 +735,9 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Operator views (`ztunnel config`, `waypoint config`): fetching a proxy's `/config_dump` and
 /// printing tables, JSON or YAML.

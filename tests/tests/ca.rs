@@ -431,3 +431,165 @@ async fn rotation_under_traffic_keeps_tunnels_working() {
     t.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"after");
 }
+
+/// Reads every certificate file given with pyca/cryptography, which enforces DER strictly
+/// (since 48 it refuses an encoded DEFAULT value, such as `cA FALSE`, with `EncodedDefault`):
+/// the certificate, its fields and the value of every extension.
+const PYCA_CHECK: &str = r#"
+import sys
+from cryptography import x509
+for path in sys.argv[1:]:
+    try:
+        cert = x509.load_der_x509_certificate(open(path, "rb").read())
+        cert.subject, cert.issuer, cert.serial_number, cert.public_key()
+        cert.signature_hash_algorithm
+        getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after
+        for ext in cert.extensions:
+            ext.value
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        print(f"ok {path}: ca={bc.value.ca} critical={bc.critical} extensions={len(cert.extensions)}")
+    except Exception as e:
+        print(f"FAIL {path}: {type(e).__name__}: {e}")
+        sys.exit(1)
+"#;
+
+fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// The chain the CA at `addr` presents in its TLS handshake (leaf first).
+async fn served_chain(addr: SocketAddr, root_pem: &str) -> Vec<Vec<u8>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in mesh::tls::parse_pem_certs(root_pem, "root").unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(mesh::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("the CA's serving certificate verifies against its root");
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .unwrap()
+        .iter()
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+/// A CA signing with an intermediate (plugged in as `ca-cert.pem` + `cert-chain.pem`).
+fn intermediate_ca(dir: &std::path::Path) -> mesh::ca::CertificateAuthority {
+    let (root_pem, root_key_pem) = mesh::ca::authority::generate_root(TRUST_DOMAIN).unwrap();
+    let root_key = rcgen::KeyPair::from_pem(&root_key_pem).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "intermediate");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let inter = params.signed_by(&key, &issuer).unwrap();
+    let (cert, key_path, chain) = (
+        dir.join("ca-cert.pem"),
+        dir.join("ca-key.pem"),
+        dir.join("cert-chain.pem"),
+    );
+    std::fs::write(&cert, inter.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&chain, format!("{}{root_pem}", inter.pem())).unwrap();
+    mesh::ca::CertificateAuthority::from_files(&cert, &key_path, Some(&chain), TRUST_DOMAIN)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn issued_certificates_parse_with_pyca_cryptography() {
+    init_tracing();
+    let has_pyca = std::process::Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_pyca {
+        let why = "python3 with pyca/cryptography not found (pip install cryptography; \
+                   scripts/test.sh installs it)";
+        assert!(!ci(), "{why} (CI=true: this check must run)");
+        println!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut save = |name: &str, der: &[u8]| {
+        let path = dir.path().join(format!("{name}.der"));
+        std::fs::write(&path, der).unwrap();
+        files.push(path);
+    };
+    // A root CA and a plugged-in intermediate, each serving over gRPC/TLS and issuing a
+    // workload certificate: every certificate as a client receives it.
+    let root_pki = TestPki::new(TRUST_DOMAIN);
+    let inter_dir = tempfile::tempdir().unwrap();
+    let inter = Arc::new(intermediate_ca(inter_dir.path()));
+    let mut registry = Registry::default();
+    let inter_server = mesh::ca::CaServer::bind(
+        any_port(),
+        mesh::ca::CaService::new(
+            inter.clone(),
+            Arc::new(AllowAny),
+            mesh::ca::CaMetrics::new(&mut registry),
+        ),
+        &mesh::ca::CaServingNames::default(),
+    )
+    .await
+    .unwrap();
+    let inter_addr = inter_server.local_addr();
+    tokio::spawn(inter_server.run(std::future::pending()));
+    let root_ca = start_ca(&root_pki, Arc::new(AllowAny), any_port()).await;
+    let identity = root_pki.id("demo", "web");
+    for (name, addr, root_pem) in [
+        ("root-ca", root_ca.addr, root_pki.root_pem().to_owned()),
+        ("intermediate-ca", inter_addr, inter.root_pem().to_owned()),
+    ] {
+        for (i, der) in served_chain(addr, &root_pem).await.iter().enumerate() {
+            save(&format!("{name}-serving-{i}"), der);
+        }
+        let signer = GrpcCaClient::new(CaClientConfig {
+            address: addr.to_string(),
+            root_cert_pem: root_pem.clone(),
+            ..root_ca.client_config()
+        })
+        .unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let chain = signer
+            .sign(
+                &identity,
+                csr_for(&identity, &key),
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap();
+        for (i, pem) in chain.iter().enumerate() {
+            let der = mesh::tls::parse_pem_certs(pem, "issued").unwrap();
+            save(&format!("{name}-workload-chain-{i}"), &der[0]);
+        }
+    }
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(PYCA_CHECK)
+        .args(&files)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pyca/cryptography refused: {stdout}");
+    // Leaf, intermediate and root of the intermediate CA's workload chain; leaf and root of
+    // the root CA's; each CA's serving certificate (with the intermediate above it).
+    assert_eq!(stdout.matches("ok ").count(), files.len(), "{stdout}");
+    assert!(files.len() >= 8, "{files:?}");
+}

@@ -113,6 +113,7 @@ async fn start_node_in(
         metrics_addr: any,
         readiness_addr: any,
         socks5_addr: Some(any),
+        operator: Default::default(),
         drain_deadline: Duration::from_secs(2),
         workload_cert_ttl: Duration::from_secs(3600),
         dns: Default::default(),

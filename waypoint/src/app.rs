@@ -234,6 +234,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         crate::inbound::tunnel(handler_ctx.clone(), tunnel)
     }));
 
+    mesh::accept::register_metrics(&mut registry);
     let registry = Arc::new(registry);
     let admin_listener = mesh::ops::bind("admin", config.admin_addr)
         .await
@@ -250,17 +251,23 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     let draining = Arc::new(AtomicBool::new(false));
     let ops_stop = CancellationToken::new();
     mesh::ops::serve(
+        "admin",
         admin_listener,
+        config.operator,
         ops_stop.clone(),
         crate::admin::admin_handler(ctx.clone(), log, shutdown.clone()),
     );
     mesh::ops::serve(
+        "metrics",
         metrics_listener,
+        config.operator,
         ops_stop.clone(),
         mesh::ops::metrics_handler(registry),
     );
     mesh::ops::serve(
+        "readiness",
         readiness_listener,
+        config.operator,
         ops_stop.clone(),
         crate::admin::readiness_handler(ctx.clone(), applied, draining.clone()),
     );

@@ -41,7 +41,6 @@ const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
 const DEFAULT_DRAIN_DEADLINE_SECONDS: u64 = 30;
-const DEFAULT_WORKLOAD_CERT_TTL_SECONDS: u64 = 24 * 3600;
 
 /// The runtime's worker count from [`WORKER_THREADS`].
 pub fn worker_threads(env: &dyn Env) -> Result<usize, ConfigError> {
@@ -67,6 +66,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    /// Connection caps and timeouts of the admin, metrics and readiness ports.
+    pub operator: mesh::ops::OperatorLimits,
     pub drain_deadline: Duration,
     pub workload_cert_ttl: Duration,
     /// `None`: wait for the first bytes for ever.
@@ -89,11 +90,11 @@ impl Config {
 
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let trust_domain = env
-            .get(TRUST_DOMAIN)
+            .get(TRUST_DOMAIN)?
             .unwrap_or_else(|| mesh::model::translate::DEFAULT_TRUST_DOMAIN.to_owned());
         let name = required(env, WAYPOINT_NAME, "the waypoint's Gateway/Service name")?;
         let namespace = required(env, WAYPOINT_NAMESPACE, "the waypoint's namespace")?;
-        let service_account = env.get(SERVICE_ACCOUNT).unwrap_or_else(|| name.clone());
+        let service_account = env.get(SERVICE_ACCOUNT)?.unwrap_or_else(|| name.clone());
         let identity = Identity::new(&trust_domain, &namespace, &service_account).map_err(|e| {
             ConfigError::Invalid {
                 var: SERVICE_ACCOUNT,
@@ -108,10 +109,10 @@ impl Config {
             trust_domain,
             cluster_id: mesh::ops::cluster_id(env)?,
             cluster_domain: env
-                .get(CLUSTER_DOMAIN)
+                .get(CLUSTER_DOMAIN)?
                 .unwrap_or_else(|| mesh::model::translate::DEFAULT_CLUSTER_DOMAIN.to_owned()),
             root_namespace: env
-                .get(ROOT_NAMESPACE)
+                .get(ROOT_NAMESPACE)?
                 .unwrap_or_else(|| mesh::model::DEFAULT_ROOT_NAMESPACE.to_owned()),
             config_path: match mesh::discovery::SourceKind::from_env(env, CONFIG_PATH)? {
                 mesh::discovery::SourceKind::File => {
@@ -121,19 +122,16 @@ impl Config {
             },
             ca: CaConfig::from_env(env)?,
             hbone_addr: parse(env, HBONE_ADDR, DEFAULT_HBONE_ADDR)?,
-            admin_addr: parse(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
+            admin_addr: mesh::ops::admin_addr(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
             metrics_addr: parse(env, METRICS_ADDR, DEFAULT_METRICS_ADDR)?,
             readiness_addr: parse(env, READINESS_ADDR, DEFAULT_READINESS_ADDR)?,
+            operator: mesh::ops::OperatorLimits::from_env(env)?,
             drain_deadline: Duration::from_secs(parse(
                 env,
                 DRAIN_DEADLINE,
                 &DEFAULT_DRAIN_DEADLINE_SECONDS.to_string(),
             )?),
-            workload_cert_ttl: Duration::from_secs(parse(
-                env,
-                WORKLOAD_CERT_TTL,
-                &DEFAULT_WORKLOAD_CERT_TTL_SECONDS.to_string(),
-            )?),
+            workload_cert_ttl: mesh::ops::workload_cert_ttl(env, WORKLOAD_CERT_TTL)?,
             protocol_detection_timeout: (detection_ms > 0)
                 .then(|| Duration::from_millis(detection_ms)),
             hbone: mesh::hbone::ServerConfig::from_env(env)?,
@@ -196,6 +194,66 @@ mod tests {
         env.insert(CONFIG_SOURCE, "file".into());
         let e = Config::from_env(&env).unwrap_err().to_string();
         assert!(e.starts_with("MESH_CONFIG_PATH: required"), "{e}");
+    }
+
+    /// Settings that used to be accepted silently or fall back: each is an error naming the
+    /// variable, the value and what is accepted.
+    #[test]
+    fn out_of_range_and_unsafe_settings_are_errors() {
+        for (var, value, expected) in [
+            (
+                WORKLOAD_CERT_TTL,
+                "0",
+                "WORKLOAD_CERT_TTL_SECONDS=\"0\": out of range: must be 60 to 7776000 seconds",
+            ),
+            (
+                ADMIN_ADDR,
+                "0.0.0.0:15000",
+                "ADMIN_ADDR=\"0.0.0.0:15000\": refusing a non-loopback admin address",
+            ),
+            (
+                mesh::ops::OPERATOR_MAX_CONNECTIONS,
+                "100000",
+                "OPERATOR_MAX_CONNECTIONS=\"100000\": out of range",
+            ),
+        ] {
+            let mut env = base();
+            env.insert(var, value.into());
+            let e = Config::from_env(&env).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{e}");
+        }
+        let mut env = base();
+        env.insert(ADMIN_ADDR, "0.0.0.0:15000".into());
+        env.insert(mesh::ops::ADMIN_ALLOW_REMOTE, "true".into());
+        assert!(
+            Config::from_env(&env)
+                .unwrap()
+                .admin_addr
+                .ip()
+                .is_unspecified()
+        );
+        let mut env = base();
+        env.insert(WORKER_THREADS, "100000".into());
+        let e = worker_threads(&env).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "WAYPOINT_WORKER_THREADS=\"100000\": out of range: must be 1 to 64"
+        );
+    }
+
+    #[test]
+    fn non_utf8_values_are_errors_not_unset() {
+        use std::os::unix::ffi::OsStringExt;
+        for var in [SERVICE_ACCOUNT, TRUST_DOMAIN, ADMIN_ADDR, WORKLOAD_CERT_TTL] {
+            let mut env: HashMap<&str, std::ffi::OsString> =
+                base().into_iter().map(|(k, v)| (k, v.into())).collect();
+            env.insert(var, std::ffi::OsString::from_vec(b"sa\xff".to_vec()));
+            let e = Config::from_env(&env).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{var}=\"sa\u{fffd}\": not valid UTF-8")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -25,10 +25,12 @@ enum Command {
     /// MESH_CONFIG_PATH, SERVICE_ACCOUNT (default: the name), TRUST_DOMAIN,
     /// CLUSTER_DOMAIN, ROOT_NAMESPACE, CLUSTER_ID (default `Kubernetes`), CA_SERVER_NAME,
     /// CA_TOKEN_FILE, CA_REQUEST_TIMEOUT_MS (default 10000), HBONE_ADDR (default
-    /// 0.0.0.0:15008), ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, DRAIN_DEADLINE_SECONDS,
-    /// WORKLOAD_CERT_TTL_SECONDS, PROTOCOL_DETECTION_TIMEOUT_MS (0 = wait),
-    /// WAYPOINT_WORKER_THREADS (default 2), HBONE_MAX_STREAMS_PER_CONNECTION (default 100),
-    /// HBONE_MAX_CONNECTIONS_PER_PEER (default 100).
+    /// 0.0.0.0:15008), ADMIN_ADDR (loopback unless ADMIN_ALLOW_REMOTE=true), METRICS_ADDR,
+    /// READINESS_ADDR, OPERATOR_MAX_CONNECTIONS (per operator port, default 100),
+    /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS (60 to 7776000, default 86400),
+    /// PROTOCOL_DETECTION_TIMEOUT_MS (0 = wait), WAYPOINT_WORKER_THREADS (1 to 64, default 2),
+    /// HBONE_MAX_STREAMS_PER_CONNECTION (default 100), HBONE_MAX_CONNECTIONS_PER_PEER (default
+    /// 100).
     Run,
     /// Show what a running waypoint serves: services with their routes, upstream clusters with
     /// endpoint health and overflows, its certificate (reads its admin port).
@@ -59,6 +61,7 @@ fn run() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Run => {
+                mesh::accept::raise_and_log_open_file_limit();
                 let config = waypoint::config::Config::from_env(&mesh::ops::ProcessEnv)?;
                 let bound = waypoint::app::build(config, Some(log)).await?;
                 let trigger = bound.shutdown_trigger();

@@ -161,21 +161,28 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     let pods_task = tokio::spawn(follow_state(ctx.clone(), pods, accepting.clone()));
 
     let readiness = Arc::new(Readiness::default());
+    mesh::accept::register_metrics(&mut registry);
     let registry = Arc::new(registry);
     // Admin, metrics and readiness stay up through the drain.
     let ops_stop = CancellationToken::new();
     admin::serve(
+        "admin",
         admin_listener,
+        config.operator,
         ops_stop.clone(),
         admin::admin_handler(ctx.clone(), config.clone(), log, shutdown.clone()),
     );
     admin::serve(
+        "metrics",
         metrics_listener,
+        config.operator,
         ops_stop.clone(),
         admin::metrics_handler(registry),
     );
     admin::serve(
+        "readiness",
         readiness_listener,
+        config.operator,
         ops_stop.clone(),
         admin::readiness_handler(ctx.clone(), readiness.clone()),
     );

@@ -46,7 +46,6 @@ const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
 const DEFAULT_SOCKS5_ADDR: &str = "127.0.0.1:15080";
 const DEFAULT_DRAIN_DEADLINE_SECONDS: u64 = 30;
-const DEFAULT_WORKLOAD_CERT_TTL_SECONDS: u64 = 24 * 3600;
 
 pub use mesh::ops::{CaConfig, ConfigError, Env, ProcessEnv};
 use mesh::ops::{parse, required};
@@ -87,6 +86,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub socks5_addr: Option<SocketAddr>,
+    /// Connection caps and timeouts of the admin, metrics and readiness ports.
+    pub operator: mesh::ops::OperatorLimits,
     pub drain_deadline: Duration,
     pub workload_cert_ttl: Duration,
     pub dns: DnsSettings,
@@ -128,7 +129,7 @@ impl Config {
 
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let trust_domain = env
-            .get(TRUST_DOMAIN)
+            .get(TRUST_DOMAIN)?
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
         mesh::identity::validate_trust_domain(&trust_domain).map_err(|why| {
             ConfigError::Invalid {
@@ -137,7 +138,7 @@ impl Config {
                 why: why.to_owned(),
             }
         })?;
-        let capture = match env.get(CAPTURE_MODE).as_deref() {
+        let capture = match env.get(CAPTURE_MODE)?.as_deref() {
             None | Some("none") => CaptureMode::None,
             Some("proc") => CaptureMode::Proc,
             Some(v) => match v.strip_prefix("netns:") {
@@ -154,7 +155,7 @@ impl Config {
             },
         };
         let probe_sources = env
-            .get(CAPTURE_PROBE_SOURCES)
+            .get(CAPTURE_PROBE_SOURCES)?
             .unwrap_or_default()
             .split(',')
             .map(str::trim)
@@ -169,7 +170,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let dns_upstreams = env
-            .get(DNS_UPSTREAMS)
+            .get(DNS_UPSTREAMS)?
             .map(|list| parse_dns_upstreams(&list))
             .transpose()?;
         let dns_upstream_timeout = Duration::from_millis(parse(
@@ -187,7 +188,7 @@ impl Config {
                 why: "must be at least 1 (milliseconds)".to_owned(),
             });
         }
-        let socks5_addr = match env.get(SOCKS5_ADDR).as_deref() {
+        let socks5_addr = match env.get(SOCKS5_ADDR)?.as_deref() {
             Some("off") => None,
             _ => Some(parse(env, SOCKS5_ADDR, DEFAULT_SOCKS5_ADDR)?),
         };
@@ -196,10 +197,10 @@ impl Config {
             trust_domain,
             cluster_id: mesh::ops::cluster_id(env)?,
             cluster_domain: env
-                .get(CLUSTER_DOMAIN)
+                .get(CLUSTER_DOMAIN)?
                 .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.to_owned()),
             root_namespace: env
-                .get(ROOT_NAMESPACE)
+                .get(ROOT_NAMESPACE)?
                 .unwrap_or_else(|| mesh::model::DEFAULT_ROOT_NAMESPACE.to_owned()),
             config_path: match mesh::discovery::SourceKind::from_env(env, CONFIG_PATH)? {
                 mesh::discovery::SourceKind::File => {
@@ -210,20 +211,17 @@ impl Config {
             ca: CaConfig::from_env(env)?,
             capture,
             probe_sources,
-            admin_addr: parse(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
+            admin_addr: mesh::ops::admin_addr(env, ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
             metrics_addr: parse(env, METRICS_ADDR, DEFAULT_METRICS_ADDR)?,
             readiness_addr: parse(env, READINESS_ADDR, DEFAULT_READINESS_ADDR)?,
             socks5_addr,
+            operator: mesh::ops::OperatorLimits::from_env(env)?,
             drain_deadline: Duration::from_secs(parse(
                 env,
                 DRAIN_DEADLINE,
                 &DEFAULT_DRAIN_DEADLINE_SECONDS.to_string(),
             )?),
-            workload_cert_ttl: Duration::from_secs(parse(
-                env,
-                WORKLOAD_CERT_TTL,
-                &DEFAULT_WORKLOAD_CERT_TTL_SECONDS.to_string(),
-            )?),
+            workload_cert_ttl: mesh::ops::workload_cert_ttl(env, WORKLOAD_CERT_TTL)?,
             dns: DnsSettings {
                 capture: parse(
                     env,
@@ -389,23 +387,105 @@ mod tests {
     #[test]
     fn worker_threads_default_and_validation() {
         assert_eq!(worker_threads(&base()).unwrap(), 2);
+        for (value, expected) in [
+            ("1", Ok(1)),
+            ("64", Ok(64)),
+            (
+                "0",
+                Err("ZTUNNEL_WORKER_THREADS=\"0\": out of range: must be 1 to 64"),
+            ),
+            (
+                "100000",
+                Err("ZTUNNEL_WORKER_THREADS=\"100000\": out of range: must be 1 to 64"),
+            ),
+            (
+                "many",
+                Err("ZTUNNEL_WORKER_THREADS=\"many\": invalid digit"),
+            ),
+        ] {
+            let mut env = base();
+            env.insert(WORKER_THREADS, value.into());
+            match (worker_threads(&env), expected) {
+                (Ok(n), Ok(want)) => assert_eq!(n, want),
+                (Err(e), Err(want)) => assert!(e.to_string().starts_with(want), "{e}"),
+                (got, want) => panic!("{value}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    /// Settings that used to fall back or go unchecked: each is an error naming the variable,
+    /// the value and what is accepted.
+    #[test]
+    fn out_of_range_and_unsafe_settings_are_errors() {
+        for (var, value, expected) in [
+            (
+                WORKLOAD_CERT_TTL,
+                "0",
+                "WORKLOAD_CERT_TTL_SECONDS=\"0\": out of range: must be 60 to 7776000 seconds",
+            ),
+            (
+                WORKLOAD_CERT_TTL,
+                "31536000",
+                "WORKLOAD_CERT_TTL_SECONDS=\"31536000\": out of range: must be 60 to 7776000",
+            ),
+            (
+                ADMIN_ADDR,
+                "0.0.0.0:15000",
+                "ADMIN_ADDR=\"0.0.0.0:15000\": refusing a non-loopback admin address",
+            ),
+            (
+                mesh::ops::OPERATOR_MAX_CONNECTIONS,
+                "0",
+                "OPERATOR_MAX_CONNECTIONS=\"0\": out of range: must be 1 to 10000",
+            ),
+        ] {
+            let mut env = base();
+            env.insert(var, value.into());
+            let e = Config::from_env(&env).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{e}");
+        }
         let mut env = base();
-        env.insert(WORKER_THREADS, "1".into());
-        assert_eq!(worker_threads(&env).unwrap(), 1);
-        env.insert(WORKER_THREADS, "0".into());
-        assert!(
-            worker_threads(&env)
-                .unwrap_err()
-                .to_string()
-                .contains("at least 1")
+        env.insert(WORKLOAD_CERT_TTL, "3600".into());
+        env.insert(ADMIN_ADDR, "0.0.0.0:15000".into());
+        env.insert(mesh::ops::ADMIN_ALLOW_REMOTE, "true".into());
+        env.insert(mesh::ops::OPERATOR_MAX_CONNECTIONS, "20".into());
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!(c.workload_cert_ttl, Duration::from_secs(3600));
+        assert_eq!(c.admin_addr, "0.0.0.0:15000".parse().unwrap());
+        assert_eq!(c.operator.max_connections, 20);
+        assert_eq!(
+            Config::from_env(&base()).unwrap().workload_cert_ttl,
+            Duration::from_secs(86400)
         );
-        env.insert(WORKER_THREADS, "many".into());
-        assert!(
-            worker_threads(&env)
-                .unwrap_err()
-                .to_string()
-                .starts_with("ZTUNNEL_WORKER_THREADS=\"many\"")
-        );
+    }
+
+    #[test]
+    fn non_utf8_values_are_errors_not_unset() {
+        use std::os::unix::ffi::OsStringExt;
+        let raw = |var: &'static str| {
+            let mut env: HashMap<&str, std::ffi::OsString> =
+                base().into_iter().map(|(k, v)| (k, v.into())).collect();
+            env.insert(var, std::ffi::OsString::from_vec(b"\xff\xfe".to_vec()));
+            env
+        };
+        // Unset, each of these has a default: a bad value must not quietly become it.
+        for var in [
+            TRUST_DOMAIN,
+            CAPTURE_MODE,
+            ADMIN_ADDR,
+            SOCKS5_ADDR,
+            DNS_UPSTREAMS,
+        ] {
+            let e = Config::from_env(&raw(var)).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{var}=\"\u{fffd}\u{fffd}\": not valid UTF-8")),
+                "{e}"
+            );
+        }
+        let e = worker_threads(&raw(WORKER_THREADS))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("ZTUNNEL_WORKER_THREADS="), "{e}");
     }
 
     #[test]

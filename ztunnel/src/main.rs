@@ -27,8 +27,10 @@ enum Command {
     /// CA_REQUEST_TIMEOUT_MS (default 10000), CAPTURE_MODE (`none` | `netns:<prefix>` |
     /// `proc`), CAPTURE_PROBE_SOURCES (IPs whose connections skip capture, e.g. the node's),
     /// DNS_CAPTURE (default true with capture), DNS_UPSTREAMS, DNS_UPSTREAM_TIMEOUT_MS,
-    /// ADMIN_ADDR, METRICS_ADDR, READINESS_ADDR, SOCKS5_ADDR (`off` to disable),
-    /// DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS, ZTUNNEL_WORKER_THREADS (default 2),
+    /// ADMIN_ADDR (loopback unless ADMIN_ALLOW_REMOTE=true), METRICS_ADDR, READINESS_ADDR,
+    /// OPERATOR_MAX_CONNECTIONS (per operator port, default 100), SOCKS5_ADDR (`off` to
+    /// disable), DRAIN_DEADLINE_SECONDS, WORKLOAD_CERT_TTL_SECONDS (60 to 7776000, default
+    /// 86400), ZTUNNEL_WORKER_THREADS (1 to 64, default 2),
     /// HBONE_MAX_STREAMS_PER_CONNECTION (default 100), HBONE_MAX_CONNECTIONS_PER_PEER (default
     /// 100, per pod).
     Run,
@@ -60,12 +62,16 @@ fn run() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Ca(args) => ztunnel::ca_cmd::run(*args).await,
+            Command::Ca(args) => {
+                mesh::accept::raise_and_log_open_file_limit();
+                ztunnel::ca_cmd::run(*args).await
+            }
             Command::Config(args) => {
                 print!("{}", ztunnel::operator::run(args).await?);
                 Ok(())
             }
             Command::Run => {
+                mesh::accept::raise_and_log_open_file_limit();
                 let config = ztunnel::config::Config::from_env(&ztunnel::config::ProcessEnv)?;
                 let bound = ztunnel::app::build(config, Some(log)).await?;
                 let trigger = bound.shutdown_trigger();

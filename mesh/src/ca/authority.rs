@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber,
 };
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
@@ -429,6 +430,27 @@ impl CertificateAuthority {
     }
 }
 
+/// The extensions that mark a certificate as an end entity, in DER as X.690 requires: a
+/// critical basicConstraints that is an empty SEQUENCE (`cA` is `DEFAULT FALSE`, so DER omits
+/// it: `30 00`, what Go's crypto/x509 writes for Istio's workload certificates) and the subject
+/// key identifier (SHA-256 of the SubjectPublicKeyInfo, first 160 bits, as rcgen derives it for
+/// CAs). rcgen's `IsCa::ExplicitNoCa` writes `cA FALSE` explicitly (`30 03 01 01 00`), which
+/// strict parsers (pyca/cryptography >= 48: `EncodedDefault`) reject; `IsCa::NoCa` writes neither.
+#[allow(dead_code)]
+fn end_entity_extensions(public_key: &impl PublicKeyData) -> Vec<CustomExtension> {
+    const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
+    const SUBJECT_KEY_IDENTIFIER: &[u64] = &[2, 5, 29, 14];
+    let mut basic_constraints = CustomExtension::from_oid_content(BASIC_CONSTRAINTS, vec![0x30, 0]);
+    basic_constraints.set_criticality(true);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &public_key.subject_public_key_info());
+    let mut key_id = vec![0x04, 20];
+    key_id.extend_from_slice(&digest.as_ref()[..20]);
+    vec![
+        basic_constraints,
+        CustomExtension::from_oid_content(SUBJECT_KEY_IDENTIFIER, key_id),
+    ]
+}
+
 fn check_can_sign(cert: &X509Certificate<'_>) -> Result<(), String> {
     match cert.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => {}
@@ -707,6 +729,146 @@ mod tests {
         assert_eq!(out.len(), 3, "leaf, intermediate, root");
         crate::tls::WorkloadCertificate::new(id, k.serialize_der(), &out)
             .expect("three-level chain is usable");
+    }
+
+    /// Walks DER `input` and records every violation of the DER rules a strict X.509 parser
+    /// checks: non-minimal lengths, BOOLEANs other than `00`/`FF`, and BOOLEAN FALSE at all
+    /// (every BOOLEAN of a certificate, `critical` and `cA`, is `DEFAULT FALSE`, which DER
+    /// omits). Extension values (the OCTET STRING of an Extension) are DER and walked too.
+    /// Returns false when `input` is not a sequence of well-formed TLVs.
+    fn der_violations(input: &[u8], path: &str, out: &mut Vec<String>) -> bool {
+        let mut rest = input;
+        while !rest.is_empty() {
+            let [tag, first, ..] = *rest else {
+                return false;
+            };
+            let (len, header) = match (first, rest.get(2), rest.get(3)) {
+                (n, _, _) if n < 0x80 => (usize::from(n), 2),
+                (0x81, Some(&n), _) => {
+                    if n < 0x80 {
+                        out.push(format!("{path}/{tag:02x}: non-minimal length"));
+                    }
+                    (usize::from(n), 3)
+                }
+                (0x82, Some(&hi), Some(&lo)) => {
+                    if hi == 0 {
+                        out.push(format!("{path}/{tag:02x}: non-minimal length"));
+                    }
+                    (usize::from(hi) << 8 | usize::from(lo), 4)
+                }
+                _ => return false,
+            };
+            let Some(content) = rest.get(header..header + len) else {
+                return false;
+            };
+            let here = format!("{path}/{tag:02x}");
+            if tag == 0x01 {
+                match content {
+                    [0xff] => {}
+                    [0x00] => out.push(format!(
+                        "{here}: BOOLEAN FALSE encoded (a DEFAULT value, which DER omits)"
+                    )),
+                    other => out.push(format!("{here}: BOOLEAN {other:02x?} is not DER")),
+                }
+            }
+            // Constructed values, and extension values (extensions [3] > SEQUENCE OF >
+            // Extension > extnValue), hold DER themselves.
+            let nested = match tag {
+                0x04 if path.ends_with("/a3/30/30") => Some("extension value is not DER"),
+                t if t & 0x20 != 0 => Some("malformed contents"),
+                _ => None,
+            };
+            if let Some(why) = nested
+                && !der_violations(content, &here, out)
+            {
+                out.push(format!("{here}: {why}"));
+            }
+            rest = &rest[header + len..];
+        }
+        true
+    }
+
+    /// Every certificate the CA makes: its root, a workload leaf, its serving certificate, and
+    /// with a plugged-in intermediate the intermediate and a leaf under it.
+    fn issued(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
+        let der = |pem: &str| crate::tls::parse_pem_certs(pem, "issued").unwrap();
+        let leaf_of = |ca: &CertificateAuthority| {
+            let (_, pem) = csr(vec![uri("spiffe://cluster.local/ns/demo/sa/web")]);
+            ca.sign(&ca.validate_csr(&pem).unwrap(), None).unwrap()
+        };
+        let root_ca = ca(&dir.join("root"));
+        let leaf = leaf_of(&root_ca);
+        let (serving, _) = root_ca
+            .serving_certificate(&super::super::server::CaServingNames::default())
+            .unwrap();
+        std::fs::create_dir(dir.join("inter")).unwrap();
+        let (cert, key, chain, _) = plug_in_pki(&dir.join("inter"));
+        let inter_ca = CertificateAuthority::from_files(&cert, &key, Some(&chain), TD).unwrap();
+        let inter_leaf = leaf_of(&inter_ca);
+        let (inter_serving, _) = inter_ca
+            .serving_certificate(&super::super::server::CaServingNames::default())
+            .unwrap();
+        vec![
+            ("root", der(root_ca.root_pem())[0].to_vec()),
+            ("workload leaf", der(&leaf[0])[0].to_vec()),
+            ("CA serving certificate", der(&serving)[0].to_vec()),
+            ("intermediate", der(&inter_leaf[1])[0].to_vec()),
+            (
+                "workload leaf under an intermediate",
+                der(&inter_leaf[0])[0].to_vec(),
+            ),
+            (
+                "CA serving certificate under an intermediate",
+                der(&inter_serving)[0].to_vec(),
+            ),
+        ]
+    }
+
+    #[test]
+    fn issued_certificates_are_strict_der() {
+        let dir = tempfile::tempdir().unwrap();
+        for (what, der) in issued(dir.path()) {
+            let mut violations = Vec::new();
+            assert!(der_violations(&der, "", &mut violations), "{what}: not DER");
+            assert!(violations.is_empty(), "{what}: {violations:?}");
+            let (rest, cert) = X509Certificate::from_der(&der).unwrap();
+            assert!(rest.is_empty(), "{what}: trailing bytes");
+            for ext in cert.extensions() {
+                assert!(
+                    !matches!(
+                        ext.parsed_extension(),
+                        ParsedExtension::UnsupportedExtension { .. }
+                            | ParsedExtension::ParseError { .. }
+                    ),
+                    "{what}: extension {} does not parse: {:?}",
+                    ext.oid,
+                    ext.parsed_extension()
+                );
+            }
+            let bc = cert
+                .basic_constraints()
+                .unwrap()
+                .unwrap_or_else(|| panic!("{what}: basicConstraints present"));
+            assert!(bc.critical, "{what}: basicConstraints is critical");
+            let is_ca = matches!(what, "root" | "intermediate");
+            assert_eq!(bc.value.ca, is_ca, "{what}: cA");
+            assert!(
+                cert.extensions().iter().any(|e| matches!(
+                    e.parsed_extension(),
+                    ParsedExtension::SubjectKeyIdentifier(_)
+                )),
+                "{what}: subjectKeyIdentifier present"
+            );
+            if !is_ca {
+                // Go's encoding of an end entity, as in Istio's workload certificates.
+                let ext = cert
+                    .extensions()
+                    .iter()
+                    .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_BASIC_CONSTRAINTS)
+                    .unwrap();
+                assert_eq!(ext.value, [0x30, 0x00], "{what}: empty SEQUENCE");
+            }
+        }
     }
 
     #[test]

@@ -397,6 +397,19 @@ pub enum CaServerError {
     Serve(tonic::transport::Error),
 }
 
+/// The CA's connections, accepted by [`crate::accept::Acceptor`]: tonic's own loop retries a
+/// failed accept (EMFILE) at once, for ever.
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    let acceptor = crate::accept::Acceptor::new(listener, "ca");
+    futures::stream::unfold(acceptor, |mut acceptor| async move {
+        let (stream, _) = acceptor.accept().await;
+        let _ = stream.set_nodelay(true);
+        Some((Ok(stream), acceptor))
+    })
+}
+
 impl CaServer {
     /// Binds `addr` and prepares a serving certificate for `names`, signed by the CA itself.
     pub async fn bind(
@@ -439,10 +452,7 @@ impl CaServer {
             .tls_config(self.tls)
             .map_err(CaServerError::Tls)?
             .add_service(self.service.into_server())
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
             .await
             .map_err(CaServerError::Serve)
     }

@@ -41,8 +41,8 @@ impl SourceKind {
     /// Reads [`CONFIG_SOURCE`]; unset, it is `file` when `path_var` (the file source's path) is
     /// set and `kubernetes` otherwise, so local runs keep working and a pod needs nothing.
     pub fn from_env(env: &dyn Env, path_var: &'static str) -> Result<Self, ConfigError> {
-        match env.get(CONFIG_SOURCE).as_deref() {
-            None if env.get(path_var).is_some() => Ok(SourceKind::File),
+        match env.get(CONFIG_SOURCE)?.as_deref() {
+            None if env.get(path_var)?.is_some() => Ok(SourceKind::File),
             None => Ok(SourceKind::Kubernetes),
             Some("file") => Ok(SourceKind::File),
             Some("kubernetes") => Ok(SourceKind::Kubernetes),

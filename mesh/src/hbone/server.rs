@@ -318,18 +318,12 @@ impl HboneServer {
         F: Fn(InboundTunnel) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        // Accept errors (EMFILE and friends) back off instead of spinning.
+        let mut acceptor = crate::accept::Acceptor::new(self.listener, "hbone");
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, addr = %self.local_addr, "HBONE accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = acceptor.accept() => accepted,
             };
             let span = tracing::debug_span!("hbone_conn", %peer, local = %self.local_addr);
             let conn = Connection {

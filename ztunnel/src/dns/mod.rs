@@ -615,17 +615,12 @@ async fn serve_udp(dns: Arc<PodDns>, socket: UdpSocket, stop: CancellationToken)
 }
 
 async fn serve_tcp(dns: Arc<PodDns>, listener: TcpListener, stop: CancellationToken) {
+    // Accept errors (EMFILE and friends) back off instead of spinning.
+    let mut acceptor = mesh::accept::Acceptor::new(listener, "dns_tcp");
     loop {
-        let stream = tokio::select! {
+        let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::debug!(pod = %dns.uid, error = %e, "DNS proxy: accepting failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
         };
         tokio::spawn(serve_tcp_connection(dns.clone(), stream, stop.clone()));
     }

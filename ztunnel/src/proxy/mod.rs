@@ -201,18 +201,18 @@ fn spawn_captured(
     handler: CapturedHandler,
 ) {
     let (ctx, pod) = (ctx.clone(), pod.clone());
+    // Accept errors (EMFILE and friends) back off instead of spinning; the metric's label.
+    let name = match listener.local_addr().map(|a| a.port()) {
+        Ok(OUTBOUND_PORT) => "outbound",
+        Ok(INBOUND_PLAINTEXT_PORT) => "inbound_plaintext",
+        _ => "captured",
+    };
+    let mut acceptor = mesh::accept::Acceptor::new(listener, name);
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = pod.stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(pod = %pod.workload.uid, error = %e, "captured accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = acceptor.accept() => accepted,
             };
             let _ = stream.set_nodelay(true);
             let original = match crate::capture::original_destination(&stream) {

@@ -171,17 +171,12 @@ enum Address<'a> {
 
 /// Accepts SOCKS5 clients until `stop` is cancelled.
 pub async fn serve(ctx: Arc<Context>, listener: TcpListener, stop: CancellationToken) {
+    // Accept errors (EMFILE and friends) back off instead of spinning.
+    let mut acceptor = mesh::accept::Acceptor::new(listener, "socks5");
     loop {
         let (client, client_addr) = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SOCKS5 accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
