@@ -265,7 +265,7 @@ pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// [`CLUSTER_ID`]: a name that fits in a `baggage` value (visible ASCII without `,;=\"`).
 pub fn cluster_id(env: &dyn Env) -> Result<String, ConfigError> {
     let value = env
-        .get(CLUSTER_ID)
+        .get(CLUSTER_ID)?
         .unwrap_or_else(|| DEFAULT_CLUSTER_ID.to_owned());
     let bad = value
         .chars()

@@ -130,6 +130,8 @@ async fn a_ca_that_never_answers_fails_connections_promptly_and_says_why() {
         drain_deadline: Duration::from_secs(1),
         workload_cert_ttl: Duration::from_secs(3600),
         dns: Default::default(),
+        operator: Default::default(),
+        hbone: Default::default(),
     };
     let node = ztunnel::app::build(config, None)
         .await
