@@ -94,7 +94,7 @@ pub struct Backoff {
 impl Backoff {
     /// How long to wait after an error of `kind` (`None`: try again at once).
     pub fn on_error(&mut self, kind: AcceptErrorKind) -> Option<Duration> {
-        if kind == AcceptErrorKind::Connection || true {
+        if kind == AcceptErrorKind::Connection {
             return None;
         }
         let delay = self.next.unwrap_or(MIN_BACKOFF);
