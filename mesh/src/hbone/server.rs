@@ -50,37 +50,20 @@ impl ServerConfig {
     /// The defaults, with the limits from [`MAX_STREAMS_PER_CONNECTION_VAR`] (1..=10000) and
     /// [`MAX_CONNECTIONS_PER_PEER_VAR`] (1..=100000).
     pub fn from_env(env: &dyn crate::ops::Env) -> Result<Self, crate::ops::ConfigError> {
-        fn within<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
-            env: &dyn crate::ops::Env,
-            var: &'static str,
-            default: T,
-            range: std::ops::RangeInclusive<T>,
-        ) -> Result<T, crate::ops::ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            let value: T = crate::ops::parse(env, var, &default.to_string())?;
-            if !range.contains(&value) {
-                return Err(crate::ops::ConfigError::Invalid {
-                    var,
-                    value: value.to_string(),
-                    why: format!("must be from {} to {}", range.start(), range.end()),
-                });
-            }
-            Ok(value)
-        }
         Ok(Self {
-            max_concurrent_streams: within(
+            max_concurrent_streams: crate::ops::parse_in_range(
                 env,
                 MAX_STREAMS_PER_CONNECTION_VAR,
                 DEFAULT_MAX_STREAMS_PER_CONNECTION,
                 1..=10_000,
+                "",
             )?,
-            max_connections_per_peer: within(
+            max_connections_per_peer: crate::ops::parse_in_range(
                 env,
                 MAX_CONNECTIONS_PER_PEER_VAR,
                 DEFAULT_MAX_CONNECTIONS_PER_PEER,
                 1..=100_000,
+                "",
             )?,
             ..Self::default()
         })
