@@ -60,8 +60,6 @@ fn decode(
     match value.map(std::ffi::OsString::into_string) {
         None => Ok(None),
         Some(Ok(v)) => Ok(Some(v).filter(|v| !v.is_empty())),
-        Some(Err(_)) => Ok(None),
-        #[allow(unreachable_patterns)]
         Some(Err(raw)) => Err(ConfigError::Invalid {
             var,
             value: raw.to_string_lossy().into_owned(),
@@ -440,7 +438,7 @@ pub fn serve(
     stop: CancellationToken,
     handler: Handler,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(100_000));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut acceptor = crate::accept::Acceptor::new(listener, name);
     let mut full_log = crate::accept::LogLimiter::new(crate::accept::LOG_INTERVAL);
     tokio::spawn(async move {
@@ -471,8 +469,10 @@ pub fn serve(
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(req)) }
                 });
-                let io = IdleTimeout::new(stream, Duration::from_secs(3600));
+                let io = IdleTimeout::new(stream, limits.idle_timeout);
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
                     .serve_connection(TokioIo::new(io), service)
                     .await;
             });
@@ -668,7 +668,7 @@ fn admin_route(
                 None => text(StatusCode::OK, "log filter is fixed in this process\n"),
             }
         }
-        (_, "/logging") if query.is_some() => logging(query, log),
+        (&Method::POST, "/logging") => logging(query, log),
         (_, "/logging") => not_allowed(
             "GET, POST",
             "the log filter is changed with POST /logging?level=... (GET /logging only shows it); \

@@ -364,7 +364,8 @@ impl CertificateAuthority {
                     source,
                 },
             )?)];
-        params.is_ca = IsCa::ExplicitNoCa;
+        params.is_ca = IsCa::NoCa;
+        params.custom_extensions = end_entity_extensions(&csr.public_key);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -414,7 +415,8 @@ impl CertificateAuthority {
         for ip in &names.ips {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }
-        params.is_ca = IsCa::ExplicitNoCa;
+        params.is_ca = IsCa::NoCa;
+        params.custom_extensions = end_entity_extensions(&key);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
@@ -436,7 +438,6 @@ impl CertificateAuthority {
 /// key identifier (SHA-256 of the SubjectPublicKeyInfo, first 160 bits, as rcgen derives it for
 /// CAs). rcgen's `IsCa::ExplicitNoCa` writes `cA FALSE` explicitly (`30 03 01 01 00`), which
 /// strict parsers (pyca/cryptography >= 48: `EncodedDefault`) reject; `IsCa::NoCa` writes neither.
-#[allow(dead_code)]
 fn end_entity_extensions(public_key: &impl PublicKeyData) -> Vec<CustomExtension> {
     const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
     const SUBJECT_KEY_IDENTIFIER: &[u64] = &[2, 5, 29, 14];
