@@ -224,7 +224,7 @@ fuzz_target!(|data: &[u8]| {
     let world = world();
     let pod = world
         .proxy
-        .for_pod("demo/client", "demo", Arc::new(HostNetwork));
+        .for_pod("demo/client", "demo", Arc::new(HostNetwork::default()));
     let mut data = data;
     for _ in 0..4 {
         let Some((&flags, rest)) = data.split_first() else {
