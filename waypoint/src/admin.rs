@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::StatusCode;
+use mesh::cert_manager::CertManager;
 use mesh::ops::{Handler, LogControl, text};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Context;
+use crate::config::Config;
+use crate::engine::Engine;
 
 /// What `/config_dump` shows: the waypoint, the services it serves with the VirtualServices and
 /// DestinationRules that apply to them, the upstream clusters (endpoints, ejections, pools) and
@@ -33,7 +35,7 @@ struct ServedService {
 /// `/healthz/ready`: the first state applied, the waypoint's certificate available, not
 /// draining.
 pub fn readiness_handler(
-    ctx: Arc<Context>,
+    certs: CertManager,
     applied: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
 ) -> Handler {
@@ -46,7 +48,7 @@ pub fn readiness_handler(
         } else if !applied.load(Ordering::Acquire) {
             Some("waiting for the first configuration load".to_owned())
         } else {
-            ctx.certs
+            certs
                 .summaries()
                 .into_iter()
                 .find_map(|c| c.not_ready(std::time::SystemTime::now()))
@@ -63,7 +65,9 @@ pub fn readiness_handler(
 
 /// `/config_dump`, `/logging`, `/quitquitquit`.
 pub fn admin_handler(
-    ctx: Arc<Context>,
+    config: Arc<Config>,
+    engine: Arc<Engine>,
+    certs: CertManager,
     log: Option<LogControl>,
     quit: CancellationToken,
 ) -> Handler {
@@ -71,12 +75,12 @@ pub fn admin_handler(
         move || {
             // The state the routes were compiled from (not the store's newest), so a reader
             // that sees a change here knows requests are routed by it.
-            let routing = ctx.routes.load();
+            let routing = engine.routes.load();
             let state = &routing.state;
             let services = state
                 .services
                 .values()
-                .filter(|s| s.waypoint.as_ref() == Some(&ctx.config.waypoint))
+                .filter(|s| s.waypoint.as_ref() == Some(&config.waypoint))
                 .map(|s| ServedService {
                     service: s.key(),
                     hostname: s.hostname.clone(),
@@ -93,10 +97,10 @@ pub fn admin_handler(
                 })
                 .collect();
             let dump = ConfigDump {
-                config: &ctx.config,
+                config: &config,
                 services,
-                upstreams: serde_json::to_value(ctx.upstreams.snapshot()).unwrap_or_default(),
-                certificates: ctx.certs.summaries(),
+                upstreams: serde_json::to_value(engine.upstreams.snapshot()).unwrap_or_default(),
+                certificates: certs.summaries(),
                 state,
             };
             mesh::ops::json(&dump)

@@ -1,23 +1,19 @@
 //! The composition root: [`build`] turns a [`Config`] into a running waypoint (state source,
-//! certificate, HBONE listener, route table and upstreams kept in step with the state, operator
+//! certificate, the L7 [`Engine`] kept in step with the state, its HBONE front door, operator
 //! ports, drain) and returns the bound addresses. `main`, the demo and the tests call it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
-use mesh::cert_manager::CertManager;
+use mesh::discovery::StoreWriter;
 use mesh::discovery::file::FileSourceConfig;
 use mesh::discovery::kube::KubeSourceConfig;
 use mesh::discovery::{SourceKind, SourceSpec};
-use mesh::discovery::{Store, StoreWriter};
 use mesh::hbone::server::ManagedCertificate;
 use mesh::hbone::{ClientConfig, HboneClient, HboneServer};
-use mesh::metrics::TcpMetrics;
 use mesh::model::State;
 use mesh::model::translate::TranslateConfig;
 use mesh::ops::LogControl;
@@ -25,109 +21,21 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::connector::HboneConnector;
-use crate::metrics::RequestMetrics;
-use crate::route::RouteTable;
+use crate::engine::{Engine, EngineIdentity};
+use crate::inbound::Inbound;
+use crate::live::Live;
 use crate::upstream::Upstreams;
-
-/// Everything a request handler reads.
-#[derive(Debug)]
-pub struct Context {
-    pub config: Arc<Config>,
-    pub store: Store,
-    pub certs: CertManager,
-    /// Rebuilt on every state change.
-    pub routes: ArcSwap<Routing>,
-    pub upstreams: Upstreams,
-    pub metrics: RequestMetrics,
-    pub tcp_metrics: TcpMetrics,
-    pub live: Live,
-    pub connector: Arc<HboneConnector>,
-    /// `waypoint_config_conflicts{shadowed, winner, host}`: VirtualServices shadowed by an
-    /// older one for the same host (1 while the conflict lasts).
-    pub conflicts: Family<ConflictLabels, Gauge>,
-    /// RateLimitPolicy buckets, following the state like the routes.
-    pub rate_limits: crate::ratelimit::RateLimits,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConflictLabels {
     pub host: String,
     pub winner: String,
     pub shadowed: String,
-}
-
-/// The compiled view of one state: routes plus a hostname index of services.
-#[derive(Debug, Default)]
-pub struct Routing {
-    pub state: Arc<State>,
-    pub table: RouteTable,
-    /// Service hostname -> `ns/name`.
-    pub hosts: HashMap<String, String>,
-}
-
-impl Routing {
-    pub fn build(state: Arc<State>) -> Self {
-        let table = RouteTable::build(&state);
-        let hosts = state
-            .services
-            .values()
-            .map(|s| (s.hostname.clone(), s.key()))
-            .collect();
-        Self {
-            state,
-            table,
-            hosts,
-        }
-    }
-}
-
-/// Counts the tunnels in flight, so drain knows when the waypoint is quiet.
-#[derive(Debug, Default)]
-pub struct Live {
-    count: AtomicUsize,
-    changed: Notify,
-}
-
-/// Leaves the count when dropped.
-#[derive(Debug)]
-pub struct LiveGuard<'a>(&'a Live);
-
-impl Live {
-    pub fn enter(&self) -> LiveGuard<'_> {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        LiveGuard(self)
-    }
-
-    pub fn len(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub async fn wait_empty(&self) {
-        loop {
-            let notified = self.changed.notified();
-            if self.is_empty() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for LiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
-    }
 }
 
 /// A running waypoint.
@@ -137,7 +45,7 @@ pub struct Bound {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
-    pub ctx: Arc<Context>,
+    pub engine: Arc<Engine>,
     shutdown: CancellationToken,
     done: JoinHandle<()>,
 }
@@ -196,25 +104,24 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         "VirtualServices shadowed by an older one for the same host (1 while it lasts)",
         conflicts.clone(),
     );
-    let ctx = Arc::new(Context {
-        config: config.clone(),
-        store: store.clone(),
-        certs: certs.clone(),
-        routes: ArcSwap::from_pointee(Routing::default()),
+    let engine = Arc::new(Engine::new(
+        EngineIdentity {
+            gateway: config.waypoint.clone(),
+            root_namespace: config.root_namespace.clone(),
+            cluster_id: config.cluster_id.clone(),
+        },
         upstreams,
-        metrics: RequestMetrics::new(&mut registry),
-        tcp_metrics: TcpMetrics::new(&mut registry, &config.cluster_id),
-        live: Live::default(),
-        connector,
-        conflicts,
-        rate_limits: crate::ratelimit::RateLimits::new(&mut registry),
-    });
+        &mut registry,
+    ));
     let applied = Arc::new(AtomicBool::new(false));
     tokio::spawn(follow_state(
-        ctx.clone(),
+        engine.clone(),
+        store.clone(),
+        conflicts,
         applied.clone(),
         sources_stop.clone(),
     ));
+    let live = Arc::new(Live::default());
 
     let shutdown = CancellationToken::new();
     let accepting = CancellationToken::new();
@@ -229,9 +136,15 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     .await
     .with_context(|| format!("HBONE listener on {}", config.hbone_addr))?;
     let hbone_addr = hbone.local_addr();
-    let handler_ctx = ctx.clone();
+    let inbound = Arc::new(Inbound {
+        engine: engine.clone(),
+        store: store.clone(),
+        waypoint: config.waypoint.clone(),
+        protocol_detection_timeout: config.protocol_detection_timeout,
+        live: live.clone(),
+    });
     tokio::spawn(hbone.run(accepting.clone(), move |tunnel| {
-        crate::inbound::tunnel(handler_ctx.clone(), tunnel)
+        crate::inbound::tunnel(inbound.clone(), tunnel)
     }));
 
     mesh::accept::register_metrics(&mut registry);
@@ -255,7 +168,13 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         admin_listener,
         config.operator,
         ops_stop.clone(),
-        crate::admin::admin_handler(ctx.clone(), log, shutdown.clone()),
+        crate::admin::admin_handler(
+            config.clone(),
+            engine.clone(),
+            certs.clone(),
+            log,
+            shutdown.clone(),
+        ),
     );
     mesh::ops::serve(
         "metrics",
@@ -269,30 +188,30 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         readiness_listener,
         config.operator,
         ops_stop.clone(),
-        crate::admin::readiness_handler(ctx.clone(), applied, draining.clone()),
+        crate::admin::readiness_handler(certs.clone(), applied, draining.clone()),
     );
 
-    let drain_ctx = ctx.clone();
+    let drain_engine = engine.clone();
     let deadline = config.drain_deadline;
     let trigger = shutdown.clone();
     let done = tokio::spawn(async move {
         trigger.cancelled().await;
-        tracing::info!(deadline = ?deadline, live = drain_ctx.live.len(), "draining: readiness off, HBONE listener closing (GOAWAY)");
+        tracing::info!(deadline = ?deadline, live = live.len(), "draining: readiness off, HBONE listener closing (GOAWAY)");
         draining.store(true, Ordering::Release);
         accepting.cancel();
-        if tokio::time::timeout(deadline, drain_ctx.live.wait_empty())
+        if tokio::time::timeout(deadline, live.wait_empty())
             .await
             .is_err()
         {
             tracing::warn!(
-                live = drain_ctx.live.len(),
+                live = live.len(),
                 "drain deadline passed: closing the remaining connections"
             );
         }
         sources_stop.cancel();
         // Pooled upstream connections (HBONE tunnels to the endpoints' ztunnels) close now,
         // so the far side sees a clean end instead of waiting for its own drain deadline.
-        drain_ctx.upstreams.update(&State::default());
+        drain_engine.upstreams.update(&State::default());
         ops_stop.cancel();
         tracing::info!("drained");
     });
@@ -302,22 +221,27 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         admin_addr,
         metrics_addr,
         readiness_addr,
-        ctx,
+        engine,
         shutdown,
         done,
     })
 }
 
-/// Recompiles routes and updates upstreams on every new state.
-async fn follow_state(ctx: Arc<Context>, applied: Arc<AtomicBool>, stop: CancellationToken) {
-    let mut changes = ctx.store.subscribe();
+/// Puts every new state in force in the engine and reports its route conflicts.
+async fn follow_state(
+    engine: Arc<Engine>,
+    store: mesh::discovery::Store,
+    conflicts: Family<ConflictLabels, Gauge>,
+    applied: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let mut changes = store.subscribe();
     let mut reported = std::collections::HashSet::new();
     loop {
-        let state = ctx.store.snapshot();
-        let routing = Routing::build(state.clone());
-        ctx.conflicts.clear();
+        let routing = engine.apply(store.snapshot());
+        conflicts.clear();
         for conflict in routing.table.conflicts() {
-            ctx.conflicts
+            conflicts
                 .get_or_create(&ConflictLabels {
                     host: conflict.host.clone(),
                     winner: conflict.winner.clone(),
@@ -338,12 +262,7 @@ async fn follow_state(ctx: Arc<Context>, applied: Arc<AtomicBool>, stop: Cancell
                 );
             }
         }
-        ctx.upstreams.update(&state);
-        let waypoint = &ctx.config.waypoint;
-        ctx.rate_limits
-            .update(&state, &waypoint.namespace, &waypoint.name);
-        ctx.routes.store(Arc::new(routing));
-        if ctx.store.has_synced() {
+        if store.has_synced() {
             applied.store(true, Ordering::Release);
         }
         tokio::select! {

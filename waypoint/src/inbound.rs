@@ -1,7 +1,8 @@
-//! Inbound: HBONE tunnels from ztunnels arrive here, one per client connection, with the
-//! service `VIP:port` as `:authority`. The tunnel's service and port decide how its bytes are
-//! read: HTTP (HTTP/1.1 or HTTP/2 with prior knowledge, served by hyper and handled request by
-//! request in [`crate::proxy`]) or opaque TCP (TCP routes, [`crate::tcp`]).
+//! The HBONE front door: tunnels from ztunnels arrive here, one per client connection, with
+//! the service `VIP:port` as `:authority`. This module checks the tunnel (a service VIP bound to
+//! this waypoint, a port it has), works out who the client is ([`Downstream`]) and how its bytes
+//! are read: HTTP (HTTP/1.1 or HTTP/2 with prior knowledge, served by hyper, each request handed
+//! to [`Engine::http`]) or opaque TCP ([`Engine::tcp`]). Everything after that is the engine's.
 //!
 //! Protocol selection follows Istio: the port's `appProtocol` or name prefix (`http`, `http2`,
 //! `grpc` -> HTTP; `tcp`, `tls`, `https`, `mongo`, `redis`... -> TCP); an undeclared port is
@@ -9,7 +10,6 @@
 //! preface), which means a server-first protocol must declare its port.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -17,72 +17,32 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh::discovery::Store;
 use mesh::hbone::{H2Stream, InboundTunnel};
-use mesh::model::{Service, ServicePort};
+use mesh::model::{ServicePort, WaypointRef};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-use crate::app::Context;
-use crate::request::SourceInfo;
+use crate::engine::{Downstream, Engine};
+use crate::live::Live;
+use crate::request::{BoxError, SourceInfo};
 
 /// How long a client may take to send a request's headers (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head (HTTP/1 buffer, HTTP/2 header list); beyond it the client gets 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// What one tunnel carries, as the waypoint knows it before reading any byte.
-#[derive(Debug, Clone)]
-pub struct Downstream {
-    pub service: Arc<Service>,
-    pub port: ServicePort,
-    /// The VIP:port the client dialled.
-    pub vip: SocketAddr,
-    pub source: SourceInfo,
-    /// The ztunnel (or other peer) that opened the HBONE connection.
-    pub peer_addr: SocketAddr,
-}
-
-impl Downstream {
-    /// The waypoint's L7 AuthorizationPolicies for a request of this tunnel (`parts`), or for the
-    /// tunnel itself as opaque TCP (`None`: no method, path, host or headers, so an ALLOW rule
-    /// that needs one matches nothing, as in Istio). `Err` says which policy denied.
-    pub fn authorize(
-        &self,
-        ctx: &Context,
-        state: &mesh::model::State,
-        parts: Option<&http::request::Parts>,
-    ) -> Result<(), String> {
-        let service = &self.service;
-        let target = crate::authz::AuthzTarget {
-            gateway_namespace: &ctx.config.waypoint.namespace,
-            gateway_name: &ctx.config.waypoint.name,
-            service_namespace: &service.namespace,
-            service_name: &service.name,
-            service_hostname: &service.hostname,
-            root_namespace: &ctx.config.root_namespace,
-        };
-        let no_headers = http::HeaderMap::new();
-        let authority = parts.map(crate::proxy::authority_of).unwrap_or_default();
-        let request = crate::authz::AuthzRequest {
-            source_principal: self.source.principal.as_deref(),
-            source_namespace: self.source.identity.as_ref().map(|i| i.namespace()),
-            source_ip: self.source.ip,
-            remote_ip: None,
-            destination_ip: self.vip.ip(),
-            destination_port: self.vip.port(),
-            method: parts.map_or("", |p| p.method.as_str()),
-            host: &authority,
-            path: parts.map_or("", |p| p.uri.path_and_query().map_or("/", |pq| pq.as_str())),
-            headers: parts.map_or(&no_headers, |p| &p.headers),
-            tcp: parts.is_none(),
-        };
-        let decision = crate::authz::authorize(&state.l7_authorization_policies, &target, &request);
-        if decision.allowed {
-            Ok(())
-        } else {
-            Err(decision.to_string())
-        }
-    }
+/// The HBONE listener's view of the waypoint.
+#[derive(Debug)]
+pub struct Inbound {
+    pub engine: Arc<Engine>,
+    pub store: Store,
+    /// This waypoint: a tunnel to a service bound to another is refused.
+    pub waypoint: WaypointRef,
+    /// `None`: wait for an undeclared port's first bytes for ever.
+    pub protocol_detection_timeout: Option<Duration>,
+    pub live: Arc<Live>,
 }
 
 /// How the tunnel's bytes are treated.
@@ -133,18 +93,18 @@ pub fn sniff(prefix: &[u8]) -> Option<bool> {
 }
 
 /// Handles one HBONE tunnel request.
-pub async fn tunnel(ctx: Arc<Context>, tunnel: InboundTunnel) {
-    let state = ctx.store.snapshot();
+pub async fn tunnel(inbound: Arc<Inbound>, tunnel: InboundTunnel) {
+    let state = inbound.store.snapshot();
     let vip = tunnel.authority.0;
     let Some(service) = state.service_by_vip(vip.ip()).cloned() else {
         tracing::warn!(authority = %vip, peer = %tunnel.peer_identity, "refused: the authority is not a service VIP (400)");
         tunnel.reject(StatusCode::BAD_REQUEST);
         return;
     };
-    if service.waypoint.as_ref() != Some(&ctx.config.waypoint) {
+    if service.waypoint.as_ref() != Some(&inbound.waypoint) {
         tracing::warn!(
             service = %service.key(),
-            waypoint = %ctx.config.waypoint,
+            waypoint = %inbound.waypoint,
             uses = ?service.waypoint.as_ref().map(ToString::to_string),
             "refused: the service is not bound to this waypoint (check its istio.io/use-waypoint label) (503)"
         );
@@ -171,6 +131,7 @@ pub async fn tunnel(ctx: Arc<Context>, tunnel: InboundTunnel) {
         vip,
         source,
         peer_addr: tunnel.peer_addr,
+        mutual_tls: true,
     });
     let stream = match tunnel.accept() {
         Ok(s) => s,
@@ -179,24 +140,23 @@ pub async fn tunnel(ctx: Arc<Context>, tunnel: InboundTunnel) {
             return;
         }
     };
-    let live = ctx.clone();
-    let _live = live.live.enter();
+    let _live = inbound.live.enter();
+    let engine = inbound.engine.clone();
     match declared_protocol(&downstream.port) {
         Protocol::Http => match first_bytes(stream, HEADER_READ_TIMEOUT).await {
-            Ok(io) => serve_http(ctx, downstream, io).await,
+            Ok(io) => serve_http(engine, downstream, io).await,
             Err(e) => tracing::debug!(error = %e, "tunnel closed before its first request"),
         },
         Protocol::Tcp => {
-            crate::tcp::proxy(ctx, downstream, Rewind::new(Bytes::new(), stream)).await
+            engine
+                .tcp(downstream, Rewind::new(Bytes::new(), stream))
+                .await
         }
-        Protocol::Detect => {
-            let timeout = ctx.config.protocol_detection_timeout;
-            match detect(stream, timeout).await {
-                Ok((true, io)) => serve_http(ctx, downstream, io).await,
-                Ok((false, io)) => crate::tcp::proxy(ctx, downstream, io).await,
-                Err(e) => tracing::debug!(error = %e, "tunnel ended before its protocol was known"),
-            }
-        }
+        Protocol::Detect => match detect(stream, inbound.protocol_detection_timeout).await {
+            Ok((true, io)) => serve_http(engine, downstream, io).await,
+            Ok((false, io)) => engine.tcp(downstream, io).await,
+            Err(e) => tracing::debug!(error = %e, "tunnel ended before its protocol was known"),
+        },
     }
 }
 
@@ -244,7 +204,7 @@ async fn first_bytes(mut stream: H2Stream, limit: Duration) -> io::Result<Rewind
     Ok(Rewind::new(buf.freeze(), stream))
 }
 
-async fn serve_http(ctx: Arc<Context>, downstream: Arc<Downstream>, io: Rewind<H2Stream>) {
+async fn serve_http(engine: Arc<Engine>, downstream: Arc<Downstream>, io: Rewind<H2Stream>) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -256,13 +216,14 @@ async fn serve_http(ctx: Arc<Context>, downstream: Arc<Downstream>, io: Rewind<H
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(1000);
-    let service = hyper::service::service_fn(move |request| {
-        let ctx = ctx.clone();
-        let downstream = downstream.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(crate::proxy::handle(ctx, downstream, request).await)
-        }
-    });
+    let service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let engine = engine.clone();
+            let downstream = downstream.clone();
+            let request =
+                request.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+            async move { Ok::<_, std::convert::Infallible>(engine.http(downstream, request).await) }
+        });
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await

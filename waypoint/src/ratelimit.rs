@@ -1,7 +1,7 @@
 //! Request rate limits (`RateLimitPolicy`, `mesh.ambient.dev/v1alpha1`), enforced per waypoint
 //! replica with token buckets.
 //!
-//! [`check`] runs once per request, after L7 authorization (a denied request spends no token)
+//! [`RateLimits::decide`] runs once per request (from the engine), after L7 authorization (a denied request spends no token)
 //! and before route selection. Every rule of every policy attached to the request's Service or
 //! to this waypoint's Gateway whose match holds takes one token from its bucket; the request is
 //! limited (429 with `retry-after`, gRPC `RESOURCE_EXHAUSTED`) when one of them has none, and the
@@ -37,8 +37,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::app::Context;
-use crate::inbound::Downstream;
 use crate::route::grpc;
 
 /// The most keys (principals, header values) one rule keeps buckets for. At the cap the least
@@ -775,25 +773,6 @@ impl Limited {
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         response
     }
-}
-
-/// The rate limits for one request through this waypoint (see the module docs).
-pub fn check(ctx: &Context, downstream: &Downstream, parts: &http::request::Parts) -> Decision {
-    let service = &downstream.service;
-    let destination = RateLimitDestination {
-        service_namespace: &service.namespace,
-        service_name: &service.name,
-        gateway_namespace: &ctx.config.waypoint.namespace,
-        gateway_name: &ctx.config.waypoint.name,
-    };
-    let request = RateLimitRequest {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        headers: &parts.headers,
-        source: downstream.source.identity.as_ref(),
-    };
-    ctx.rate_limits
-        .decide(&destination, &request, Instant::now())
 }
 
 #[cfg(test)]

@@ -1,25 +1,22 @@
-//! Opaque TCP through the waypoint: the waypoint's AuthorizationPolicies (on what a TCP
+//! Opaque TCP through the engine: the waypoint's AuthorizationPolicies (on what a TCP
 //! connection has: source and destination), then the service's `tcp` routes (weighted
 //! destinations) pick a destination, the upstream layer picks an endpoint of it (subset, load
 //! balancing, outlier state), and bytes are copied both ways. One `istio_tcp_*` record per
 //! connection with `reporter="waypoint"`.
 
-use std::sync::Arc;
-
 use http::HeaderMap;
 use mesh::metrics::{ConnectionGuard, ConnectionInfo, Peer, Reporter};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::app::Context;
-use crate::inbound::Downstream;
+use super::{Downstream, Engine};
 use crate::upstream::{ClusterKey, HashInput};
 
 /// Proxies one tunnel's bytes at L4.
-pub async fn proxy<S>(ctx: Arc<Context>, downstream: Arc<Downstream>, client: S)
+pub(super) async fn proxy<S>(engine: &Engine, downstream: &Downstream, client: S)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let routing = ctx.routes.load_full();
+    let routing = engine.routes.load_full();
     let mut rng = fastrand::Rng::new();
     let service = &downstream.service;
     // The record is opened once the endpoint is known, so that it names the destination
@@ -37,7 +34,7 @@ where
             service.name.clone(),
             service.namespace.clone(),
         )),
-        mutual_tls: true,
+        mutual_tls: downstream.mutual_tls,
         source_addr: std::net::SocketAddr::new(
             downstream.source.ip.unwrap_or(downstream.peer_addr.ip()),
             0,
@@ -45,12 +42,12 @@ where
         destination_addr: downstream.vip,
     };
     let failed = |flag: &'static str, reason: String| {
-        let mut guard = ConnectionGuard::new(&ctx.tcp_metrics, info(Peer::default()));
+        let mut guard = ConnectionGuard::new(&engine.tcp_metrics, info(Peer::default()));
         guard.fail(flag, reason);
     };
     // The waypoint's AuthorizationPolicies apply to TCP as to HTTP. A connection has no
     // method, path or host: an ALLOW rule that needs one matches nothing (as in Istio).
-    if let Err(denied) = downstream.authorize(&ctx, &routing.state, None) {
+    if let Err(denied) = engine.authorize(downstream, &routing.state, None) {
         failed("RBAC", denied);
         return;
     }
@@ -92,7 +89,7 @@ where
         query: None,
         previous_hosts: &[],
     };
-    let upstream = match ctx.upstreams.connect_tcp(&key, &hash).await {
+    let upstream = match engine.upstreams.connect_tcp(&key, &hash).await {
         Ok(upstream) => upstream,
         Err(e) => {
             failed(e.response_flag(), e.to_string());
@@ -101,7 +98,7 @@ where
     };
     let workload = upstream.workload().cloned();
     let mut guard = ConnectionGuard::new(
-        &ctx.tcp_metrics,
+        &engine.tcp_metrics,
         info(Peer::of(
             workload.as_deref(),
             workload.as_ref().map(|w| &w.identity),

@@ -1,0 +1,240 @@
+//! The engine on its own: requests handed to it directly, with no listener, no HBONE and no
+//! TLS in front, as any front door hands them. What comes out is what a client relies on: the
+//! upstream gets the request (with the headers the engine adds), a denied request is denied
+//! with 403, a fault abort answers with its status, and every request is in the metrics.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use mesh::discovery::StoreWriter;
+use mesh::discovery::file::{FileSource, FileSourceConfig};
+use mesh::identity::Identity;
+use mesh::model::WaypointRef;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::request::empty_body;
+use crate::upstream::{Connector, Io, UpstreamTarget};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: demo, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: web, image: web}]}
+status: {phase: Running, podIP: 127.0.0.21}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [127.0.0.21], conditions: {ready: true}, targetRef: {kind: Pod, name: web, namespace: demo}}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web.demo.svc.cluster.local]
+  http:
+  - match: [{uri: {prefix: /teapot}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: web.demo.svc.cluster.local}}]
+  - route: [{destination: {host: web.demo.svc.cluster.local}}]
+"#;
+
+/// Every endpoint is the one local server, whatever its address.
+struct ToServer(SocketAddr);
+
+impl Connector for ToServer {
+    fn connect(&self, _target: &UpstreamTarget) -> BoxFuture<'static, io::Result<Box<dyn Io>>> {
+        let addr = self.0;
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            Ok(Box::new(stream) as Box<dyn Io>)
+        })
+    }
+}
+
+/// An HTTP/1.1 server that answers every request with its own head as the body.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let response =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+                        if stream.write_all(response.as_bytes()).await.is_err()
+                            || stream.write_all(&head).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Fixture {
+    engine: Arc<Engine>,
+    downstream: Arc<Downstream>,
+    registry: Registry,
+}
+
+async fn fixture() -> Fixture {
+    let store = StoreWriter::new();
+    let mut registry = Registry::default();
+    let mut source = FileSource::new(FileSourceConfig::new("/engine-test"), &mut registry);
+    let report = mesh::fuzzing::file_source_load(
+        &mut source,
+        vec![(
+            PathBuf::from("/engine-test/cluster.yaml"),
+            CLUSTER.to_owned(),
+        )],
+        &store,
+    );
+    let state = store.store().snapshot();
+    assert!(
+        state.services.contains_key("demo/web"),
+        "the test's cluster YAML loads: {report:?}"
+    );
+    let server = echo_server().await;
+    let engine = Arc::new(Engine::new(
+        EngineIdentity {
+            gateway: WaypointRef {
+                namespace: "demo".into(),
+                name: "waypoint".into(),
+            },
+            root_namespace: "istio-system".into(),
+            cluster_id: "Kubernetes".into(),
+        },
+        Upstreams::new(Arc::new(ToServer(server))),
+        &mut registry,
+    ));
+    engine.apply(state.clone());
+    let service = state.services["demo/web"].clone();
+    let port = service.ports[0].clone();
+    let identity = Identity::new("cluster.local", "demo", "sleep").expect("identity");
+    let downstream = Arc::new(Downstream {
+        port,
+        vip: SocketAddr::from(([10, 96, 0, 10], 80)),
+        service,
+        source: SourceInfo::new(Some(identity), Some([127, 0, 0, 11].into()), None),
+        peer_addr: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        mutual_tls: true,
+    });
+    Fixture {
+        engine,
+        downstream,
+        registry,
+    }
+}
+
+async fn get(f: &Fixture, path: &str) -> (StatusCode, String) {
+    let request = Request::get(path)
+        .header("host", "web.demo.svc.cluster.local")
+        .body(empty_body())
+        .expect("request");
+    let response = tokio::time::timeout(WAIT, f.engine.clone().http(f.downstream.clone(), request))
+        .await
+        .expect("the engine answers within the wait");
+    let status = response.status();
+    let body = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("body within the wait")
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn metrics(registry: &Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+    text
+}
+
+#[tokio::test]
+async fn a_request_handed_to_the_engine_reaches_the_upstream() {
+    let f = fixture().await;
+    let (status, head) = get(&f, "/hello").await;
+    assert_eq!(status, StatusCode::OK, "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("get /hello http/1.1\r\n"), "{head}");
+    assert!(
+        head.contains("host: web.demo.svc.cluster.local\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+    assert!(head.contains("x-request-id: "), "{head}");
+}
+
+#[tokio::test]
+async fn policies_apply_to_a_request_handed_to_the_engine() {
+    let f = fixture().await;
+    let (status, body) = get(&f, "/admin").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body, crate::authz::ACCESS_DENIED_BODY);
+    let (status, _) = get(&f, "/teapot").await;
+    assert_eq!(status.as_u16(), 418);
+    let (status, _) = get(&f, "/").await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Each request is one record, with the client's identity.
+    let text = metrics(&f.registry);
+    let requests: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    for code in ["200", "403", "418"] {
+        let line = requests
+            .iter()
+            .find(|l| l.contains(&format!("response_code=\"{code}\"")))
+            .unwrap_or_else(|| panic!("no istio_requests_total for {code} in {requests:#?}"));
+        assert!(line.ends_with(" 1"), "{line}");
+        assert!(
+            line.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/sleep\""),
+            "{line}"
+        );
+    }
+}
