@@ -29,6 +29,8 @@ struct ServedService {
     service: String,
     hostname: String,
     virtual_service: Option<String>,
+    /// What routes the service: `VirtualService ns/name` or the HTTPRoutes attached to it.
+    routed_by: Option<String>,
     destination_rule: Option<String>,
 }
 
@@ -81,19 +83,22 @@ pub fn admin_handler(
                 .services
                 .values()
                 .filter(|s| s.waypoint.as_ref() == Some(&config.waypoint))
-                .map(|s| ServedService {
-                    service: s.key(),
-                    hostname: s.hostname.clone(),
-                    virtual_service: state
+                .map(|s| {
+                    let routes = state
                         .virtual_services
                         .iter()
-                        .find(|vs| vs.hosts.contains(&s.hostname))
-                        .map(|vs| vs.key()),
-                    destination_rule: state
-                        .destination_rules
-                        .iter()
-                        .find(|dr| dr.host == s.hostname)
-                        .map(|dr| dr.key()),
+                        .find(|vs| vs.hosts.contains(&s.hostname));
+                    ServedService {
+                        service: s.key(),
+                        hostname: s.hostname.clone(),
+                        virtual_service: routes.map(|vs| vs.key()),
+                        routed_by: routes.map(|vs| vs.describe()),
+                        destination_rule: state
+                            .destination_rules
+                            .iter()
+                            .find(|dr| dr.host == s.hostname)
+                            .map(|dr| dr.key()),
+                    }
                 })
                 .collect();
             let dump = ConfigDump {

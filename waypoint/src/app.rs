@@ -257,7 +257,7 @@ async fn follow_state(
                     host = %conflict.host,
                     winner = %conflict.winner,
                     shadowed = %conflict.shadowed,
-                    "VirtualService {} is shadowed for host {}: VirtualService {} is older and wins (Istio's rule); merge them or remove one",
+                    "{} is shadowed for host {}: {} takes precedence (an older VirtualService wins, as in Istio; HTTPRoutes attached to the Service win over VirtualServices); merge them or remove one",
                     conflict.shadowed, conflict.host, conflict.winner
                 );
             }

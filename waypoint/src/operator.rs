@@ -79,10 +79,14 @@ fn routes(dump: &Value, out: &mut String) {
                     let tcp = vs["tcp"].as_array().map_or(0, Vec::len);
                     format!("{http} http, {tcp} tcp")
                 });
+            let routed_by = match &svc["routed_by"] {
+                Value::String(s) => s.clone(),
+                _ => vs_key,
+            };
             vec![
                 cell(&svc["service"]),
                 cell(&svc["hostname"]),
-                vs_key,
+                routed_by,
                 routes,
                 cell(&svc["destination_rule"]),
             ]
@@ -94,7 +98,7 @@ fn routes(dump: &Value, out: &mut String) {
         &[
             "SERVICE",
             "HOSTNAME",
-            "VIRTUALSERVICE",
+            "ROUTED BY",
             "ROUTES",
             "DESTINATIONRULE",
         ],
@@ -207,7 +211,8 @@ mod tests {
     fn dump() -> Value {
         serde_json::json!({
             "services": [{"service": "demo/reviews", "hostname": "reviews.demo.svc.cluster.local",
-                          "virtual_service": "demo/reviews", "destination_rule": "demo/reviews"}],
+                          "virtual_service": "demo/reviews", "routed_by": "VirtualService demo/reviews",
+                          "destination_rule": "demo/reviews"}],
             "state": {"virtual_services": [{"namespace": "demo", "name": "reviews",
                                             "http": [{}, {}], "tcp": []}]},
             "upstreams": {"clusters": [
@@ -234,7 +239,7 @@ mod tests {
         let text = render(&dump(), Section::All, Output::Table).unwrap();
         assert!(
             text.contains(
-                "demo/reviews  reviews.demo.svc.cluster.local  demo/reviews    2 http, 0 tcp"
+                "demo/reviews  reviews.demo.svc.cluster.local  VirtualService demo/reviews  2 http, 0 tcp"
             ),
             "{text}"
         );

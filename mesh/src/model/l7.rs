@@ -96,6 +96,9 @@ pub enum ValueMatch {
     Exact(String),
     Prefix(String),
     Regex(Regex),
+    /// Gateway API `PathPrefix`: element-wise (`/abc` matches `/abc`, `/abc/` and `/abc/def`,
+    /// not `/abcd`); no trailing `/` (except the root `/`).
+    PathPrefix(String),
 }
 
 /// A header or query parameter condition. `value: None` means "present" (Istio's empty
@@ -128,6 +131,11 @@ pub struct HttpMatch {
     /// Case-insensitive `uri` match (exact and prefix; regex as written).
     pub ignore_uri_case: bool,
 }
+
+/// [`Destination::host`] of a Gateway API backend that cannot be resolved (not a Service, or
+/// in another namespace without a ReferenceGrant): the waypoint answers its share of requests
+/// with 500, as the specification requires. No VirtualService destination is ever empty.
+pub const UNRESOLVED_BACKEND: &str = "";
 
 /// Where a route sends traffic. `host` is a fully qualified service hostname (short names are
 /// expanded relative to the VirtualService's namespace by the translation).
@@ -361,11 +369,34 @@ pub struct VirtualService {
     pub tcp: Vec<TcpRoute>,
     /// `metadata.creationTimestamp` (RFC 3339), for Istio's "oldest wins" on conflicts.
     pub created: Option<String>,
+    pub origin: VirtualServiceOrigin,
+}
+
+/// Where a VirtualService's routes come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub enum VirtualServiceOrigin {
+    /// A `VirtualService` object of that name.
+    #[default]
+    VirtualService,
+    /// The Gateway API `HTTPRoute`s (`namespace/name`) attached to the Service the
+    /// VirtualService is named after, merged in precedence order.
+    HttpRoutes(Vec<String>),
 }
 
 impl VirtualService {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// What the routes are, for logs and conflict reports: `VirtualService ns/name` or
+    /// `HTTPRoutes ns/a, ns/b (Service ns/name)`.
+    pub fn describe(&self) -> String {
+        match &self.origin {
+            VirtualServiceOrigin::VirtualService => format!("VirtualService {}", self.key()),
+            VirtualServiceOrigin::HttpRoutes(routes) => {
+                format!("HTTPRoute {} (Service {})", routes.join(", "), self.key())
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! Nothing in here does I/O: the sources in [`crate::discovery`] feed objects in and publish the
 //! result.
 
+pub mod gateway_api_crd;
 pub mod istio_crd;
 mod l7;
 pub mod networking_crd;

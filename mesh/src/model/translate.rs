@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tracing::{debug, warn};
 
+use super::gateway_api_crd as gw;
 use super::istio_crd as crd;
 use super::l7::*;
 use super::networking_crd as ncrd;
@@ -30,6 +31,7 @@ use super::ratelimit_crd as rcrd;
 use super::types::*;
 use crate::identity::{Identity, IdentityError};
 
+mod gateway_routes;
 mod l7_policy;
 mod networking;
 mod ratelimit;
@@ -38,6 +40,8 @@ mod strict;
 pub use networking::{REFERENCED_RESOURCE_NOT_FOUND, istio_default_retries, parse_duration};
 pub use strict::{KindSuggestion, suggest_kind};
 
+#[cfg(test)]
+mod gateway_routes_tests;
 #[cfg(test)]
 mod l7_tests;
 #[cfg(test)]
@@ -99,11 +103,13 @@ pub enum Kind {
     Gateway,
     /// This project's `RateLimitPolicy` (`mesh.ambient.dev`), enforced by waypoints.
     RateLimitPolicy,
+    /// Gateway API `HTTPRoute`.
+    HttpRoute,
 }
 
 impl Kind {
     /// Every kind, so metrics can report zero for kinds that have no objects.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -114,6 +120,7 @@ impl Kind {
         Kind::DestinationRule,
         Kind::Gateway,
         Kind::RateLimitPolicy,
+        Kind::HttpRoute,
     ];
 
     /// The `kind` as Kubernetes spells it.
@@ -129,6 +136,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::Gateway => "Gateway",
             Kind::RateLimitPolicy => "RateLimitPolicy",
+            Kind::HttpRoute => "HTTPRoute",
         }
     }
 
@@ -153,7 +161,7 @@ impl Kind {
             Kind::EndpointSlice => discoveryv1::EndpointSlice::GROUP,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => crd::SECURITY_GROUP,
             Kind::VirtualService | Kind::DestinationRule => ncrd::NETWORKING_GROUP,
-            Kind::Gateway => ncrd::GATEWAY_API_GROUP,
+            Kind::Gateway | Kind::HttpRoute => ncrd::GATEWAY_API_GROUP,
             Kind::RateLimitPolicy => rcrd::MESH_GROUP,
         }
     }
@@ -176,6 +184,7 @@ impl Kind {
             Kind::VirtualService | Kind::DestinationRule => &ncrd::NETWORKING_API_VERSIONS,
             Kind::Gateway => &ncrd::GATEWAY_API_VERSIONS,
             Kind::RateLimitPolicy => &rcrd::RATE_LIMIT_API_VERSIONS,
+            Kind::HttpRoute => &gw::HTTP_ROUTE_API_VERSIONS,
         }
     }
 }
@@ -223,6 +232,17 @@ impl ObjectKey {
     }
 }
 
+impl ObjectKey {
+    /// `namespace/name` (`name` for a cluster-scoped object).
+    pub fn namespace_name(&self) -> String {
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.namespace.is_empty() {
@@ -247,6 +267,7 @@ pub enum Object {
     DestinationRule(Box<ncrd::DestinationRule>),
     Gateway(Box<ncrd::Gateway>),
     RateLimitPolicy(Box<rcrd::RateLimitPolicy>),
+    HttpRoute(Box<gw::HttpRoute>),
 }
 
 impl Object {
@@ -262,6 +283,7 @@ impl Object {
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::Gateway(_) => Kind::Gateway,
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
+            Object::HttpRoute(_) => Kind::HttpRoute,
         }
     }
 
@@ -277,6 +299,7 @@ impl Object {
             Object::DestinationRule(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
             Object::RateLimitPolicy(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
         }
     }
 
@@ -337,6 +360,7 @@ impl Object {
             Kind::DestinationRule => Object::DestinationRule(typed(key, value, strict)?),
             Kind::Gateway => Object::Gateway(typed(key, value, strict)?),
             Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(key, value, strict)?),
+            Kind::HttpRoute => Object::HttpRoute(typed(key, value, strict)?),
         })
     }
 }
@@ -587,6 +611,8 @@ enum Accepted {
     Gateway(Option<WaypointGateway>),
     /// Targets not resolved yet (assembly does it).
     RateLimitPolicy(RateLimitPolicy),
+    /// Not attached yet (assembly does it).
+    HttpRoute(Box<gateway_routes::AcceptedHttpRoute>),
 }
 
 #[derive(Debug)]
@@ -629,7 +655,10 @@ fn accept(
         Object::DestinationRule(dr) => {
             Accepted::DestinationRule(Box::new(networking::destination_rule(config, key, dr)?))
         }
-        Object::Gateway(gw) => Accepted::Gateway(networking::waypoint_gateway(key, gw)),
+        Object::Gateway(gateway) => Accepted::Gateway(networking::waypoint_gateway(key, gateway)),
+        Object::HttpRoute(route) => {
+            Accepted::HttpRoute(Box::new(gateway_routes::http_route(config, key, route)?))
+        }
         Object::RateLimitPolicy(policy) => {
             Accepted::RateLimitPolicy(ratelimit::rate_limit_policy(key, policy)?)
         }
@@ -1337,6 +1366,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
 
     let mut slices = Vec::new();
     let mut virtual_services = Vec::new();
+    let mut http_routes = Vec::new();
     let mut destination_rules = Vec::new();
     let mut rate_limit_policies = Vec::new();
     for (key, accepted) in in_force {
@@ -1405,6 +1435,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
                 );
             }
             Accepted::RateLimitPolicy(policy) => rate_limit_policies.push(policy),
+            Accepted::HttpRoute(route) => http_routes.push(route.as_ref()),
         }
     }
 
@@ -1448,7 +1479,13 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
             debug!(service = %service.key(), %waypoint, "the service's waypoint has no Service (yet)");
         }
     }
-    let routes = networking::assemble_routes(&state.services, virtual_services, destination_rules);
+    let from_http_routes = gateway_routes::attach(&state.services, &http_routes);
+    let routes = networking::assemble_routes(
+        &state.services,
+        virtual_services,
+        from_http_routes,
+        destination_rules,
+    );
     state.virtual_services = routes.virtual_services;
     state.destination_rules = routes.destination_rules;
     state.warnings = routes.warnings;

@@ -242,6 +242,16 @@ async fn forward(
         body,
         upgrade,
     } = request;
+    if destination.destination.host == mesh::model::UNRESOLVED_BACKEND {
+        // A Gateway API backendRef that cannot be resolved: its share of requests gets 500,
+        // as the specification requires.
+        finish.reason = "the route's backendRef cannot be resolved (not a Service, or in another namespace without a ReferenceGrant): its share of requests is answered 500".to_owned();
+        return Err(Early::Local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "NC",
+            "no healthy upstream",
+        ));
+    }
     let Some((target_service, port)) =
         resolve_destination(routing, downstream, &destination.destination)
     else {

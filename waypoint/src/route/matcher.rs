@@ -112,7 +112,18 @@ pub fn value_matches(m: &ValueMatch, value: &str) -> bool {
         ValueMatch::Exact(s) => value == s,
         ValueMatch::Prefix(p) => value.starts_with(p.as_str()),
         ValueMatch::Regex(r) => r.is_match(value),
+        ValueMatch::PathPrefix(p) => path_prefix_len(p, value).is_some(),
     }
+}
+
+/// Gateway API `PathPrefix` (element-wise, see [`ValueMatch::PathPrefix`]): how much of `path`
+/// the prefix matched (0 for the root prefix `/`), or `None`.
+pub fn path_prefix_len(prefix: &str, path: &str) -> Option<usize> {
+    if prefix == "/" {
+        return path.starts_with('/').then_some(0);
+    }
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(prefix.len())
 }
 
 /// The `uri` condition on a path without its query. `ignore_case` applies to exact and prefix

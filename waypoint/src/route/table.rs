@@ -218,8 +218,8 @@ impl RouteTable {
                 match by_host.get(host.as_str()) {
                     Some(&winner) if winner != i => conflicts.push(Conflict {
                         host: host.clone(),
-                        winner: state.virtual_services[winner].key(),
-                        shadowed: vs.key(),
+                        winner: state.virtual_services[winner].describe(),
+                        shadowed: vs.describe(),
                     }),
                     Some(_) => {}
                     None => {

@@ -79,6 +79,7 @@ fn vs(name: &str, hosts: &[&str], http: Vec<HttpRoute>) -> Arc<VirtualService> {
         http,
         tcp: vec![],
         created: None,
+        origin: Default::default(),
     })
 }
 
@@ -291,8 +292,8 @@ fn first_virtual_service_for_a_host_wins_and_the_later_one_is_a_conflict() {
         table.conflicts(),
         &[Conflict {
             host: host("reviews"),
-            winner: "demo/older".into(),
-            shadowed: "demo/newer".into(),
+            winner: "VirtualService demo/older".into(),
+            shadowed: "VirtualService demo/newer".into(),
         }]
     );
     assert_eq!(

@@ -75,8 +75,8 @@ use crate::model::{
     DirectResponse, Fault, FaultAbort, FaultDelay, HashKey, HeaderEdits, HeaderOperations,
     HttpAction, HttpMatch, HttpRoute, L4Match, LoadBalancer, Mirror, NamedMatch, Redirect,
     RedirectPort, Regex, RetryCondition, RetryOn, RetryPolicy, Rewrite, RouteDestination, Service,
-    Subset, TcpRoute, TrafficPolicy, ValueMatch, VirtualService, WAYPOINT_GATEWAY_CLASS,
-    WaypointGateway,
+    Subset, TcpRoute, TrafficPolicy, ValueMatch, VirtualService, VirtualServiceOrigin,
+    WAYPOINT_GATEWAY_CLASS, WaypointGateway,
 };
 
 type Result<T> = std::result::Result<T, TranslateError>;
@@ -279,17 +279,21 @@ const MAX_DIRECT_RESPONSE_BODY: usize = 1024 * 1024;
 const MAX_REGEX_LEN: usize = 1024;
 
 /// The translation of one object: its key (for errors) and the cluster facts.
-struct Ctx<'a> {
-    config: &'a TranslateConfig,
-    key: &'a ObjectKey,
+pub(super) struct Ctx<'a> {
+    pub(super) config: &'a TranslateConfig,
+    pub(super) key: &'a ObjectKey,
 }
 
 impl Ctx<'_> {
-    fn invalid(&self, field: impl Into<String>, why: impl Into<String>) -> TranslateError {
+    pub(super) fn invalid(
+        &self,
+        field: impl Into<String>,
+        why: impl Into<String>,
+    ) -> TranslateError {
         invalid(self.key, field, why)
     }
 
-    fn not_one_of(&self, field: String, value: &str, expected: &str) -> TranslateError {
+    pub(super) fn not_one_of(&self, field: String, value: &str, expected: &str) -> TranslateError {
         TranslateError::NotOneOf {
             object: Box::new(self.key.clone()),
             field,
@@ -298,7 +302,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn port(&self, field: String, n: i64) -> Result<u16> {
+    pub(super) fn port(&self, field: String, n: i64) -> Result<u16> {
         port_number(n).ok_or_else(|| TranslateError::NotAPort {
             object: Box::new(self.key.clone()),
             field,
@@ -307,7 +311,7 @@ impl Ctx<'_> {
     }
 
     /// Any well-formed, non-negative duration.
-    fn duration(&self, field: String, value: &str) -> Result<Duration> {
+    pub(super) fn duration(&self, field: String, value: &str) -> Result<Duration> {
         parse_duration(value).map_err(|why| {
             self.invalid(
                 field,
@@ -334,7 +338,7 @@ impl Ctx<'_> {
     }
 
     /// A percentage in 0..=100.
-    fn percentage(&self, field: String, value: f64) -> Result<f64> {
+    pub(super) fn percentage(&self, field: String, value: f64) -> Result<f64> {
         if (0.0..=100.0).contains(&value) {
             Ok(value)
         } else {
@@ -357,7 +361,7 @@ impl Ctx<'_> {
     }
 
     /// A regex matched against the whole value.
-    fn regex(&self, field: String, pattern: &str) -> Result<Regex> {
+    pub(super) fn regex(&self, field: String, pattern: &str) -> Result<Regex> {
         self.check_regex_len(&field, pattern)?;
         Regex::full_match(pattern).map_err(|e| self.bad_regex(field, pattern, &e))
     }
@@ -431,7 +435,7 @@ impl Ctx<'_> {
 
     /// A hostname as written in the object, validated, lower-cased, short forms expanded
     /// relative to the object's namespace (see the module doc).
-    fn host(&self, field: String, host: &str) -> Result<String> {
+    pub(super) fn host(&self, field: String, host: &str) -> Result<String> {
         if host.is_empty() {
             return Err(self.invalid(field, "a host is required"));
         }
@@ -654,6 +658,7 @@ pub(super) fn virtual_service(
             http,
             tcp,
             created: created_at.map(|t| t.to_string()),
+            origin: VirtualServiceOrigin::VirtualService,
         },
         created_at,
         subset_refs,
@@ -1649,6 +1654,7 @@ pub const REFERENCED_RESOURCE_NOT_FOUND: &str = "IST0101";
 pub(super) fn assemble_routes(
     services: &BTreeMap<String, Arc<Service>>,
     virtual_services: Vec<&AcceptedRoute<VirtualService>>,
+    from_http_routes: Vec<VirtualService>,
     destination_rules: Vec<&AcceptedRoute<DestinationRule>>,
 ) -> Routes {
     let short: HashMap<String, &str> = services
@@ -1705,18 +1711,24 @@ pub(super) fn assemble_routes(
             .then_with(|| a.name.cmp(&b.name))
             .then_with(|| a.namespace.cmp(&b.namespace))
     });
+    // A Service's HTTPRoutes come before any VirtualService for it (see `gateway_routes`).
+    let vss: Vec<(Option<Timestamp>, VirtualService)> = from_http_routes
+        .into_iter()
+        .map(|vs| (None, vs))
+        .chain(vss)
+        .collect();
     let mut owner: HashMap<&str, String> = HashMap::new();
     for (_, vs) in &vss {
         for host in &vs.hosts {
             match owner.get(host.as_str()) {
                 Some(first) => warn!(
-                    virtual_service = %format_args!("VirtualService {}", vs.key()),
-                    shadowed_by = %format_args!("VirtualService {first}"),
+                    virtual_service = %vs.describe(),
+                    shadowed_by = %first,
                     host,
-                    "another VirtualService for this host is older and takes precedence (Istio's rule); this one is not used for it"
+                    "other routes for this host take precedence (an older VirtualService, or HTTPRoutes attached to the Service); this one is not used for it"
                 ),
                 None => {
-                    owner.insert(host, vs.key());
+                    owner.insert(host, vs.describe());
                 }
             }
         }

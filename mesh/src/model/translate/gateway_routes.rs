@@ -1,0 +1,719 @@
+//! Gateway API `HTTPRoute` -> the route model the waypoint already applies for VirtualService
+//! (one engine, one table): each route becomes, per Service it attaches to, entries of one
+//! ordered list of [`HttpRoute`]s, sorted by the Gateway API's precedence.
+//!
+//! What the specification says (Gateway API v1.2, `HTTPRoute` reference), as applied here:
+//!
+//! - Attachment (GEP-1426, "mesh binding"): a `parentRefs` entry with `group: ""` and
+//!   `kind: Service` attaches the route to that Service, at its waypoint; `port` limits it to
+//!   one service port. A route in another namespace than the Service is a *consumer* route
+//!   (GEP-1294): it applies only to clients in the route's namespace and takes precedence over
+//!   the Service's own (*producer*) routes for them. `hostnames` are not used for Service
+//!   parents ("GAMMA implementations SHOULD NOT infer any functionality from the hostnames
+//!   field"). `Gateway` parents are the ingress's (not served yet); other kinds attach nothing.
+//! - `HTTPRouteRule.matches`: none means one match on path prefix `/`. A path match is `Exact`,
+//!   `PathPrefix` (the default; element-wise: `/abc` matches `/abc`, `/abc/` and `/abc/def`,
+//!   not `/abcd`; a trailing `/` in the value is ignored) or `RegularExpression`. Header
+//!   names are case-insensitive, query parameter names are not.
+//! - Precedence ("HTTPRouteRule", matching precedence), across every rule of every route on the
+//!   parent: an `Exact` path, then the `PathPrefix` with the most characters, then a method
+//!   match, then the most header matches, then the most query parameter matches; ties go to
+//!   the oldest route (creation timestamp), then to `{namespace}/{name}` in alphabetical
+//!   order, then to the first rule and match in list order. `RegularExpression` paths rank
+//!   below prefixes, as in Istio (the specification leaves them to the implementation).
+//! - `backendRefs`: a Service (`group: ""`, `kind: Service`), whose `port` is required; weights
+//!   are relative (default 1), a weight of 0 gets no traffic. A backend that cannot be
+//!   resolved (another kind, or another namespace: `ReferenceGrant` is not read yet) gets its
+//!   share of requests answered 500 ("HTTPBackendRef": "the implementation MUST return 500 for
+//!   the share of requests the invalid backendRef would have received"); a rule with no
+//!   backends (or only weight 0) and no redirect answers 500.
+//! - Filters: `RequestHeaderModifier` / `ResponseHeaderModifier` (rule and backend level),
+//!   `RequestRedirect` (scheme, hostname, port, `ReplaceFullPath`, status 301/302, default
+//!   302), `URLRewrite` (hostname, `ReplaceFullPath`, `ReplacePrefixMatch` with a `PathPrefix`
+//!   match only), `RequestMirror` (`percent` or `fraction`). `ExtensionRef`, `CORS`,
+//!   `ExternalAuth` and a redirect's `ReplacePrefixMatch` are refused with the field named, so
+//!   a route never silently does less than it says.
+//! - `timeouts.request` is the whole request's timeout, `timeouts.backendRequest` each attempt's;
+//!   `0s` disables. Retries are Istio's default policy, as for a VirtualService without
+//!   `retries` (Istio converts HTTPRoutes to its own routes the same way); the experimental
+//!   `retry` and `sessionPersistence` fields are not applied (logged).
+//! - An HTTPRoute and a VirtualService for one Service: the HTTPRoutes apply and the
+//!   VirtualService is reported shadowed (`waypoint_config_conflicts`). Gateway API is the API
+//!   Istio's ambient mode documents; a VirtualService there is alpha.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use tracing::debug;
+
+use super::networking::{Ctx, istio_default_retries};
+use super::{ObjectKey, TranslateConfig, TranslateError};
+use crate::model::gateway_api_crd as gw;
+use crate::model::{
+    Destination, DirectResponse, HeaderEdits, HeaderOperations, HttpAction, HttpMatch, HttpRoute,
+    Mirror, NamedMatch, Redirect, RedirectPort, Regex, Rewrite, RouteDestination, Service,
+    UNRESOLVED_BACKEND, ValueMatch, VirtualService, VirtualServiceOrigin,
+};
+
+type Result<T> = std::result::Result<T, TranslateError>;
+
+/// One validated HTTPRoute, not yet attached (assembly does it, knowing the Services).
+#[derive(Debug)]
+pub(super) struct AcceptedHttpRoute {
+    key: ObjectKey,
+    created_at: Option<Timestamp>,
+    parents: Vec<ServiceParent>,
+    /// One entry per (rule, match), in the route's order.
+    routes: Vec<(Rank, HttpRoute)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServiceParent {
+    namespace: String,
+    name: String,
+    port: Option<u16>,
+}
+
+/// A match's place in the specification's precedence: greater sorts first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    /// 2 `Exact`, 1 `PathPrefix`, 0 `RegularExpression`.
+    path_kind: u8,
+    path_len: usize,
+    method: bool,
+    headers: usize,
+    query_params: usize,
+}
+
+pub(super) fn http_route(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    route: &gw::HttpRoute,
+) -> Result<AcceptedHttpRoute> {
+    let ctx = Ctx { config, key };
+    let spec = &route.spec;
+    let mut parents = Vec::new();
+    for (i, parent) in spec.parent_refs.iter().enumerate() {
+        let p = format!("spec.parentRefs[{i}]");
+        if parent.name.is_empty() {
+            return Err(ctx.invalid(format!("{p}.name"), "a parentRef needs a name"));
+        }
+        let group = parent
+            .group
+            .as_deref()
+            .unwrap_or("gateway.networking.k8s.io");
+        let kind = parent.kind.as_deref().unwrap_or("Gateway");
+        let port = parent
+            .port
+            .map(|n| ctx.port(format!("{p}.port"), n))
+            .transpose()?;
+        match (group, kind) {
+            ("", "Service") => parents.push(ServiceParent {
+                namespace: parent
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| key.namespace.clone()),
+                name: parent.name.clone(),
+                port,
+            }),
+            ("gateway.networking.k8s.io", "Gateway") => debug!(
+                http_route = %key, gateway = %parent.name,
+                "attached to a Gateway: ingress listeners are not served yet; only Service parents apply"
+            ),
+            _ => debug!(
+                http_route = %key, group, kind,
+                "parentRef of a kind routes cannot attach to (Service or Gateway); ignored"
+            ),
+        }
+    }
+    let mut routes = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        rule_routes(&ctx, &format!("spec.rules[{i}]"), i, rule, &mut routes)?;
+    }
+    Ok(AcceptedHttpRoute {
+        key: key.clone(),
+        created_at: route.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        parents,
+        routes,
+    })
+}
+
+/// The filters of a rule, validated.
+#[derive(Default)]
+struct RuleFilters {
+    headers: HeaderOperations,
+    redirect: Option<Redirect>,
+    rewrite: Option<gw::UrlRewrite>,
+    mirrors: Vec<Mirror>,
+}
+
+fn rule_routes(
+    ctx: &Ctx<'_>,
+    p: &str,
+    index: usize,
+    rule: &gw::HttpRouteRule,
+    out: &mut Vec<(Rank, HttpRoute)>,
+) -> Result<()> {
+    if rule.retry.is_some() {
+        debug!(http_route = %ctx.key, rule = p, "retry (experimental) is not applied; Istio's default retries apply");
+    }
+    if rule.session_persistence.is_some() {
+        debug!(http_route = %ctx.key, rule = p, "sessionPersistence (experimental) is not applied");
+    }
+    let filters = parse_filters(ctx, &format!("{p}.filters"), &rule.filters, true)?;
+    let mut backends = Vec::new();
+    for (j, backend) in rule.backend_refs.iter().enumerate() {
+        let b = format!("{p}.backendRefs[{j}]");
+        let weight = match backend.weight.unwrap_or(1) {
+            n if n < 0 => {
+                return Err(ctx.invalid(format!("{b}.weight"), format!("{n} is negative")));
+            }
+            n if n > 1_000_000 => {
+                return Err(
+                    ctx.invalid(format!("{b}.weight"), format!("{n} is larger than 1000000"))
+                );
+            }
+            n => n as u32,
+        };
+        let backend_filters = parse_filters(ctx, &format!("{b}.filters"), &backend.filters, false)?;
+        let reference = gw::BackendObjectReference {
+            group: backend.group.clone(),
+            kind: backend.kind.clone(),
+            name: backend.name.clone(),
+            namespace: backend.namespace.clone(),
+            port: backend.port,
+        };
+        let destination = backend_destination(ctx, &b, &reference)?;
+        if weight > 0 {
+            backends.push(RouteDestination {
+                destination,
+                weight,
+                headers: backend_filters.headers,
+            });
+        }
+    }
+    let timeouts = rule.timeouts.clone().unwrap_or_default();
+    let timeout = |field: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|v| ctx.duration(format!("{p}.timeouts.{field}"), v))
+            .transpose()
+            .map(|d| d.filter(|d| !d.is_zero()))
+    };
+    let request_timeout = timeout("request", &timeouts.request)?;
+    let backend_timeout = timeout("backendRequest", &timeouts.backend_request)?;
+    if let (Some(request), Some(backend)) = (request_timeout, backend_timeout)
+        && backend > request
+    {
+        return Err(ctx.invalid(
+            format!("{p}.timeouts.backendRequest"),
+            format!("{backend:?} is longer than timeouts.request ({request:?})"),
+        ));
+    }
+    let action = match (&filters.redirect, backends.is_empty()) {
+        (Some(redirect), _) => HttpAction::Redirect(redirect.clone()),
+        (None, false) => HttpAction::Route(backends),
+        (None, true) => HttpAction::DirectResponse(DirectResponse {
+            status: 500,
+            body: None,
+        }),
+    };
+    let mut retries = istio_default_retries();
+    retries.per_try_timeout = backend_timeout;
+    let default_match = [gw::HttpRouteMatch::default()];
+    let matches: &[gw::HttpRouteMatch] = if rule.matches.is_empty() {
+        &default_match
+    } else {
+        &rule.matches
+    };
+    let name = format!(
+        "HTTPRoute:{}:{}",
+        ctx.key.namespace_name(),
+        rule.name.clone().unwrap_or_else(|| index.to_string())
+    );
+    for (j, m) in matches.iter().enumerate() {
+        let mp = format!("{p}.matches[{j}]");
+        let (rank, matched) = route_match(ctx, &mp, m)?;
+        let rewrite = filters
+            .rewrite
+            .as_ref()
+            .map(|r| rewrite(ctx, &format!("{p}.filters"), r, &matched))
+            .transpose()?;
+        out.push((
+            rank,
+            HttpRoute {
+                name: Some(name.clone()),
+                matches: vec![matched],
+                action: action.clone(),
+                rewrite,
+                timeout: request_timeout,
+                retries: retries.clone(),
+                fault: None,
+                mirrors: filters.mirrors.clone(),
+                cors: None,
+                headers: filters.headers.clone(),
+            },
+        ));
+    }
+    Ok(())
+}
+
+fn route_match(ctx: &Ctx<'_>, p: &str, m: &gw::HttpRouteMatch) -> Result<(Rank, HttpMatch)> {
+    let path = m.path.clone().unwrap_or_default();
+    let value = path.value.clone().unwrap_or_else(|| "/".to_owned());
+    let kind = path.kind.as_deref().unwrap_or("PathPrefix");
+    let (path_kind, uri) = match kind {
+        "Exact" | "PathPrefix" => {
+            if !value.starts_with('/') {
+                return Err(ctx.invalid(
+                    format!("{p}.path.value"),
+                    format!("{value:?} must start with /"),
+                ));
+            }
+            if value.contains("//") || value.contains(['?', '#']) {
+                return Err(ctx.invalid(
+                    format!("{p}.path.value"),
+                    format!("{value:?} must not contain //, ? or #"),
+                ));
+            }
+            if kind == "Exact" {
+                (2, ValueMatch::Exact(value.clone()))
+            } else {
+                let trimmed = match value.trim_end_matches('/') {
+                    "" => "/".to_owned(),
+                    t => t.to_owned(),
+                };
+                (1, ValueMatch::PathPrefix(trimmed))
+            }
+        }
+        "RegularExpression" => (
+            0,
+            ValueMatch::Regex(ctx.regex(format!("{p}.path.value"), &value)?),
+        ),
+        other => {
+            return Err(ctx.not_one_of(
+                format!("{p}.path.type"),
+                other,
+                "Exact, PathPrefix, RegularExpression",
+            ));
+        }
+    };
+    let named =
+        |field: &str, list: &[gw::HttpValueMatch], lower: bool| -> Result<Vec<NamedMatch>> {
+            let mut out: Vec<NamedMatch> = Vec::new();
+            for (i, v) in list.iter().enumerate() {
+                let f = format!("{p}.{field}[{i}]");
+                if v.name.is_empty() {
+                    return Err(ctx.invalid(format!("{f}.name"), "a name is required"));
+                }
+                let name = if lower {
+                    v.name.to_ascii_lowercase()
+                } else {
+                    v.name.clone()
+                };
+                // "If multiple entries specify equivalent names, only the first entry with an
+                // equivalent name MUST be considered."
+                if out.iter().any(|o| o.name == name) {
+                    continue;
+                }
+                let value = match v.kind.as_deref().unwrap_or("Exact") {
+                    "Exact" => ValueMatch::Exact(v.value.clone()),
+                    "RegularExpression" => {
+                        ValueMatch::Regex(ctx.regex(format!("{f}.value"), &v.value)?)
+                    }
+                    other => {
+                        return Err(ctx.not_one_of(
+                            format!("{f}.type"),
+                            other,
+                            "Exact, RegularExpression",
+                        ));
+                    }
+                };
+                out.push(NamedMatch {
+                    name,
+                    value: Some(value),
+                });
+            }
+            Ok(out)
+        };
+    let headers = named("headers", &m.headers, true)?;
+    let query_params = named("queryParams", &m.query_params, false)?;
+    let method = match m.method.as_deref() {
+        None => None,
+        Some(
+            method @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+            | "PATCH"),
+        ) => Some(ValueMatch::Exact(method.to_owned())),
+        Some(other) => {
+            return Err(ctx.not_one_of(
+                format!("{p}.method"),
+                other,
+                "GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
+            ));
+        }
+    };
+    let rank = Rank {
+        path_kind,
+        path_len: value.len(),
+        method: method.is_some(),
+        headers: headers.len(),
+        query_params: query_params.len(),
+    };
+    Ok((
+        rank,
+        HttpMatch {
+            uri: Some(uri),
+            method,
+            headers,
+            query_params,
+            ..HttpMatch::default()
+        },
+    ))
+}
+
+fn parse_filters(
+    ctx: &Ctx<'_>,
+    p: &str,
+    list: &[gw::HttpRouteFilter],
+    rule_level: bool,
+) -> Result<RuleFilters> {
+    let mut out = RuleFilters::default();
+    for (i, filter) in list.iter().enumerate() {
+        let f = format!("{p}[{i}]");
+        let missing = |field: &str| {
+            ctx.invalid(
+                format!("{f}.{field}"),
+                format!("type {} needs {field}", filter.kind),
+            )
+        };
+        match filter.kind.as_str() {
+            "RequestHeaderModifier" => {
+                let m = filter
+                    .request_header_modifier
+                    .as_ref()
+                    .ok_or_else(|| missing("requestHeaderModifier"))?;
+                out.headers.request = header_edits(ctx, &format!("{f}.requestHeaderModifier"), m)?;
+            }
+            "ResponseHeaderModifier" => {
+                let m = filter
+                    .response_header_modifier
+                    .as_ref()
+                    .ok_or_else(|| missing("responseHeaderModifier"))?;
+                out.headers.response =
+                    header_edits(ctx, &format!("{f}.responseHeaderModifier"), m)?;
+            }
+            "RequestRedirect" if rule_level => {
+                let r = filter
+                    .request_redirect
+                    .as_ref()
+                    .ok_or_else(|| missing("requestRedirect"))?;
+                out.redirect = Some(redirect(ctx, &format!("{f}.requestRedirect"), r)?);
+            }
+            "URLRewrite" if rule_level => {
+                let r = filter
+                    .url_rewrite
+                    .as_ref()
+                    .ok_or_else(|| missing("urlRewrite"))?;
+                out.rewrite = Some(r.clone());
+            }
+            "RequestMirror" if rule_level => {
+                let m = filter
+                    .request_mirror
+                    .as_ref()
+                    .ok_or_else(|| missing("requestMirror"))?;
+                let mp = format!("{f}.requestMirror");
+                let percentage = match (m.percent, &m.fraction) {
+                    (Some(_), Some(_)) => {
+                        return Err(ctx.invalid(mp, "only one of percent and fraction may be set"));
+                    }
+                    (Some(n), None) => ctx.percentage(format!("{mp}.percent"), n as f64)?,
+                    (None, Some(fraction)) => {
+                        let denominator = fraction.denominator.unwrap_or(100);
+                        if denominator <= 0
+                            || fraction.numerator < 0
+                            || fraction.numerator > denominator
+                        {
+                            return Err(ctx.invalid(
+                                format!("{mp}.fraction"),
+                                "numerator must be between 0 and a denominator > 0",
+                            ));
+                        }
+                        fraction.numerator as f64 * 100.0 / denominator as f64
+                    }
+                    (None, None) => 100.0,
+                };
+                let destination =
+                    backend_destination(ctx, &format!("{mp}.backendRef"), &m.backend_ref)?;
+                if destination.host == UNRESOLVED_BACKEND {
+                    debug!(http_route = %ctx.key, filter = f, "mirror backend cannot be resolved; not mirrored");
+                } else {
+                    out.mirrors.push(Mirror {
+                        destination,
+                        percentage,
+                    });
+                }
+            }
+            "RequestRedirect" | "URLRewrite" | "RequestMirror" => {
+                return Err(ctx.invalid(
+                    format!("{f}.type"),
+                    format!(
+                        "{} is not supported on a backendRef (only header modifiers are)",
+                        filter.kind
+                    ),
+                ));
+            }
+            "ExtensionRef" | "CORS" | "ExternalAuth" => {
+                return Err(ctx.invalid(
+                    format!("{f}.type"),
+                    format!(
+                        "{} filters are not supported by this mesh; remove the filter",
+                        filter.kind
+                    ),
+                ));
+            }
+            other => {
+                return Err(ctx.not_one_of(
+                    format!("{f}.type"),
+                    other,
+                    "RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror",
+                ));
+            }
+        }
+    }
+    if out.redirect.is_some() && out.rewrite.is_some() {
+        return Err(ctx.invalid(
+            p.to_owned(),
+            "RequestRedirect and URLRewrite cannot be used on the same rule",
+        ));
+    }
+    Ok(out)
+}
+
+fn header_edits(ctx: &Ctx<'_>, p: &str, m: &gw::HeaderModifier) -> Result<HeaderEdits> {
+    let name = |field: String, n: &str| -> Result<String> {
+        if n.is_empty() || http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+            return Err(ctx.invalid(field, format!("{n:?} is not a header name")));
+        }
+        Ok(n.to_ascii_lowercase())
+    };
+    let pairs = |field: &str, list: &[gw::HttpHeader]| -> Result<Vec<(String, String)>> {
+        list.iter()
+            .enumerate()
+            .map(|(i, h)| {
+                Ok((
+                    name(format!("{p}.{field}[{i}].name"), &h.name)?,
+                    h.value.clone(),
+                ))
+            })
+            .collect()
+    };
+    Ok(HeaderEdits {
+        set: pairs("set", &m.set)?,
+        add: pairs("add", &m.add)?,
+        remove: m
+            .remove
+            .iter()
+            .enumerate()
+            .map(|(i, n)| name(format!("{p}.remove[{i}]"), n))
+            .collect::<Result<_>>()?,
+    })
+}
+
+fn redirect(ctx: &Ctx<'_>, p: &str, r: &gw::RequestRedirect) -> Result<Redirect> {
+    let scheme = match r.scheme.as_deref() {
+        None => None,
+        Some(s @ ("http" | "https")) => Some(s.to_owned()),
+        Some(other) => return Err(ctx.not_one_of(format!("{p}.scheme"), other, "http, https")),
+    };
+    let uri = match &r.path {
+        None => None,
+        Some(path) => match path.kind.as_str() {
+            "ReplaceFullPath" => Some(
+                path.replace_full_path
+                    .clone()
+                    .unwrap_or_else(|| "/".to_owned()),
+            ),
+            "ReplacePrefixMatch" => {
+                return Err(ctx.invalid(
+                    format!("{p}.path.type"),
+                    "ReplacePrefixMatch is not supported in a redirect yet; use ReplaceFullPath",
+                ));
+            }
+            other => {
+                return Err(ctx.not_one_of(
+                    format!("{p}.path.type"),
+                    other,
+                    "ReplaceFullPath, ReplacePrefixMatch",
+                ));
+            }
+        },
+    };
+    let port = match r.port {
+        Some(n) => Some(RedirectPort::Number(ctx.port(format!("{p}.port"), n)?)),
+        None if scheme.is_some() => Some(RedirectPort::FromProtocolDefault),
+        None => None,
+    };
+    let code = match r.status_code.unwrap_or(302) {
+        n @ (301 | 302) => n as u16,
+        other => {
+            return Err(ctx.not_one_of(format!("{p}.statusCode"), &other.to_string(), "301, 302"));
+        }
+    };
+    if let Some(host) = &r.hostname {
+        ctx.host(format!("{p}.hostname"), host)?;
+    }
+    Ok(Redirect {
+        uri,
+        authority: r.hostname.clone(),
+        port,
+        scheme,
+        code,
+    })
+}
+
+/// `URLRewrite` for one match. `ReplacePrefixMatch` replaces the matched path prefix element by
+/// element (see the waypoint's `rewrite_path`), so it needs a `PathPrefix` match.
+fn rewrite(ctx: &Ctx<'_>, p: &str, r: &gw::UrlRewrite, matched: &HttpMatch) -> Result<Rewrite> {
+    if let Some(host) = &r.hostname {
+        ctx.host(format!("{p}.urlRewrite.hostname"), host)?;
+    }
+    let mut rewrite = Rewrite {
+        uri: None,
+        authority: r.hostname.clone(),
+        uri_regex: None,
+    };
+    if let Some(path) = &r.path {
+        match path.kind.as_str() {
+            "ReplacePrefixMatch" => {
+                if !matches!(matched.uri, Some(ValueMatch::PathPrefix(_))) {
+                    return Err(ctx.invalid(
+                        format!("{p}.urlRewrite.path"),
+                        "ReplacePrefixMatch needs a PathPrefix match on every match of the rule",
+                    ));
+                }
+                rewrite.uri = Some(path.replace_prefix_match.clone().unwrap_or_default());
+            }
+            "ReplaceFullPath" => {
+                let whole = Regex::full_match(".*")
+                    .map_err(|e| ctx.invalid(p.to_owned(), e.to_string()))?;
+                let value = path
+                    .replace_full_path
+                    .clone()
+                    .unwrap_or_else(|| "/".to_owned());
+                rewrite.uri_regex = Some((whole, value.replace('$', "$$")));
+            }
+            other => {
+                return Err(ctx.not_one_of(
+                    format!("{p}.urlRewrite.path.type"),
+                    other,
+                    "ReplaceFullPath, ReplacePrefixMatch",
+                ));
+            }
+        }
+    }
+    Ok(rewrite)
+}
+
+/// A Service backend's destination, or [`UNRESOLVED_BACKEND`] for one that cannot be
+/// resolved (another kind; another namespace without a ReferenceGrant).
+fn backend_destination(
+    ctx: &Ctx<'_>,
+    p: &str,
+    b: &gw::BackendObjectReference,
+) -> Result<Destination> {
+    if b.name.is_empty() {
+        return Err(ctx.invalid(format!("{p}.name"), "a backend needs a name"));
+    }
+    let group = b.group.as_deref().unwrap_or("");
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    let namespace = b
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ctx.key.namespace.clone());
+    let unresolved = Destination {
+        host: UNRESOLVED_BACKEND.to_owned(),
+        subset: None,
+        port: None,
+    };
+    if (group, kind) != ("", "Service") {
+        debug!(http_route = %ctx.key, backend = %b.name, group, kind, "backend is not a Service: its share of requests is answered 500 (InvalidKind)");
+        return Ok(unresolved);
+    }
+    let Some(port) = b.port else {
+        return Err(ctx.invalid(format!("{p}.port"), "a Service backend needs a port"));
+    };
+    let port = ctx.port(format!("{p}.port"), port)?;
+    if namespace != ctx.key.namespace {
+        debug!(http_route = %ctx.key, backend = %b.name, namespace, "backend in another namespace: ReferenceGrant is not read yet, so its share of requests is answered 500 (RefNotPermitted)");
+        return Ok(unresolved);
+    }
+    Ok(Destination {
+        host: format!("{}.{namespace}.svc.{}", b.name, ctx.config.cluster_domain),
+        subset: None,
+        port: Some(port),
+    })
+}
+
+/// The routes of every Service some HTTPRoute attaches to, as one VirtualService-shaped route
+/// list per Service, sorted by the Gateway API's precedence (see the module doc).
+pub(super) fn attach(
+    services: &BTreeMap<String, Arc<Service>>,
+    routes: &[&AcceptedHttpRoute],
+) -> Vec<VirtualService> {
+    // Oldest first, then namespace/name: the order ties fall back to.
+    let mut routes: Vec<&&AcceptedHttpRoute> = routes.iter().collect();
+    routes.sort_by(|a, b| {
+        a.created_at
+            .cmp(&b.created_at)
+            .then_with(|| a.key.namespace.cmp(&b.key.namespace))
+            .then_with(|| a.key.name.cmp(&b.key.name))
+    });
+    let mut by_service: BTreeMap<String, Vec<(bool, Rank, HttpRoute)>> = BTreeMap::new();
+    let mut sources: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for route in routes {
+        for parent in &route.parents {
+            let service_key = format!("{}/{}", parent.namespace, parent.name);
+            if !services.contains_key(&service_key) {
+                debug!(http_route = %route.key, service = service_key, "parent Service does not exist (yet); not attached");
+                continue;
+            }
+            let consumer = parent.namespace != route.key.namespace;
+            let list = by_service.entry(service_key.clone()).or_default();
+            for (rank, r) in &route.routes {
+                let mut r = r.clone();
+                for m in &mut r.matches {
+                    m.port = parent.port;
+                    if consumer {
+                        m.source_namespace = Some(route.key.namespace.clone());
+                    }
+                }
+                list.push((consumer, *rank, r));
+            }
+            let names = sources.entry(service_key).or_default();
+            let name = route.key.namespace_name();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    by_service
+        .into_iter()
+        .map(|(service_key, mut list)| {
+            // Stable: equal ranks keep the oldest-route, rule and match order.
+            list.sort_by_key(|(consumer, rank, _)| std::cmp::Reverse((*consumer, *rank)));
+            let service = &services[&service_key];
+            VirtualService {
+                name: service.name.clone(),
+                namespace: service.namespace.clone(),
+                hosts: vec![service.hostname.clone()],
+                http: list.into_iter().map(|(_, _, r)| r).collect(),
+                tcp: Vec::new(),
+                created: None,
+                origin: VirtualServiceOrigin::HttpRoutes(
+                    sources.remove(&service_key).unwrap_or_default(),
+                ),
+            }
+        })
+        .collect()
+}

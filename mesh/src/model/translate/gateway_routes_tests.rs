@@ -1,0 +1,336 @@
+//! Tables for the Gateway API `HTTPRoute` translation: attachment to Services, matches,
+//! precedence, filters, backends and the objects that must be refused.
+
+use std::time::Duration;
+
+use super::tests::{messages, translate};
+use super::*;
+
+fn service(ns: &str, name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{ports: [{{port: 9080, name: http}}]}}\n---\n"
+    )
+}
+
+fn route(ns: &str, name: &str, created: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}\nspec:\n{spec}\n---\n"
+    )
+}
+
+const REVIEWS: &str = "reviews.bookinfo.svc.cluster.local";
+const PARENT: &str = "  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 9080}]\n";
+
+fn reviews_routes(t: &Translation) -> &VirtualService {
+    assert!(t.rejections.is_empty(), "{:?}", messages(t));
+    t.state
+        .virtual_services
+        .iter()
+        .find(|vs| vs.hosts == [REVIEWS])
+        .expect("routes for reviews")
+}
+
+fn destinations(route: &HttpRoute) -> Vec<(&str, Option<u16>, u32)> {
+    match &route.action {
+        HttpAction::Route(d) => d
+            .iter()
+            .map(|d| (d.destination.host.as_str(), d.destination.port, d.weight))
+            .collect(),
+        other => panic!("not a route: {other:?}"),
+    }
+}
+
+/// The getting-started guide's split of Istio's ambient docs: reviews v1 90, v2 10.
+#[test]
+fn getting_started_split_90_10() {
+    let yaml = service("bookinfo", "reviews")
+        + &service("bookinfo", "reviews-v1")
+        + &service("bookinfo", "reviews-v2")
+        + &route(
+            "bookinfo",
+            "reviews",
+            "2026-01-01T00:00:00Z",
+            &format!(
+                "{PARENT}  rules:\n  - backendRefs:\n    - {{name: reviews-v1, port: 9080, weight: 90}}\n    - {{name: reviews-v2, port: 9080, weight: 10}}\n"
+            ),
+        );
+    let t = translate(&yaml);
+    let vs = reviews_routes(&t);
+    assert_eq!(
+        vs.origin,
+        VirtualServiceOrigin::HttpRoutes(vec!["bookinfo/reviews".into()])
+    );
+    assert_eq!(vs.http.len(), 1);
+    let r = &vs.http[0];
+    assert_eq!(
+        destinations(r),
+        [
+            ("reviews-v1.bookinfo.svc.cluster.local", Some(9080), 90),
+            ("reviews-v2.bookinfo.svc.cluster.local", Some(9080), 10)
+        ]
+    );
+    // No matches: path prefix `/`, limited to the parentRef's port.
+    assert_eq!(r.matches.len(), 1);
+    assert_eq!(r.matches[0].uri, Some(ValueMatch::PathPrefix("/".into())));
+    assert_eq!(r.matches[0].port, Some(9080));
+    // Istio's default retries, as for a VirtualService without `retries`.
+    assert_eq!(r.retries, istio_default_retries());
+}
+
+/// Gateway API precedence: exact path, longest prefix, method, most headers, most query
+/// parameters, then the oldest route, then rule order; across routes and rules.
+#[test]
+fn precedence_across_rules_and_routes() {
+    let older = route(
+        "bookinfo",
+        "older",
+        "2026-01-01T00:00:00Z",
+        &format!(
+            "{PARENT}  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n    backendRefs: [{{name: reviews, port: 9080}}]\n    filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: X-Rule, value: root-older}}]}}}}]\n  - matches: [{{path: {{type: PathPrefix, value: /api}}, headers: [{{name: End-User, value: jason}}]}}]\n    backendRefs: [{{name: reviews, port: 9080}}]\n"
+        ),
+    );
+    let newer = route(
+        "bookinfo",
+        "newer",
+        "2026-02-01T00:00:00Z",
+        &format!(
+            "{PARENT}  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n    backendRefs: [{{name: reviews, port: 9080}}]\n  - matches:\n    - {{path: {{type: Exact, value: /api/v1}}}}\n    - {{path: {{type: PathPrefix, value: /api/}}, method: GET}}\n    - {{path: {{type: PathPrefix, value: /api/longer}}}}\n    - {{path: {{type: RegularExpression, value: '/api/.*'}}}}\n    backendRefs: [{{name: reviews, port: 9080}}]\n"
+        ),
+    );
+    let t = translate(&(service("bookinfo", "reviews") + &newer + &older));
+    let vs = reviews_routes(&t);
+    let order: Vec<String> = vs
+        .http
+        .iter()
+        .map(|r| {
+            let m = &r.matches[0];
+            format!(
+                "{} {:?} {} {}",
+                r.name.as_deref().unwrap_or(""),
+                m.uri,
+                m.method.is_some(),
+                m.headers.len()
+            )
+        })
+        .collect();
+    let expected = [
+        "HTTPRoute:bookinfo/newer:1 Some(Exact(\"/api/v1\")) false 0",
+        "HTTPRoute:bookinfo/newer:1 Some(PathPrefix(\"/api/longer\")) false 0",
+        // `/api/` is written with a trailing `/`: 5 characters, ahead of `/api`.
+        "HTTPRoute:bookinfo/newer:1 Some(PathPrefix(\"/api\")) true 0",
+        "HTTPRoute:bookinfo/older:1 Some(PathPrefix(\"/api\")) false 1",
+        // The oldest route's `/` first, then the newer one's.
+        "HTTPRoute:bookinfo/older:0 Some(PathPrefix(\"/\")) false 0",
+        "HTTPRoute:bookinfo/newer:0 Some(PathPrefix(\"/\")) false 0",
+        "HTTPRoute:bookinfo/newer:1 Some(Regex(Regex { pattern: \"/api/.*\", compiled: Regex(\"^(?:/api/.*)$\") })) false 0",
+    ];
+    assert_eq!(order, expected);
+    assert_eq!(
+        vs.origin,
+        VirtualServiceOrigin::HttpRoutes(vec!["bookinfo/older".into(), "bookinfo/newer".into()])
+    );
+    // Rule-level header edits are the route's.
+    let root_older = &vs.http[4];
+    assert_eq!(
+        root_older.headers.request.set,
+        [("x-rule".to_owned(), "root-older".to_owned())]
+    );
+}
+
+#[test]
+fn filters_redirect_rewrite_mirror_and_timeouts() {
+    let spec = format!(
+        "{PARENT}  rules:\n  - matches: [{{path: {{value: /old}}}}]\n    filters:\n    - {{type: RequestRedirect, requestRedirect: {{scheme: https, hostname: example.com, statusCode: 301}}}}\n  - matches: [{{path: {{value: /v1}}}}]\n    filters:\n    - {{type: URLRewrite, urlRewrite: {{hostname: internal, path: {{type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}}}}\n    - {{type: RequestMirror, requestMirror: {{backendRef: {{name: reviews, port: 9080}}, fraction: {{numerator: 1, denominator: 4}}}}}}\n    - {{type: ResponseHeaderModifier, responseHeaderModifier: {{add: [{{name: X-Served, value: v2}}], remove: [Server]}}}}\n    backendRefs: [{{name: reviews, port: 9080}}]\n    timeouts: {{request: 10s, backendRequest: 2s}}\n  - matches: [{{path: {{type: Exact, value: /full}}}}]\n    filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: ReplaceFullPath, replaceFullPath: /a$b}}}}}}]\n    backendRefs: [{{name: reviews, port: 9080}}]\n"
+    );
+    let t = translate(
+        &(service("bookinfo", "reviews") + &route("bookinfo", "r", "2026-01-01T00:00:00Z", &spec)),
+    );
+    let vs = reviews_routes(&t);
+    let by_path = |p: &str| {
+        vs.http
+            .iter()
+            .find(|r| match &r.matches[0].uri {
+                Some(ValueMatch::PathPrefix(v) | ValueMatch::Exact(v)) => v == p,
+                _ => false,
+            })
+            .unwrap_or_else(|| panic!("route for {p}"))
+    };
+    let HttpAction::Redirect(redirect) = &by_path("/old").action else {
+        panic!("redirect");
+    };
+    assert_eq!(redirect.scheme.as_deref(), Some("https"));
+    assert_eq!(redirect.authority.as_deref(), Some("example.com"));
+    assert_eq!(redirect.port, Some(RedirectPort::FromProtocolDefault));
+    assert_eq!(redirect.code, 301);
+
+    let v1 = by_path("/v1");
+    let rewrite = v1.rewrite.as_ref().expect("rewrite");
+    assert_eq!(rewrite.uri.as_deref(), Some("/v2"));
+    assert_eq!(rewrite.authority.as_deref(), Some("internal"));
+    assert_eq!(v1.mirrors.len(), 1);
+    assert_eq!(v1.mirrors[0].percentage, 25.0);
+    assert_eq!(
+        v1.headers.response.add,
+        [("x-served".to_owned(), "v2".to_owned())]
+    );
+    assert_eq!(v1.headers.response.remove, ["server"]);
+    assert_eq!(v1.timeout, Some(Duration::from_secs(10)));
+    assert_eq!(v1.retries.per_try_timeout, Some(Duration::from_secs(2)));
+
+    let full = by_path("/full");
+    let (regex, replacement) = full
+        .rewrite
+        .as_ref()
+        .and_then(|r| r.uri_regex.as_ref())
+        .expect("full path rewrite");
+    assert!(regex.is_match("/anything/at/all"));
+    assert_eq!(replacement, "/a$$b", "`$` escaped for the regex crate");
+}
+
+/// Backends: weight 0 gets nothing; all weight 0 or none at all answers 500; a backend that
+/// cannot be resolved keeps its share, answered 500 by the waypoint.
+#[test]
+fn backends_weights_and_unresolvable_ones() {
+    let spec = format!(
+        "{PARENT}  rules:\n  - matches: [{{path: {{value: /zero}}}}]\n    backendRefs: [{{name: reviews, port: 9080, weight: 0}}]\n  - matches: [{{path: {{value: /none}}}}]\n  - matches: [{{path: {{value: /mixed}}}}]\n    backendRefs:\n    - {{name: reviews, port: 9080, weight: 3}}\n    - {{name: other, namespace: elsewhere, port: 80, weight: 1}}\n    - {{name: bucket, kind: Bucket, group: storage.example.com, weight: 1}}\n    - {{name: reviews, port: 9080, weight: 0}}\n"
+    );
+    let t = translate(
+        &(service("bookinfo", "reviews") + &route("bookinfo", "r", "2026-01-01T00:00:00Z", &spec)),
+    );
+    let vs = reviews_routes(&t);
+    let by_prefix = |p: &str| {
+        vs.http
+            .iter()
+            .find(|r| r.matches[0].uri == Some(ValueMatch::PathPrefix(p.into())))
+            .unwrap_or_else(|| panic!("route for {p}"))
+    };
+    for p in ["/zero", "/none"] {
+        assert_eq!(
+            by_prefix(p).action,
+            HttpAction::DirectResponse(DirectResponse {
+                status: 500,
+                body: None
+            }),
+            "{p}"
+        );
+    }
+    assert_eq!(
+        destinations(by_prefix("/mixed")),
+        [
+            (REVIEWS, Some(9080), 3),
+            (UNRESOLVED_BACKEND, None, 1),
+            (UNRESOLVED_BACKEND, None, 1)
+        ]
+    );
+}
+
+/// A route in another namespace than its Service is a consumer route: only for clients of its
+/// own namespace, ahead of the Service's own routes.
+#[test]
+fn consumer_routes_apply_to_their_namespace_first() {
+    let producer = route(
+        "bookinfo",
+        "producer",
+        "2026-01-01T00:00:00Z",
+        "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules: [{backendRefs: [{name: reviews, port: 9080}]}]\n",
+    );
+    let consumer = route(
+        "frontend",
+        "consumer",
+        "2026-02-01T00:00:00Z",
+        "  parentRefs: [{group: \"\", kind: Service, name: reviews, namespace: bookinfo}]\n  rules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-consumer, value: frontend}]}}], backendRefs: [{name: reviews, namespace: bookinfo, port: 9080}]}]\n",
+    );
+    let t = translate(&(service("bookinfo", "reviews") + &producer + &consumer));
+    let vs = reviews_routes(&t);
+    assert_eq!(vs.http.len(), 2);
+    assert_eq!(
+        vs.http[0].matches[0].source_namespace.as_deref(),
+        Some("frontend")
+    );
+    assert_eq!(vs.http[0].matches[0].port, None);
+    // Its backend is in another namespace and no ReferenceGrant is read: 500 for its share.
+    assert_eq!(destinations(&vs.http[0]), [(UNRESOLVED_BACKEND, None, 1)]);
+    assert_eq!(vs.http[1].matches[0].source_namespace, None);
+}
+
+/// HTTPRoutes on a Service win over a VirtualService for it, which is then shadowed.
+#[test]
+fn http_routes_win_over_a_virtual_service() {
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo, creationTimestamp: '2020-01-01T00:00:00Z'}\nspec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews}}]}]\n---\n";
+    let t = translate(
+        &(service("bookinfo", "reviews")
+            + vs
+            + &route(
+                "bookinfo",
+                "reviews",
+                "2026-01-01T00:00:00Z",
+                &format!("{PARENT}  rules: [{{backendRefs: [{{name: reviews, port: 9080}}]}}]\n"),
+            )),
+    );
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    let first = t
+        .state
+        .virtual_services
+        .iter()
+        .position(|vs| matches!(vs.origin, VirtualServiceOrigin::HttpRoutes(_)))
+        .expect("HTTPRoutes");
+    let plain = t
+        .state
+        .virtual_services
+        .iter()
+        .position(|vs| vs.origin == VirtualServiceOrigin::VirtualService)
+        .expect("VirtualService");
+    assert!(first < plain, "the HTTPRoutes come first for the host");
+}
+
+/// Refused objects name the field; nothing of theirs applies.
+#[test]
+fn bad_routes_are_refused_with_the_field_named() {
+    let cases = [
+        (
+            "  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{matches: [{path: {type: Prefix, value: /}}]}]\n",
+            "spec.rules[0].matches[0].path.type",
+        ),
+        (
+            "  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{matches: [{path: {value: api}}]}]\n",
+            "spec.rules[0].matches[0].path.value",
+        ),
+        (
+            "  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{backendRefs: [{name: reviews}]}]\n",
+            "spec.rules[0].backendRefs[0].port",
+        ),
+        (
+            "  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{matches: [{path: {type: Exact, value: /a}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}], backendRefs: [{name: reviews, port: 9080}]}]\n",
+            "spec.rules[0].filters.urlRewrite.path",
+        ),
+        (
+            "  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{filters: [{type: ExtensionRef, extensionRef: {group: x, kind: y, name: z}}], backendRefs: [{name: reviews, port: 9080}]}]\n",
+            "spec.rules[0].filters[0].type",
+        ),
+        (
+            "  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{backendRef: [{name: reviews, port: 9080}]}]\n",
+            "backendRef",
+        ),
+        (
+            "  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{matches: [{method: FETCH}], backendRefs: [{name: reviews, port: 9080}]}]\n",
+            "spec.rules[0].matches[0].method",
+        ),
+    ];
+    for (spec, field) in cases {
+        let t = translate(
+            &(service("bookinfo", "reviews")
+                + &route("bookinfo", "bad", "2026-01-01T00:00:00Z", spec)),
+        );
+        let m = messages(&t);
+        assert_eq!(m.len(), 1, "{spec}: {m:?}");
+        assert!(m[0].starts_with("HTTPRoute bookinfo/bad: "), "{m:?}");
+        assert!(m[0].contains(field), "{field} in {m:?}");
+        assert!(
+            !t.state
+                .virtual_services
+                .iter()
+                .any(|vs| vs.hosts == [REVIEWS]),
+            "nothing of a refused route applies"
+        );
+    }
+}
