@@ -819,3 +819,133 @@ async fn a_service_without_a_waypoint_label_bypasses_it() {
         "ratings opted out but the waypoint saw it"
     );
 }
+
+/// Istio's ambient getting-started guide routes `reviews` with a Gateway API `HTTPRoute` whose
+/// parent is the Service, not with a VirtualService: 90 % to `reviews-v1`, 10 % to
+/// `reviews-v2`, then everything to v1, and `end-user: jason` to v2. The YAML is the guide's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_http_route_splits_90_10_as_the_getting_started_guide() {
+    if !needs_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("demo")
+        .ambient()
+        .namespace_label("istio.io/use-waypoint", "waypoint")
+        .waypoint("a", "demo", "waypoint")
+        .pod("a", "demo", "sleep")
+        .pod("b", "demo", "reviews-v1")
+        .label("app", "reviews-v1")
+        .pod("b", "demo", "reviews-v2")
+        .label("app", "reviews-v2")
+        .http_service("demo", "reviews", PORT, PORT)
+        .http_service("demo", "reviews-v1", PORT, PORT)
+        .http_service("demo", "reviews-v2", PORT, PORT)
+        .build()
+        .await
+        .unwrap();
+    let _v1 = serve_backend(cluster.pod("reviews-v1"), PORT, "v1")
+        .await
+        .unwrap();
+    let _v2 = serve_backend(cluster.pod("reviews-v2"), PORT, "v2")
+        .await
+        .unwrap();
+    let route = |rules: &str| {
+        format!(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews
+  namespace: demo
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: reviews
+    port: 9080
+  rules:
+{rules}"#
+        )
+    };
+    let versions = |n: usize, headers: &'static [(&'static str, &'static str)]| {
+        let cluster = &cluster;
+        async move {
+            let addr = cluster.service_addr("demo", "reviews", PORT);
+            let mut client = HttpClient::connect(cluster.pod("sleep"), addr, HttpVersion::Http1)
+                .await
+                .unwrap();
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            for _ in 0..n {
+                let answer = client.get("/reviews/1", headers).await.unwrap();
+                assert_eq!(answer.status, 200, "{}", answer.text());
+                *seen.entry(answer.version().to_owned()).or_default() += 1;
+            }
+            seen
+        }
+    };
+
+    cluster
+        .apply(
+            "route",
+            &route(
+                r#"
+  - backendRefs:
+    - name: reviews-v1
+      port: 9080
+      weight: 90
+    - name: reviews-v2
+      port: 9080
+      weight: 10
+"#,
+            ),
+        )
+        .await;
+    let seen = versions(1000, &[]).await;
+    let v2 = seen.get("v2").copied().unwrap_or(0);
+    assert_eq!(seen.values().sum::<usize>(), 1000, "{seen:?}");
+    // binomial(1000, 0.1): 100 +- 40 is 4.2 standard deviations (a 1-in-40,000 miss).
+    assert!(
+        (60..=140).contains(&v2),
+        "90/10 over 1,000 requests gave {seen:?}"
+    );
+
+    cluster
+        .apply(
+            "route",
+            &route(
+                r#"
+  - matches:
+    - headers:
+      - name: end-user
+        value: jason
+    backendRefs:
+    - name: reviews-v2
+      port: 9080
+  - backendRefs:
+    - name: reviews-v1
+      port: 9080
+"#,
+            ),
+        )
+        .await;
+    assert_eq!(versions(50, &[]).await.get("v1"), Some(&50));
+    assert_eq!(
+        versions(50, &[("end-user", "jason")]).await.get("v2"),
+        Some(&50)
+    );
+
+    // The waypoint names the HTTPRoute as what routes the service.
+    let dump = cluster
+        .waypoint("waypoint")
+        .try_config_dump()
+        .await
+        .unwrap();
+    assert!(
+        dump.to_string()
+            .contains("HTTPRoute demo/reviews (Service demo/reviews)"),
+        "{dump}"
+    );
+}
