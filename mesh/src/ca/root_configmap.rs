@@ -355,9 +355,11 @@ impl Context {
         })
     }
 
-    fn succeeded(&self, namespace: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(namespace);
+    /// Forgets `namespace`'s failures; returns how many there were.
+    fn succeeded(&self, namespace: &str) -> u32 {
+        match self.failures.lock() {
+            Ok(mut failures) => failures.remove(namespace).unwrap_or(0),
+            Err(_) => 0,
         }
     }
 
@@ -417,6 +419,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Publ
         .await
     {
         Ok(_) => {
+            let failed = ctx.succeeded(namespace);
             match why {
                 Write::Missing => info!(namespace, configmap = name, "published the CA root"),
                 Write::Changed => info!(
@@ -424,9 +427,15 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Publ
                     configmap = name,
                     "restored the CA root ConfigMap (its root or label had been changed)"
                 ),
+                // After failures were logged, their end is logged too.
+                Write::Unknown if failed > 0 => info!(
+                    namespace,
+                    configmap = name,
+                    failed,
+                    "published the CA root after {failed} failed attempt(s)"
+                ),
                 Write::Unknown => debug!(namespace, configmap = name, "applied the CA root"),
             }
-            ctx.succeeded(namespace);
             Ok(Action::await_change())
         }
         // Deleted since it was seen: nothing to publish to.

@@ -236,3 +236,56 @@ pub struct HttpRouteTimeouts {
     pub request: Option<String>,
     pub backend_request: Option<String>,
 }
+
+/// The apiVersions accepted for `ReferenceGrant` (one schema).
+pub const REFERENCE_GRANT_API_VERSIONS: [&str; 3] = [
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1beta1",
+    "gateway.networking.k8s.io/v1alpha2",
+];
+
+/// `kind: ReferenceGrant`: lets objects of the `from` kinds in other namespaces refer to the
+/// `to` objects of the grant's namespace.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrant {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantSpec {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub from: Vec<ReferenceGrantFrom>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantFrom {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantTo {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    /// None: every object of the kind in the grant's namespace.
+    pub name: Option<String>,
+}

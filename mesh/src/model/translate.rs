@@ -105,11 +105,13 @@ pub enum Kind {
     RateLimitPolicy,
     /// Gateway API `HTTPRoute`.
     HttpRoute,
+    /// Gateway API `ReferenceGrant` (cross-namespace backends of routes).
+    ReferenceGrant,
 }
 
 impl Kind {
     /// Every kind, so metrics can report zero for kinds that have no objects.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -121,6 +123,7 @@ impl Kind {
         Kind::Gateway,
         Kind::RateLimitPolicy,
         Kind::HttpRoute,
+        Kind::ReferenceGrant,
     ];
 
     /// The `kind` as Kubernetes spells it.
@@ -137,6 +140,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
 
@@ -161,7 +165,7 @@ impl Kind {
             Kind::EndpointSlice => discoveryv1::EndpointSlice::GROUP,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => crd::SECURITY_GROUP,
             Kind::VirtualService | Kind::DestinationRule => ncrd::NETWORKING_GROUP,
-            Kind::Gateway | Kind::HttpRoute => ncrd::GATEWAY_API_GROUP,
+            Kind::Gateway | Kind::HttpRoute | Kind::ReferenceGrant => ncrd::GATEWAY_API_GROUP,
             Kind::RateLimitPolicy => rcrd::MESH_GROUP,
         }
     }
@@ -185,6 +189,7 @@ impl Kind {
             Kind::Gateway => &ncrd::GATEWAY_API_VERSIONS,
             Kind::RateLimitPolicy => &rcrd::RATE_LIMIT_API_VERSIONS,
             Kind::HttpRoute => &gw::HTTP_ROUTE_API_VERSIONS,
+            Kind::ReferenceGrant => &gw::REFERENCE_GRANT_API_VERSIONS,
         }
     }
 }
@@ -268,6 +273,7 @@ pub enum Object {
     Gateway(Box<ncrd::Gateway>),
     RateLimitPolicy(Box<rcrd::RateLimitPolicy>),
     HttpRoute(Box<gw::HttpRoute>),
+    ReferenceGrant(Box<gw::ReferenceGrant>),
 }
 
 impl Object {
@@ -284,6 +290,7 @@ impl Object {
             Object::Gateway(_) => Kind::Gateway,
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -300,6 +307,7 @@ impl Object {
             Object::Gateway(o) => &o.metadata,
             Object::RateLimitPolicy(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
+            Object::ReferenceGrant(o) => &o.metadata,
         }
     }
 
@@ -361,6 +369,7 @@ impl Object {
             Kind::Gateway => Object::Gateway(typed(key, value, strict)?),
             Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(key, value, strict)?),
             Kind::HttpRoute => Object::HttpRoute(typed(key, value, strict)?),
+            Kind::ReferenceGrant => Object::ReferenceGrant(typed(key, value, strict)?),
         })
     }
 }
@@ -613,6 +622,7 @@ enum Accepted {
     RateLimitPolicy(RateLimitPolicy),
     /// Not attached yet (assembly does it).
     HttpRoute(Box<gateway_routes::AcceptedHttpRoute>),
+    ReferenceGrant(gateway_routes::Grant),
 }
 
 #[derive(Debug)]
@@ -658,6 +668,9 @@ fn accept(
         Object::Gateway(gateway) => Accepted::Gateway(networking::waypoint_gateway(key, gateway)),
         Object::HttpRoute(route) => {
             Accepted::HttpRoute(Box::new(gateway_routes::http_route(config, key, route)?))
+        }
+        Object::ReferenceGrant(grant) => {
+            Accepted::ReferenceGrant(gateway_routes::reference_grant(key, grant)?)
         }
         Object::RateLimitPolicy(policy) => {
             Accepted::RateLimitPolicy(ratelimit::rate_limit_policy(key, policy)?)
@@ -1367,6 +1380,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     let mut slices = Vec::new();
     let mut virtual_services = Vec::new();
     let mut http_routes = Vec::new();
+    let mut grants = Vec::new();
     let mut destination_rules = Vec::new();
     let mut rate_limit_policies = Vec::new();
     for (key, accepted) in in_force {
@@ -1436,6 +1450,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
             }
             Accepted::RateLimitPolicy(policy) => rate_limit_policies.push(policy),
             Accepted::HttpRoute(route) => http_routes.push(route.as_ref()),
+            Accepted::ReferenceGrant(grant) => grants.push(grant.clone()),
         }
     }
 
@@ -1479,7 +1494,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
             debug!(service = %service.key(), %waypoint, "the service's waypoint has no Service (yet)");
         }
     }
-    let from_http_routes = gateway_routes::attach(&state.services, &http_routes);
+    let from_http_routes = gateway_routes::attach(&state.services, &http_routes, &grants);
     let routes = networking::assemble_routes(
         &state.services,
         virtual_services,

@@ -188,7 +188,17 @@ async fn a_403_is_logged_with_what_to_grant_and_the_controller_carries_on() {
         ) && text.contains("namespace=\"demo\""),
         "{text}"
     );
-    assert!(text.contains("published the CA root"), "{text}");
+    // The fake API server has the ConfigMap before the controller has read the answer and
+    // logged it: wait (bounded) for the line rather than race it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !logs.text().contains("published the CA root") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no \"published the CA root\" in {}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[test]

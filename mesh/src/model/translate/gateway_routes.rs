@@ -22,9 +22,11 @@
 //!   order, then to the first rule and match in list order. `RegularExpression` paths rank
 //!   below prefixes, as in Istio (the specification leaves them to the implementation).
 //! - `backendRefs`: a Service (`group: ""`, `kind: Service`), whose `port` is required; weights
-//!   are relative (default 1), a weight of 0 gets no traffic. A backend that cannot be
-//!   resolved (another kind, or another namespace: `ReferenceGrant` is not read yet) gets its
-//!   share of requests answered 500 ("HTTPBackendRef": "the implementation MUST return 500 for
+//!   are relative (default 1), a weight of 0 gets no traffic. A Service in another namespace
+//!   needs a `ReferenceGrant` there (GEP-709: `from` group `gateway.networking.k8s.io`, kind
+//!   `HTTPRoute`, the route's namespace; `to` group `""`, kind `Service`, the Service's name or
+//!   none for all); mirrors too. A backend that cannot be resolved (another kind, or another
+//!   namespace without a grant) gets its share of requests answered 500 ("HTTPBackendRef": "the implementation MUST return 500 for
 //!   the share of requests the invalid backendRef would have received"); a rule with no
 //!   backends (or only weight 0) and no redirect answers 500.
 //! - Filters: `RequestHeaderModifier` / `ResponseHeaderModifier` (rule and backend level),
@@ -615,8 +617,9 @@ fn rewrite(ctx: &Ctx<'_>, p: &str, r: &gw::UrlRewrite, matched: &HttpMatch) -> R
     Ok(rewrite)
 }
 
-/// A Service backend's destination, or [`UNRESOLVED_BACKEND`] for one that cannot be
-/// resolved (another kind; another namespace without a ReferenceGrant).
+/// A Service backend's destination, or [`UNRESOLVED_BACKEND`] for one that cannot be resolved
+/// (another kind). One in another namespace is checked against the ReferenceGrants at
+/// attachment ([`attach`]).
 fn backend_destination(
     ctx: &Ctx<'_>,
     p: &str,
@@ -644,10 +647,7 @@ fn backend_destination(
         return Err(ctx.invalid(format!("{p}.port"), "a Service backend needs a port"));
     };
     let port = ctx.port(format!("{p}.port"), port)?;
-    if namespace != ctx.key.namespace {
-        debug!(http_route = %ctx.key, backend = %b.name, namespace, "backend in another namespace: ReferenceGrant is not read yet, so its share of requests is answered 500 (RefNotPermitted)");
-        return Ok(unresolved);
-    }
+    // Another namespace: allowed or not by a ReferenceGrant, checked at attachment.
     Ok(Destination {
         host: format!("{}.{namespace}.svc.{}", b.name, ctx.config.cluster_domain),
         subset: None,
@@ -660,6 +660,7 @@ fn backend_destination(
 pub(super) fn attach(
     services: &BTreeMap<String, Arc<Service>>,
     routes: &[&AcceptedHttpRoute],
+    grants: &[Grant],
 ) -> Vec<VirtualService> {
     // Oldest first, then namespace/name: the order ties fall back to.
     let mut routes: Vec<&&AcceptedHttpRoute> = routes.iter().collect();
@@ -682,6 +683,7 @@ pub(super) fn attach(
             let list = by_service.entry(service_key.clone()).or_default();
             for (rank, r) in &route.routes {
                 let mut r = r.clone();
+                check_grants(&route.key, &mut r, grants);
                 for m in &mut r.matches {
                     m.port = parent.port;
                     if consumer {
@@ -716,4 +718,109 @@ pub(super) fn attach(
             }
         })
         .collect()
+}
+
+/// A `ReferenceGrant`, validated: who (`from`: group, kind, namespace) may refer to what in
+/// the grant's namespace (`to`: group, kind, name or every name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Grant {
+    namespace: String,
+    from: Vec<(String, String, String)>,
+    to: Vec<(String, String, Option<String>)>,
+}
+
+pub(super) fn reference_grant(key: &ObjectKey, grant: &gw::ReferenceGrant) -> Result<Grant> {
+    let invalid = |field: String, why: &str| super::invalid(key, field, why);
+    if grant.spec.from.is_empty() {
+        return Err(invalid(
+            "spec.from".into(),
+            "at least one from entry is required",
+        ));
+    }
+    if grant.spec.to.is_empty() {
+        return Err(invalid(
+            "spec.to".into(),
+            "at least one to entry is required",
+        ));
+    }
+    let mut from = Vec::new();
+    for (i, f) in grant.spec.from.iter().enumerate() {
+        if f.kind.is_empty() {
+            return Err(invalid(
+                format!("spec.from[{i}].kind"),
+                "a kind is required",
+            ));
+        }
+        if f.namespace.is_empty() {
+            return Err(invalid(
+                format!("spec.from[{i}].namespace"),
+                "a namespace is required",
+            ));
+        }
+        from.push((f.group.clone(), f.kind.clone(), f.namespace.clone()));
+    }
+    let mut to = Vec::new();
+    for (i, t) in grant.spec.to.iter().enumerate() {
+        if t.kind.is_empty() {
+            return Err(invalid(format!("spec.to[{i}].kind"), "a kind is required"));
+        }
+        to.push((
+            t.group.clone(),
+            t.kind.clone(),
+            t.name.clone().filter(|n| !n.is_empty()),
+        ));
+    }
+    Ok(Grant {
+        namespace: key.namespace.clone(),
+        from,
+        to,
+    })
+}
+
+/// Whether HTTPRoutes of `route_namespace` may send to Service `namespace/name` (GEP-709).
+fn granted(grants: &[Grant], route_namespace: &str, namespace: &str, name: &str) -> bool {
+    namespace == route_namespace
+        || grants.iter().any(|g| {
+            g.namespace == namespace
+                && g.from.iter().any(|(group, kind, ns)| {
+                    group == "gateway.networking.k8s.io"
+                        && kind == "HTTPRoute"
+                        && ns == route_namespace
+                })
+                && g.to.iter().any(|(group, kind, to)| {
+                    group.is_empty() && kind == "Service" && to.as_deref().is_none_or(|n| n == name)
+                })
+        })
+}
+
+/// `name.namespace` of a backend's `name.namespace.svc.<domain>` host.
+fn backend_service(host: &str) -> Option<(&str, &str)> {
+    let mut labels = host.split('.');
+    Some((labels.next()?, labels.next()?))
+}
+
+/// Backends and mirrors in other namespaces that no ReferenceGrant allows: a backend's share
+/// is answered 500 (`RefNotPermitted`), a mirror is dropped.
+fn check_grants(route: &ObjectKey, r: &mut HttpRoute, grants: &[Grant]) {
+    let allowed = |host: &str| {
+        host == UNRESOLVED_BACKEND
+            || backend_service(host)
+                .is_some_and(|(name, namespace)| granted(grants, &route.namespace, namespace, name))
+    };
+    if let HttpAction::Route(destinations) = &mut r.action {
+        for d in destinations {
+            if !allowed(&d.destination.host) {
+                debug!(http_route = %route, backend = %d.destination.host, "no ReferenceGrant lets this route use a Service of another namespace: its share of requests is answered 500 (RefNotPermitted)");
+                d.destination.host = UNRESOLVED_BACKEND.to_owned();
+                d.destination.port = None;
+            }
+        }
+    }
+    r.mirrors.retain(|m| {
+        let ok = allowed(&m.destination.host);
+        if !ok {
+            debug!(http_route = %route, mirror = %m.destination.host, "no ReferenceGrant lets this route mirror to a Service of another namespace; not mirrored");
+        }
+        ok
+    });
 }

@@ -334,3 +334,55 @@ fn bad_routes_are_refused_with_the_field_named() {
         );
     }
 }
+
+/// GEP-709: a backend (or mirror) in another namespace needs a ReferenceGrant there, from
+/// HTTPRoutes of the route's namespace to that Service (or every Service).
+#[test]
+fn cross_namespace_backends_need_a_reference_grant() {
+    let grant = |from_ns: &str, to_name: Option<&str>| {
+        let name = to_name.map_or(String::new(), |n| format!(", name: {n}"));
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: ratings}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {from_ns}}}]\n  to: [{{group: \"\", kind: Service{name}}}]\n---\n"
+        )
+    };
+    let spec = format!(
+        "{PARENT}  rules:\n  - filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: ratings, namespace: ratings, port: 9080}}}}}}]\n    backendRefs: [{{name: ratings, namespace: ratings, port: 9080}}]\n"
+    );
+    let base = service("bookinfo", "reviews")
+        + &service("ratings", "ratings")
+        + &route("bookinfo", "r", "2026-01-01T00:00:00Z", &spec);
+    let cases = [
+        ("no grant", String::new(), false),
+        ("a grant for every Service", grant("bookinfo", None), true),
+        (
+            "a grant for this Service",
+            grant("bookinfo", Some("ratings")),
+            true,
+        ),
+        (
+            "a grant for another Service",
+            grant("bookinfo", Some("details")),
+            false,
+        ),
+        (
+            "a grant to another namespace's routes",
+            grant("frontend", None),
+            false,
+        ),
+    ];
+    for (what, grant, allowed) in cases {
+        let t = translate(&(base.clone() + &grant));
+        let vs = reviews_routes(&t);
+        let (host, port) = if allowed {
+            ("ratings.ratings.svc.cluster.local", Some(9080))
+        } else {
+            (UNRESOLVED_BACKEND, None)
+        };
+        assert_eq!(destinations(&vs.http[0]), [(host, port, 1)], "{what}");
+        assert_eq!(
+            vs.http[0].mirrors.len(),
+            usize::from(allowed),
+            "{what}: the mirror"
+        );
+    }
+}
