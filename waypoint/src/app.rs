@@ -250,7 +250,7 @@ async fn follow_state(
                 .set(1);
             let id = format!(
                 "{}|{}|{}",
-                conflict.host, conflict.winner, conflict.shadowed
+                conflict.host, conflict.winner_is, conflict.shadowed_is
             );
             if reported.insert(id) {
                 tracing::warn!(
@@ -258,7 +258,7 @@ async fn follow_state(
                     winner = %conflict.winner,
                     shadowed = %conflict.shadowed,
                     "{} is shadowed for host {}: {} takes precedence (an older VirtualService wins, as in Istio; HTTPRoutes attached to the Service win over VirtualServices); merge them or remove one",
-                    conflict.shadowed, conflict.host, conflict.winner
+                    conflict.shadowed_is, conflict.host, conflict.winner_is
                 );
             }
         }

@@ -35,10 +35,13 @@ pub struct RouteTable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     pub host: String,
-    /// Key (`ns/name`) of the VirtualService that applies.
+    /// Key (`ns/name`) of the VirtualService that applies (for HTTPRoutes, their Service's).
     pub winner: String,
     /// Key of the VirtualService ignored for `host`.
     pub shadowed: String,
+    /// What each is, for the log: `VirtualService ns/name` or `HTTPRoute ... (Service ...)`.
+    pub winner_is: String,
+    pub shadowed_is: String,
 }
 
 /// One service's routes.
@@ -218,8 +221,10 @@ impl RouteTable {
                 match by_host.get(host.as_str()) {
                     Some(&winner) if winner != i => conflicts.push(Conflict {
                         host: host.clone(),
-                        winner: state.virtual_services[winner].describe(),
-                        shadowed: vs.describe(),
+                        winner: state.virtual_services[winner].key(),
+                        shadowed: vs.key(),
+                        winner_is: state.virtual_services[winner].describe(),
+                        shadowed_is: vs.describe(),
                     }),
                     Some(_) => {}
                     None => {

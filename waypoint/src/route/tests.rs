@@ -292,8 +292,10 @@ fn first_virtual_service_for_a_host_wins_and_the_later_one_is_a_conflict() {
         table.conflicts(),
         &[Conflict {
             host: host("reviews"),
-            winner: "VirtualService demo/older".into(),
-            shadowed: "VirtualService demo/newer".into(),
+            winner: "demo/older".into(),
+            shadowed: "demo/newer".into(),
+            winner_is: "VirtualService demo/older".into(),
+            shadowed_is: "VirtualService demo/newer".into(),
         }]
     );
     assert_eq!(
