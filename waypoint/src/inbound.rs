@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh::discovery::Store;
 use mesh::hbone::{H2Stream, InboundTunnel};
@@ -26,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::engine::{Downstream, Engine};
 use crate::live::Live;
-use crate::request::{BoxError, SourceInfo};
+use crate::request::SourceInfo;
 
 /// How long a client may take to send a request's headers (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -149,12 +148,12 @@ pub async fn tunnel(inbound: Arc<Inbound>, tunnel: InboundTunnel) {
         },
         Protocol::Tcp => {
             engine
-                .tcp(downstream, Rewind::new(Bytes::new(), stream))
+                .tcp(&downstream, Rewind::new(Bytes::new(), stream))
                 .await
         }
         Protocol::Detect => match detect(stream, inbound.protocol_detection_timeout).await {
             Ok((true, io)) => serve_http(engine, downstream, io).await,
-            Ok((false, io)) => engine.tcp(downstream, io).await,
+            Ok((false, io)) => engine.tcp(&downstream, io).await,
             Err(e) => tracing::debug!(error = %e, "tunnel ended before its protocol was known"),
         },
     }
@@ -220,8 +219,6 @@ async fn serve_http(engine: Arc<Engine>, downstream: Arc<Downstream>, io: Rewind
         hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let engine = engine.clone();
             let downstream = downstream.clone();
-            let request =
-                request.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
             async move { Ok::<_, std::convert::Infallible>(engine.http(downstream, request).await) }
         });
     if let Err(e) = builder

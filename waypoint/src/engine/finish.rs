@@ -22,20 +22,25 @@ use crate::metrics::{
 use crate::request::{Body, BoxError, full_body};
 use crate::route::grpc;
 
-/// Counts the bytes of a body as they pass.
+/// Counts the bytes of a body as they pass. Generic over the front door's body type, so the
+/// request body is not boxed once more per request.
 #[derive(Debug)]
-pub(super) struct CountedBody {
-    inner: Body,
+pub(super) struct CountedBody<B> {
+    inner: B,
     count: Arc<AtomicU64>,
 }
 
-impl CountedBody {
-    pub(super) fn new(inner: Body, count: Arc<AtomicU64>) -> Self {
+impl<B> CountedBody<B> {
+    pub(super) fn new(inner: B, count: Arc<AtomicU64>) -> Self {
         Self { inner, count }
     }
 }
 
-impl hyper::body::Body for CountedBody {
+impl<B> hyper::body::Body for CountedBody<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -50,7 +55,9 @@ impl hyper::body::Body for CountedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            other => other,
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -111,10 +118,10 @@ impl Drop for Finish {
 }
 
 impl Finish {
-    pub(super) fn new(
+    pub(super) fn new<B>(
         engine: &Arc<Engine>,
         downstream: &Arc<Downstream>,
-        request: &Request<Body>,
+        request: &Request<B>,
     ) -> Self {
         Self {
             engine: engine.clone(),

@@ -34,6 +34,7 @@ use crate::route::RouteTable;
 use crate::upstream::Upstreams;
 
 pub use self::headers::authority_of;
+pub use self::pipeline::RequestBody;
 
 /// Who this engine answers as: the names policies target and metrics carry.
 #[derive(Debug, Clone)]
@@ -130,20 +131,24 @@ impl Engine {
 
     /// Serves one HTTP request of `downstream`; never fails (errors become local replies,
     /// each recorded and logged).
-    pub async fn http(
+    pub async fn http<B>(
         self: Arc<Self>,
         downstream: Arc<Downstream>,
-        request: http::Request<crate::request::Body>,
-    ) -> http::Response<crate::request::Body> {
+        request: http::Request<B>,
+    ) -> http::Response<crate::request::Body>
+    where
+        B: RequestBody,
+        B::Error: Into<crate::request::BoxError>,
+    {
         pipeline::handle(self, downstream, request).await
     }
 
     /// Proxies one connection of `downstream` as opaque TCP (the service's `tcp` routes).
-    pub async fn tcp<S>(self: Arc<Self>, downstream: Arc<Downstream>, client: S)
+    pub async fn tcp<S>(&self, downstream: &Downstream, client: S)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        tcp::proxy(&self, &downstream, client).await
+        tcp::proxy(self, downstream, client).await
     }
 
     /// The L7 AuthorizationPolicies for a request of `downstream` (`parts`), or for the

@@ -38,6 +38,11 @@ use crate::upstream::{ClusterKey, HashInput, UpstreamError, UpstreamProtocol, Up
 /// retry buffer overflows.
 const REPLAY_LIMIT: u64 = 64 * 1024;
 
+/// A request body as a front door hands it over (hyper's `Incoming`, or a boxed [`Body`]).
+pub trait RequestBody: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static {}
+
+impl<B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static> RequestBody for B {}
+
 /// How a stage ends a request before (or instead of) a forwarded response.
 enum Early {
     /// A reply the engine makes itself: status, Envoy's response flag, body.
@@ -50,11 +55,15 @@ enum Early {
 type Stage<T> = Result<T, Early>;
 
 /// Handles one request; never fails (errors become local replies).
-pub(super) async fn handle(
+pub(super) async fn handle<B>(
     engine: Arc<Engine>,
     downstream: Arc<Downstream>,
-    mut request: Request<Body>,
-) -> Response<Body> {
+    mut request: Request<B>,
+) -> Response<Body>
+where
+    B: RequestBody,
+    B::Error: Into<BoxError>,
+{
     let routing = engine.routes.load_full();
     let mut finish = Finish::new(&engine, &downstream, &request);
     strip_h2c_upgrade(request.headers_mut());
@@ -196,9 +205,9 @@ async fn choose<'r>(
 }
 
 /// The request on its way upstream.
-struct Outgoing {
+struct Outgoing<B> {
     parts: http::request::Parts,
-    body: CountedBody,
+    body: CountedBody<B>,
     /// The client asked for an upgrade (WebSocket and friends).
     upgrade: Option<OnUpgrade>,
 }
@@ -223,15 +232,19 @@ impl Payload {
 /// Stage 3: forwarding. The destination's cluster, the route's rewrites and header edits, the
 /// body (kept when it may be sent more than once), mirrors, the attempts within the route
 /// timeout, then the response's edits (or the upgrade's splice).
-async fn forward(
+async fn forward<B>(
     engine: &Engine,
     routing: &Routing,
     downstream: &Downstream,
     chosen: Chosen<'_>,
-    request: Outgoing,
+    request: Outgoing<B>,
     rng: &mut fastrand::Rng,
     finish: &mut Finish,
-) -> Stage<Response<Body>> {
+) -> Stage<Response<Body>>
+where
+    B: RequestBody,
+    B::Error: Into<BoxError>,
+{
     let Chosen {
         selected,
         destination,
@@ -644,7 +657,10 @@ fn upstream_protocol(
 
 /// Whether the request body may be buffered for replays: absent, or with a known length up to
 /// [`REPLAY_LIMIT`].
-fn body_fits(body: &CountedBody, headers: &HeaderMap) -> bool {
+fn body_fits<B: RequestBody>(body: &CountedBody<B>, headers: &HeaderMap) -> bool
+where
+    B::Error: Into<BoxError>,
+{
     if body.is_end_stream() {
         return true;
     }
