@@ -40,28 +40,26 @@ pub fn rewrite_path(
     matched: Option<&HttpMatch>,
 ) -> String {
     let (path, _) = split_path(path_and_query);
-    if let Some(ValueMatch::PathPrefix(prefix)) = matched.and_then(|m| m.uri.as_ref()) {
-        // Gateway API `ReplacePrefixMatch`: whole path elements; a trailing `/` of the
-        // replacement is not doubled and an empty result is `/`.
-        let matched_len = super::matcher::path_prefix_len(prefix, path).unwrap_or(0);
-        let rest = path_and_query.get(matched_len..).unwrap_or("");
-        let replacement = replacement.trim_end_matches('/');
-        let joined = format!("{replacement}{rest}");
-        return if joined.is_empty() || joined.starts_with('?') || joined.starts_with('#') {
-            format!("/{joined}")
-        } else {
-            joined
-        };
-    }
-    let matched_len = match matched.and_then(|m| m.uri.as_ref()) {
+    let uri = matched.and_then(|m| m.uri.as_ref());
+    let matched_len = match uri {
         Some(ValueMatch::Prefix(p)) => p.len(),
-        Some(ValueMatch::Exact(_) | ValueMatch::Regex(_)) => path.len(),
         Some(ValueMatch::PathPrefix(p)) => super::matcher::path_prefix_len(p, path).unwrap_or(0),
+        Some(ValueMatch::Exact(_) | ValueMatch::Regex(_)) => path.len(),
         // Istio's route has `prefix: /` when there is no uri condition.
         None => usize::from(path.starts_with('/')),
     };
     let rest = path_and_query.get(matched_len..).unwrap_or("");
-    format!("{replacement}{rest}")
+    if !matches!(uri, Some(ValueMatch::PathPrefix(_))) {
+        return format!("{replacement}{rest}");
+    }
+    // Gateway API `ReplacePrefixMatch`: whole path elements; a trailing `/` of the replacement
+    // is not doubled and an empty result is `/`.
+    let joined = format!("{}{rest}", replacement.trim_end_matches('/'));
+    if joined.is_empty() || joined.starts_with(['?', '#']) {
+        format!("/{joined}")
+    } else {
+        joined
+    }
 }
 
 /// `uriRegexRewrite` (Envoy's `regex_rewrite`): every match of `regex` in the path (query
