@@ -5,10 +5,14 @@
 //! END_STREAM on an HBONE tunnel) and the opposite direction keeps flowing until it ends too.
 //! Any other end (a reset, an error) is returned, and the caller [`reset`]s the sockets it
 //! still holds: a broken connection must reach the application as one, never as a clean FIN.
-//! Buffers start small and grow only for streams that fill them, so idle connections stay cheap.
+//! Buffers grow only for streams that fill them, and between two TCP sockets
+//! ([`copy_tcp`]) a direction holds no buffer at all while its socket has nothing to read, so
+//! an idle connection costs its sockets and a few hundred bytes of state.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -75,17 +79,64 @@ pub fn reset(stream: &tokio::net::TcpStream) {
 }
 
 /// Copies `a` to `b` and `b` to `a` until both directions have ended, or one fails. Counts are
-/// updated as bytes are written, so they are right even when an error is returned.
+/// updated as bytes are written, so they are right even when an error is returned. Each
+/// direction keeps its buffer while the copy lasts; between two TCP sockets [`copy_tcp`] does
+/// not.
 pub async fn copy_bidirectional<A, B>(a: A, b: B, counts: &ByteCounts) -> Result<(), CopyError>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let (a_read, mut a_write) = tokio::io::split(a);
+    let (b_read, mut b_write) = tokio::io::split(b);
+    let (mut a_read, mut b_read) = (AlwaysReady(a_read), AlwaysReady(b_read));
     let forward = copy_one_way(&mut a_read, &mut b_write, &counts.a_to_b, Side::A, Side::B);
     let backward = copy_one_way(&mut b_read, &mut a_write, &counts.b_to_a, Side::B, Side::A);
     tokio::try_join!(forward, backward).map(|_| ())
+}
+
+/// [`copy_bidirectional`] between two TCP sockets: a direction takes its buffer only when its
+/// socket is readable and gives it up when the socket runs dry, so idle connections hold none.
+pub async fn copy_tcp(
+    a: &mut tokio::net::TcpStream,
+    b: &mut tokio::net::TcpStream,
+    counts: &ByteCounts,
+) -> Result<(), CopyError> {
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let forward = copy_one_way(&mut a_read, &mut b_write, &counts.a_to_b, Side::A, Side::B);
+    let backward = copy_one_way(&mut b_read, &mut a_write, &counts.b_to_a, Side::B, Side::A);
+    tokio::try_join!(forward, backward).map(|_| ())
+}
+
+/// A reader that can tell it has bytes before it is handed a buffer to put them in.
+trait ReadReady: AsyncRead + Unpin {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::tcp::ReadHalf<'_> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.as_ref().poll_read_ready(cx)
+    }
+}
+
+/// A reader that cannot tell: always "ready", so the buffer is taken at once and kept.
+struct AlwaysReady<R>(R);
+
+impl<R: AsyncRead + Unpin> AsyncRead for AlwaysReady<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<R: AsyncRead + Unpin> ReadReady for AlwaysReady<R> {
+    fn poll_read_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 async fn copy_one_way<R, W>(
@@ -96,14 +147,30 @@ async fn copy_one_way<R, W>(
     to: Side,
 ) -> Result<(), CopyError>
 where
-    R: AsyncRead + Unpin,
+    R: ReadReady,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+    // Filled by `read_buf` into spare capacity: never zeroed, so taking it per burst is cheap.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut size = INITIAL_BUFFER;
     let mut full_reads = 0u32;
     loop {
+        std::future::poll_fn(|cx| {
+            let ready = reader.poll_read_ready(cx);
+            if ready.is_pending() && buf.capacity() > 0 {
+                // Nothing to read: an idle direction holds no buffer, and the next burst
+                // starts small again.
+                buf = Vec::new();
+                size = INITIAL_BUFFER;
+            }
+            ready
+        })
+        .await
+        .map_err(|source| CopyError::Read { side: from, source })?;
+        buf.clear();
+        buf.reserve_exact(size);
         let n = reader
-            .read(&mut buf)
+            .read_buf(&mut buf)
             .await
             .map_err(|source| CopyError::Read { side: from, source })?;
         if n == 0 {
@@ -118,11 +185,11 @@ where
             .await
             .map_err(|source| CopyError::Write { side: to, source })?;
         count.fetch_add(n as u64, Ordering::Relaxed);
-        if n == buf.len() && buf.len() < MAX_BUFFER {
+        if n == size && size < MAX_BUFFER {
             full_reads += 1;
             if full_reads >= 4 {
                 full_reads = 0;
-                buf.resize(buf.len() * 2, 0);
+                size *= 2;
             }
         }
     }

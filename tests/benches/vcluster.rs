@@ -4,10 +4,13 @@
 //! stream, the round trip of 1 KiB request/response on one connection (p50, p99), and new
 //! connections per second each carrying 1 KiB, with ratios to the direct path, and a "relay
 //! only" column: the same client captured by ztunnel but sent as plain TCP to a server outside
-//! the mesh (one extra socket hop through ztunnel, no TLS or HTTP/2).
+//! the mesh (one extra socket hop through ztunnel, no TLS or HTTP/2). Then the ztunnels'
+//! memory: RSS idle, with 1,000 and 10,000 idle tunnels open (each carried one byte each way
+//! and stays open), and after they closed, with the memory each idle tunnel costs a proxy.
 //!
 //! Run as root: `cargo bench -p mesh-tests --bench vcluster` (`BENCH_BULK_MIB`,
-//! `BENCH_RTT_SAMPLES`, `BENCH_CONN_SECONDS`, `BENCH_CONN_CONCURRENCY` change the load;
+//! `BENCH_RTT_SAMPLES`, `BENCH_CONN_SECONDS`, `BENCH_CONN_CONCURRENCY`, `BENCH_IDLE_TUNNELS`
+//! (comma-separated wave sizes, default `1000,10000`) change the load;
 //! `BENCH_ZTUNNEL_<NAME>=<value>` sets `<NAME>` for both ztunnels, e.g.
 //! `BENCH_ZTUNNEL_RUST_LOG=info,access=off`). It prints figures and never fails on a timing;
 //! without root it says so and exits.
@@ -37,6 +40,14 @@ fn main() {
     if !needs_root() {
         return;
     }
+    if let Ok(port) = std::env::var(IDLE_ECHO_ENV) {
+        idle_echo_child(port.parse().unwrap());
+        return;
+    }
+    // The client pod's end of each idle tunnel is a socket of this process: use the hard limit.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -109,6 +120,139 @@ async fn connection_rate(addr: SocketAddr, seconds: u64, concurrency: u64) -> f6
         total += l.await.unwrap();
     }
     total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Set (to a port) in the child process that serves the server pod's end of the idle tunnels.
+const IDLE_ECHO_ENV: &str = "VCLUSTER_BENCH_IDLE_ECHO_PORT";
+const IDLE_ECHO_PORT: u16 = 9002;
+
+/// The child's work: an echo server on `port` in the namespace it was started in (by `ip netns
+/// exec`), until its standard input closes (the bench ended, however it ended). A process of
+/// its own, so the 10,000 server-side sockets of a wave do not count against this process'
+/// open-file limit.
+fn idle_echo_child(port: u16) {
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .unwrap();
+        println!("ready");
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                // One byte back per byte read, with a buffer as small as the load.
+                let mut byte = [0u8; 1];
+                while let Ok(1) = s.read(&mut byte).await {
+                    if s.write_all(&byte).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Starts [`idle_echo_child`] in the namespace `netns` and waits until it listens.
+fn spawn_idle_echo(netns: &str) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(std::env::current_exe().unwrap())
+        .env(IDLE_ECHO_ENV, IDLE_ECHO_PORT.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "the idle-wave echo server did not start"
+    );
+    child
+}
+
+/// RSS of ztunnel A and B in KiB.
+fn rss_kib(pids: [u32; 2]) -> [u64; 2] {
+    pids.map(|pid| load::status_kib(pid, "VmRSS").unwrap_or(0))
+}
+
+/// The ztunnels' RSS once they have been quiet long enough for their parked workers to hand
+/// freed memory back (`mesh::alloc::COLLECT_INTERVAL` is 2 s): the lowest of a few readings.
+async fn settled_rss(pids: [u32; 2]) -> [u64; 2] {
+    let mut low = [u64::MAX; 2];
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(750)).await;
+        let now = rss_kib(pids);
+        low = [low[0].min(now[0]), low[1].min(now[1])];
+    }
+    low
+}
+
+/// Memory of the two ztunnels around waves of idle tunnels.
+struct Memory {
+    idle: [u64; 2],
+    /// (tunnels held open, RSS with them open).
+    waves: Vec<(usize, [u64; 2])>,
+    after: [u64; 2],
+}
+
+/// Opens connections to the echo server at `addr` until `held` has `target`, each carrying one
+/// byte each way (so its tunnel is up end to end) and then left idle.
+async fn open_idle(held: &mut Vec<TcpStream>, target: usize, addr: SocketAddr) {
+    while held.len() < target {
+        let batch = (target - held.len()).min(64);
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..batch {
+            opening.spawn(async move {
+                let mut s = connect(addr).await;
+                s.write_all(b"?").await.unwrap();
+                let mut back = [0u8; 1];
+                s.read_exact(&mut back).await.unwrap();
+                s
+            });
+        }
+        while let Some(s) = opening.join_next().await {
+            held.push(s.unwrap());
+        }
+    }
+}
+
+async fn idle_waves(client: NetNs, echo: SocketAddr, waves: Vec<usize>, pids: [u32; 2]) -> Memory {
+    in_pod(client, move || async move {
+        // One tunnel first: certificates fetched, the HBONE pool warm.
+        open_idle(&mut Vec::new(), 1, echo).await;
+        let idle = settled_rss(pids).await;
+        let mut held = Vec::new();
+        let mut measured = Vec::new();
+        for target in waves {
+            open_idle(&mut held, target, echo).await;
+            measured.push((held.len(), settled_rss(pids).await));
+        }
+        drop(held);
+        Memory {
+            idle,
+            waves: measured,
+            after: settled_rss(pids).await,
+        }
+    })
+    .await
 }
 
 struct Figures {
@@ -210,6 +354,21 @@ async fn run() {
             .map(std::mem::forget)
             .unwrap();
     }
+    let waves: Vec<usize> = std::env::var("BENCH_IDLE_TUNNELS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let mut echo_child = spawn_idle_echo(cluster.pod("server").netns().name());
+    let memory = idle_waves(
+        cluster.pod("client").netns().open().unwrap(),
+        SocketAddr::new(cluster.pod("server").ip(), IDLE_ECHO_PORT),
+        waves,
+        ztunnels,
+    )
+    .await;
+    let _ = echo_child.kill();
+    let _ = echo_child.wait();
     let direct = measure(
         cluster.pod("client-direct").netns().open().unwrap(),
         SocketAddr::new(cluster.pod("server-direct").ip(), 0),
@@ -290,8 +449,45 @@ async fn run() {
         per_unit(&relay, 2),
     );
     println!(
+        "ztunnel CPU per 10k request/response (A + B): {:.2} s (relay only {:.2} s); \
+         p99 / p50: {:.2} (direct {:.2})",
+        per_unit(&mesh, 1) * 1e4 / 1e6,
+        per_unit(&relay, 1) * 1e4 / 1e6,
+        mesh.p99_us / mesh.p50_us,
+        direct.p99_us / direct.p50_us,
+    );
+    println!(
         "added p50 round trip: {:.1} us (target: at most 30); bulk ratio target >= 0.45, \
          connection rate ratio target >= 0.40",
         mesh.p50_us - direct.p50_us
+    );
+    print_memory(&memory);
+}
+
+fn print_memory(memory: &Memory) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!();
+    println!("ztunnel memory (RSS, MiB), client pod on node A -> server pod on node B");
+    println!("{:<34}{:>10}{:>10}", "", "A", "B");
+    let row = |name: String, rss: [u64; 2]| {
+        println!("{name:<34}{:>10.1}{:>10.1}", mib(rss[0]), mib(rss[1]));
+    };
+    row("idle (one tunnel warmed the path)".into(), memory.idle);
+    for (n, rss) in &memory.waves {
+        row(format!("{n} idle tunnels open"), *rss);
+    }
+    row("after they closed".into(), memory.after);
+    for (n, rss) in &memory.waves {
+        let per = |i: usize| (rss[i] as f64 - memory.idle[i] as f64) / *n as f64;
+        println!(
+            "{:<34}{:>10.1}{:>10.1}",
+            format!("KiB per idle tunnel ({n} open)"),
+            per(0),
+            per(1)
+        );
+    }
+    println!(
+        "targets: at most 4 KiB per idle tunnel per proxy, idle at most 12 MiB per ztunnel, \
+         after closing within 10 % of idle"
     );
 }

@@ -195,6 +195,22 @@ pub async fn copy_tcp_and_tunnel(
             if send_done {
                 return Ok(());
             }
+            // Memory only once there is something to read: an idle tunnel holds no buffer (the
+            // leftover capacity of the last chunk's allocation is given up, and the chunk's own
+            // share is freed once HTTP/2 has written it), and the next burst starts small.
+            std::future::poll_fn(|cx| {
+                let ready = tcp_read.as_ref().poll_read_ready(cx);
+                if ready.is_pending() && buf.capacity() > 0 {
+                    buf = bytes::BytesMut::new();
+                    size = 16 * 1024;
+                }
+                ready
+            })
+            .await
+            .map_err(|source| CopyError::Read {
+                side: tcp_side,
+                source,
+            })?;
             // Room in the connection's send queue first: a peer that does not read stops this
             // pump before it reads more from the socket.
             let room = size;

@@ -15,17 +15,52 @@ use mesh::model::{MtlsMode, State, Workload};
 use tokio::net::TcpStream;
 
 use super::Context;
+use super::live::Registration;
 use crate::authz::{Connection, Decision, authorize, effective_mtls_mode};
 use crate::pods::LocalPod;
 
 /// How long the inbound waits for the pod's port to accept.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connection let in: what the copy needs for the connection's life, and nothing else (the
+/// config snapshot it was judged by is not kept).
+struct Admitted<T> {
+    /// The tunnel (HBONE), or nothing (plaintext: the client socket is the caller's).
+    tunnel: T,
+    upstream: TcpStream,
+    guard: ConnectionGuard,
+    registration: Registration,
+}
+
 /// Handles one HBONE `CONNECT` to `pod`.
 pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel) {
+    // Admission is boxed, so its state (policy evaluation, the connect to the pod) is freed
+    // once the tunnel is up instead of sizing the task for as long as the tunnel lives.
+    let Some(mut admitted) = Box::pin(admit_hbone(&ctx, &pod, tunnel)).await else {
+        return;
+    };
+    let bytes = admitted.guard.bytes.clone();
+    let copy = mesh::hbone::stream::copy_tcp_and_tunnel(
+        &mut admitted.upstream,
+        admitted.tunnel,
+        &bytes,
+        Side::B,
+    );
+    if !super::copy_until_cancelled(copy, &mut admitted.guard, &admitted.registration.cancelled)
+        .await
+    {
+        mesh::copy::reset(&admitted.upstream);
+    }
+}
+
+async fn admit_hbone(
+    ctx: &Context,
+    pod: &LocalPod,
+    tunnel: InboundTunnel,
+) -> Option<Admitted<mesh::hbone::H2Stream>> {
     let state = ctx.store.snapshot();
     let authority = tunnel.authority.0;
-    let Some(destination) = local_destination(&state, &pod, authority) else {
+    let Some(destination) = local_destination(&state, pod, authority) else {
         tracing::info!(
             %authority,
             pod = %pod.workload.uid,
@@ -33,14 +68,14 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
             "HBONE authority is not this pod: 400"
         );
         tunnel.reject(StatusCode::BAD_REQUEST);
-        return;
+        return None;
     };
     if ctx.own_ports.inbound_target_is_ztunnel(authority) {
         let source = format!("{} ({})", tunnel.peer_addr, tunnel.peer_identity);
         ctx.self_calls
             .refuse("inbound", &source, authority, &pod.workload.uid);
         tunnel.reject(StatusCode::BAD_REQUEST);
-        return;
+        return None;
     }
     // `forwarded` names the original client only when a waypoint of this pod relays it; from
     // anyone else the client is the tunnel's peer (its ztunnel dials from the client pod's IP).
@@ -76,21 +111,21 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
     if let Decision::Deny { reason, .. } = decision {
         guard.fail("RBAC", reason);
         tunnel.reject(StatusCode::UNAUTHORIZED);
-        return;
+        return None;
     }
-    let mut upstream = match connect(&pod, authority).await {
+    let upstream = match connect(pod, authority).await {
         Ok(s) => s,
         Err(e) => {
             guard.fail("UF", format!("connect to {authority}: {e}"));
             tunnel.reject(StatusCode::SERVICE_UNAVAILABLE);
-            return;
+            return None;
         }
     };
-    let stream = match tunnel.accept_with_headers(super::accept_headers(&ctx, &destination)) {
+    let stream = match tunnel.accept_with_headers(super::accept_headers(ctx, &destination)) {
         Ok(s) => s,
         Err(e) => {
             guard.fail("DC", format!("client went away before 200: {e}"));
-            return;
+            return None;
         }
     };
     let registration = ctx.live.register(
@@ -100,11 +135,12 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
         authority,
         guard.bytes.clone(),
     );
-    let bytes = guard.bytes.clone();
-    let copy = mesh::hbone::stream::copy_tcp_and_tunnel(&mut upstream, stream, &bytes, Side::B);
-    if !super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await {
-        mesh::copy::reset(&upstream);
-    }
+    Some(Admitted {
+        tunnel: stream,
+        upstream,
+        guard,
+        registration,
+    })
 }
 
 /// Handles one plaintext connection captured on its way into `pod` (port 15006).
@@ -115,10 +151,30 @@ pub async fn plaintext(
     client_addr: SocketAddr,
     original_destination: SocketAddr,
 ) {
-    let state = ctx.store.snapshot();
-    let Some(destination) = local_destination(&state, &pod, original_destination) else {
-        tracing::info!(%original_destination, pod = %pod.workload.uid, "plaintext inbound for another address: closed");
+    let admit = admit_plaintext(&ctx, &pod, client_addr, original_destination);
+    let Some(mut admitted) = Box::pin(admit).await else {
         return;
+    };
+    let bytes = admitted.guard.bytes.clone();
+    let copy = mesh::copy::copy_tcp(&mut client, &mut admitted.upstream, &bytes);
+    if !super::copy_until_cancelled(copy, &mut admitted.guard, &admitted.registration.cancelled)
+        .await
+    {
+        mesh::copy::reset(&client);
+        mesh::copy::reset(&admitted.upstream);
+    }
+}
+
+async fn admit_plaintext(
+    ctx: &Context,
+    pod: &LocalPod,
+    client_addr: SocketAddr,
+    original_destination: SocketAddr,
+) -> Option<Admitted<()>> {
+    let state = ctx.store.snapshot();
+    let Some(destination) = local_destination(&state, pod, original_destination) else {
+        tracing::info!(%original_destination, pod = %pod.workload.uid, "plaintext inbound for another address: closed");
+        return None;
     };
     if ctx
         .own_ports
@@ -130,7 +186,7 @@ pub async fn plaintext(
             original_destination,
             &pod.workload.uid,
         );
-        return;
+        return None;
     }
     let source_workload = state.workload_by_ip(client_addr.ip()).cloned();
     let mut guard = ConnectionGuard::new(
@@ -150,7 +206,7 @@ pub async fn plaintext(
             "RBAC",
             "plaintext refused: PeerAuthentication STRICT covers this pod",
         );
-        return;
+        return None;
     }
     if let Decision::Deny { reason, .. } = authorize(
         &state,
@@ -162,13 +218,13 @@ pub async fn plaintext(
         },
     ) {
         guard.fail("RBAC", reason);
-        return;
+        return None;
     }
-    let mut upstream = match connect(&pod, original_destination).await {
+    let upstream = match connect(pod, original_destination).await {
         Ok(s) => s,
         Err(e) => {
             guard.fail("UF", format!("connect to {original_destination}: {e}"));
-            return;
+            return None;
         }
     };
     let registration = ctx.live.register(
@@ -178,12 +234,12 @@ pub async fn plaintext(
         original_destination,
         guard.bytes.clone(),
     );
-    let bytes = guard.bytes.clone();
-    let copy = mesh::copy::copy_bidirectional(&mut client, &mut upstream, &bytes);
-    if !super::copy_until_cancelled(copy, &mut guard, &registration.cancelled).await {
-        mesh::copy::reset(&client);
-        mesh::copy::reset(&upstream);
-    }
+    Some(Admitted {
+        tunnel: (),
+        upstream,
+        guard,
+        registration,
+    })
 }
 
 /// The current workload behind `pod`, if `addr` is one of its IPs.

@@ -226,3 +226,35 @@ fn spawn_captured(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, C, D, E, Fut>(_: impl FnOnce(A, B, C, D, E) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn future_size2<A, B, Fut>(_: impl FnOnce(A, B) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn future_size3<A, B, C, Fut>(_: impl FnOnce(A, B, C) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn connection_futures_are_small() {
+        let outbound = future_size(super::outbound::captured);
+        let plaintext = future_size(super::inbound::plaintext);
+        let hbone = future_size3(super::inbound::hbone);
+        let run = future_size2(super::outbound::run);
+        eprintln!("outbound {outbound} plaintext {plaintext} hbone {hbone} run {run}");
+        eprintln!(
+            "established {} guard {} registration {} info {} ",
+            std::mem::size_of::<super::outbound::Established>(),
+            std::mem::size_of::<mesh::metrics::ConnectionGuard>(),
+            std::mem::size_of::<super::live::Registration>(),
+            std::mem::size_of::<mesh::metrics::ConnectionInfo>(),
+        );
+    }
+}

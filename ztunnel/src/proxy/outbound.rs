@@ -227,7 +227,7 @@ pub async fn run(mut client: TcpStream, mut established: Established) {
             }
         }
         Upstream::Tcp(mut s) => {
-            let copy = mesh::copy::copy_bidirectional(&mut client, &mut s, &bytes);
+            let copy = mesh::copy::copy_tcp(&mut client, &mut s, &bytes);
             if !super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await {
                 mesh::copy::reset(&client);
                 mesh::copy::reset(&s);
@@ -244,7 +244,11 @@ pub async fn captured(
     client_addr: SocketAddr,
     original_destination: SocketAddr,
 ) {
-    if let Ok(established) = establish(&ctx, &pod, client_addr, original_destination).await {
+    // Establishing is boxed: its state (planning, and the TLS and HTTP/2 handshakes when the
+    // tunnel needs a new pooled connection) is freed once the upstream is up, instead of
+    // sizing this task for as long as the connection lives.
+    let establishing = Box::pin(establish(&ctx, &pod, client_addr, original_destination));
+    if let Ok(established) = establishing.await {
         run(client, established).await;
     }
 }
