@@ -231,9 +231,10 @@ impl TcpMetrics {
 #[derive(Debug)]
 pub struct ConnectionGuard {
     metrics: TcpMetrics,
-    info: ConnectionInfo,
-    /// Built once at open; the close reuses them (with the failure flag, if any).
-    labels: TcpLabels,
+    /// Boxed: a guard lives inside every connection's task, often in more than one of its
+    /// states, so it is kept small there. The labels are built again at close rather than kept
+    /// for the connection's life (two dozen strings per idle connection).
+    info: Box<ConnectionInfo>,
     /// Client-to-server is `a_to_b`, server-to-client `b_to_a`.
     pub bytes: Arc<ByteCounts>,
     started: Instant,
@@ -246,8 +247,7 @@ impl ConnectionGuard {
         metrics.opened.get_or_create(&labels).inc();
         Self {
             metrics: metrics.clone(),
-            info,
-            labels,
+            info: Box::new(info),
             bytes: Arc::new(ByteCounts::default()),
             started: Instant::now(),
             failure: None,
@@ -268,8 +268,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let flag = self.failure.as_ref().map_or("-", |(f, _)| *f);
-        let labels = &mut self.labels;
-        labels.response_flags = flag;
+        let labels = &self.info.labels(flag, &self.metrics.cluster);
         let received = self.bytes.a_to_b();
         let sent = self.bytes.b_to_a();
         self.metrics.closed.get_or_create(labels).inc();

@@ -40,14 +40,17 @@ pub async fn hbone(ctx: Arc<Context>, pod: Arc<LocalPod>, tunnel: InboundTunnel)
         return;
     };
     let bytes = admitted.guard.bytes.clone();
-    let copy = mesh::hbone::stream::copy_tcp_and_tunnel(
-        &mut admitted.upstream,
-        admitted.tunnel,
-        &bytes,
-        Side::B,
-    );
-    if !super::copy_until_cancelled(copy, &mut admitted.guard, &admitted.registration.cancelled)
-        .await
+    if !super::copy_until_cancelled(
+        std::pin::pin!(mesh::hbone::stream::copy_tcp_and_tunnel(
+            &mut admitted.upstream,
+            admitted.tunnel,
+            &bytes,
+            Side::B,
+        )),
+        &mut admitted.guard,
+        &admitted.registration.cancelled,
+    )
+    .await
     {
         mesh::copy::reset(&admitted.upstream);
     }
@@ -156,9 +159,16 @@ pub async fn plaintext(
         return;
     };
     let bytes = admitted.guard.bytes.clone();
-    let copy = mesh::copy::copy_tcp(&mut client, &mut admitted.upstream, &bytes);
-    if !super::copy_until_cancelled(copy, &mut admitted.guard, &admitted.registration.cancelled)
-        .await
+    if !super::copy_until_cancelled(
+        std::pin::pin!(mesh::copy::copy_tcp(
+            &mut client,
+            &mut admitted.upstream,
+            &bytes
+        )),
+        &mut admitted.guard,
+        &admitted.registration.cancelled,
+    )
+    .await
     {
         mesh::copy::reset(&client);
         mesh::copy::reset(&admitted.upstream);

@@ -100,8 +100,11 @@ pub(crate) fn peer_of(workload: Option<&Workload>, identity: Option<&Identity>) 
 /// fires, recording the outcome on `guard`. Returns whether both directions ended cleanly; when
 /// not, the caller resets the sockets it holds ([`mesh::copy::reset`]) so an application on
 /// either end sees the failure instead of a clean end of stream.
+///
+/// `copy` is pinned by the caller (`std::pin::pin!`) and borrowed here, so the copy's state
+/// exists once in the connection's task rather than once in the caller and again here.
 pub(crate) async fn copy_until_cancelled(
-    copy: impl std::future::Future<Output = Result<(), CopyError>>,
+    copy: std::pin::Pin<&mut impl std::future::Future<Output = Result<(), CopyError>>>,
     guard: &mut ConnectionGuard,
     cancelled: &CancellationToken,
 ) -> bool {
@@ -234,27 +237,27 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
-    fn future_size2<A, B, Fut>(_: impl FnOnce(A, B) -> Fut) -> usize {
-        std::mem::size_of::<Fut>()
-    }
-
     fn future_size3<A, B, C, Fut>(_: impl FnOnce(A, B, C) -> Fut) -> usize {
         std::mem::size_of::<Fut>()
     }
 
+    /// Each open connection is one task whose size is the largest state of its future, held
+    /// for the connection's life: the admission phases are boxed and freed, the copy's state is
+    /// held once. (They were 8.5 KiB outbound and 3.7 KiB inbound before; 1.8 and 1.6 now.)
     #[test]
     fn connection_futures_are_small() {
-        let outbound = future_size(super::outbound::captured);
-        let plaintext = future_size(super::inbound::plaintext);
-        let hbone = future_size3(super::inbound::hbone);
-        let run = future_size2(super::outbound::run);
-        eprintln!("outbound {outbound} plaintext {plaintext} hbone {hbone} run {run}");
-        eprintln!(
-            "established {} guard {} registration {} info {} ",
-            std::mem::size_of::<super::outbound::Established>(),
-            std::mem::size_of::<mesh::metrics::ConnectionGuard>(),
-            std::mem::size_of::<super::live::Registration>(),
-            std::mem::size_of::<mesh::metrics::ConnectionInfo>(),
-        );
+        let sizes = [
+            ("outbound", future_size(super::outbound::captured)),
+            ("inbound plaintext", future_size(super::inbound::plaintext)),
+            ("inbound HBONE", future_size3(super::inbound::hbone)),
+        ];
+        eprintln!("connection task futures (bytes): {sizes:?}");
+        for (name, size) in sizes {
+            assert!(
+                size <= 3 * 1024,
+                "the {name} connection future is {size} bytes: something large is held across \
+                 the copy (box what only the setup needs)"
+            );
+        }
     }
 }

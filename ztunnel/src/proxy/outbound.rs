@@ -221,14 +221,29 @@ pub async fn run(mut client: TcpStream, mut established: Established) {
     let bytes = established.guard.bytes.clone();
     match established.upstream {
         Upstream::Tunnel(t) => {
-            let copy = mesh::hbone::stream::copy_tcp_and_tunnel(&mut client, t, &bytes, Side::A);
-            if !super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await {
+            if !super::copy_until_cancelled(
+                std::pin::pin!(mesh::hbone::stream::copy_tcp_and_tunnel(
+                    &mut client,
+                    t,
+                    &bytes,
+                    Side::A
+                )),
+                &mut established.guard,
+                &cancelled,
+            )
+            .await
+            {
                 mesh::copy::reset(&client);
             }
         }
         Upstream::Tcp(mut s) => {
-            let copy = mesh::copy::copy_tcp(&mut client, &mut s, &bytes);
-            if !super::copy_until_cancelled(copy, &mut established.guard, &cancelled).await {
+            if !super::copy_until_cancelled(
+                std::pin::pin!(mesh::copy::copy_tcp(&mut client, &mut s, &bytes)),
+                &mut established.guard,
+                &cancelled,
+            )
+            .await
+            {
                 mesh::copy::reset(&client);
                 mesh::copy::reset(&s);
             }
@@ -247,8 +262,13 @@ pub async fn captured(
     // Establishing is boxed: its state (planning, and the TLS and HTTP/2 handshakes when the
     // tunnel needs a new pooled connection) is freed once the upstream is up, instead of
     // sizing this task for as long as the connection lives.
-    let establishing = Box::pin(establish(&ctx, &pod, client_addr, original_destination));
-    if let Ok(established) = establishing.await {
-        run(client, established).await;
-    }
+    // (`established` is scoped to the block so it does not keep a slot beside `running`.)
+    let running = {
+        let establishing = Box::pin(establish(&ctx, &pod, client_addr, original_destination));
+        let Ok(established) = establishing.await else {
+            return;
+        };
+        run(client, established)
+    };
+    running.await;
 }
