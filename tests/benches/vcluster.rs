@@ -10,7 +10,9 @@
 //!
 //! Run as root: `cargo bench -p mesh-tests --bench vcluster` (`BENCH_BULK_MIB`,
 //! `BENCH_RTT_SAMPLES`, `BENCH_CONN_SECONDS`, `BENCH_CONN_CONCURRENCY`, `BENCH_IDLE_TUNNELS`
-//! (comma-separated wave sizes, default `1000,10000`) change the load;
+//! (comma-separated wave sizes, default `1000,10000`), `BENCH_POOL_REAP_SECONDS` (wait for
+//! idle HBONE connections to close, default 65) change the load; `BENCH_ONLY_MEMORY=1` stops
+//! after the memory figures;
 //! `BENCH_ZTUNNEL_<NAME>=<value>` sets `<NAME>` for both ztunnels, e.g.
 //! `BENCH_ZTUNNEL_RUST_LOG=info,access=off`). It prints figures and never fails on a timing;
 //! without root it says so and exits.
@@ -211,6 +213,9 @@ struct Memory {
     /// (tunnels held open, RSS with them open).
     waves: Vec<(usize, [u64; 2])>,
     after: [u64; 2],
+    /// Once the pooled HBONE connections the waves opened were idle for longer than the
+    /// pool's idle timeout (60 s) and closed.
+    after_reaped: [u64; 2],
 }
 
 /// Opens connections to the echo server at `addr` until `held` has `target`, each carrying one
@@ -239,6 +244,21 @@ async fn idle_waves(client: NetNs, echo: SocketAddr, waves: Vec<usize>, pids: [u
         // One tunnel first: certificates fetched, the HBONE pool warm.
         open_idle(&mut Vec::new(), 1, echo).await;
         let idle = settled_rss(pids).await;
+        for (node, pid) in ["A", "B"].iter().zip(pids) {
+            let kib = |f| load::status_kib(pid, f).unwrap_or(0);
+            let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Threads:").map(|t| t.trim().to_owned()))
+                })
+                .unwrap_or_default();
+            println!(
+                "ztunnel {node} idle: RssAnon {} KiB, RssFile {} KiB, {threads} threads",
+                kib("RssAnon"),
+                kib("RssFile"),
+            );
+        }
         let mut held = Vec::new();
         let mut measured = Vec::new();
         for target in waves {
@@ -246,10 +266,14 @@ async fn idle_waves(client: NetNs, echo: SocketAddr, waves: Vec<usize>, pids: [u
             measured.push((held.len(), settled_rss(pids).await));
         }
         drop(held);
+        let after = settled_rss(pids).await;
+        let reap = env("BENCH_POOL_REAP_SECONDS", 65);
+        tokio::time::sleep(Duration::from_secs(reap)).await;
         Memory {
             idle,
             waves: measured,
-            after: settled_rss(pids).await,
+            after,
+            after_reaped: settled_rss(pids).await,
         }
     })
     .await
@@ -369,6 +393,10 @@ async fn run() {
     .await;
     let _ = echo_child.kill();
     let _ = echo_child.wait();
+    if std::env::var("BENCH_ONLY_MEMORY").is_ok_and(|v| v == "1") {
+        print_memory(&memory);
+        return;
+    }
     let direct = measure(
         cluster.pod("client-direct").netns().open().unwrap(),
         SocketAddr::new(cluster.pod("server-direct").ip(), 0),
@@ -477,6 +505,10 @@ fn print_memory(memory: &Memory) {
         row(format!("{n} idle tunnels open"), *rss);
     }
     row("after they closed".into(), memory.after);
+    row(
+        "and their HBONE connections reaped".into(),
+        memory.after_reaped,
+    );
     for (n, rss) in &memory.waves {
         let per = |i: usize| (rss[i] as f64 - memory.idle[i] as f64) / *n as f64;
         println!(
