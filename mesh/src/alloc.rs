@@ -42,10 +42,17 @@ pub fn on_worker_park() {
     }
 }
 
+/// Set to `1` to keep transparent huge pages (the kernel's setting) for this process.
+pub const TRANSPARENT_HUGEPAGES_ENV: &str = "MESH_TRANSPARENT_HUGEPAGES";
+
 /// Process-wide allocator settings, before the proxy allocates in earnest: no transparent
-/// huge pages (see the module comment). A kernel that refuses is logged nowhere (logging is
-/// not up yet) and changes nothing but the memory figure.
+/// huge pages (see the module comment) unless [`TRANSPARENT_HUGEPAGES_ENV`] is `1`. A kernel
+/// that refuses is logged nowhere (logging is not up yet) and changes nothing but the memory
+/// figure.
 pub fn configure() {
+    if std::env::var_os(TRANSPARENT_HUGEPAGES_ENV).is_some_and(|v| v == "1") {
+        return;
+    }
     let _ = nix::sys::prctl::set_thp_disable(true);
 }
 
