@@ -42,6 +42,25 @@ pub fn on_worker_park() {
     }
 }
 
+/// Defines, in the binary that invokes it, an `.init_array` entry that runs [`configure`]
+/// before Rust's runtime has allocated anything, so the allocator's first arena is already
+/// set up that way (a call at the top of `main` came too late for what was allocated before
+/// it: 3 MiB of RSS).
+#[macro_export]
+macro_rules! configure_allocator_before_main {
+    () => {
+        #[allow(unsafe_code)]
+        #[used]
+        #[unsafe(link_section = ".init_array")]
+        static CONFIGURE_ALLOCATOR: extern "C" fn() = {
+            extern "C" fn configure() {
+                $crate::alloc::configure();
+            }
+            configure
+        };
+    };
+}
+
 /// Set to `1` to keep transparent huge pages (the kernel's setting) for this process.
 pub const TRANSPARENT_HUGEPAGES_ENV: &str = "MESH_TRANSPARENT_HUGEPAGES";
 

@@ -5,18 +5,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Runs from `.init_array`, before Rust's runtime has allocated anything: the allocator's first
-/// arena is then already set up the way `mesh::alloc::configure` says (a call at the top of
-/// `main` came too late for the memory allocated before it, 3 MiB of RSS).
-#[allow(unsafe_code)]
-#[used]
-#[unsafe(link_section = ".init_array")]
-static CONFIGURE_ALLOCATOR: extern "C" fn() = {
-    extern "C" fn configure() {
-        mesh::alloc::configure();
-    }
-    configure
-};
+mesh::configure_allocator_before_main!();
 
 use clap::{Parser, Subcommand};
 
