@@ -9,8 +9,8 @@
 //! [`COLLECT_INTERVAL`] on that thread, has mimalloc collect that thread's heap and return empty
 //! pages to the OS.
 //!
-//! [`configure`] runs first thing in `main` and turns transparent huge pages off for the
-//! process: mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), and every 2 MiB page the
+//! [`configure`] runs before `main` (each binary invokes [`configure_allocator_before_main`])
+//! and turns transparent huge pages off for the process: mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), and every 2 MiB page the
 //! kernel backs that way is resident as a whole however little of it is used. On this
 //! project's idle ztunnel that was 13 MiB of its RSS (RssAnon 19-21 MiB with them, 6.3 MiB
 //! without, `cargo bench -p mesh-tests --bench vcluster`), for a heap too small for the TLB

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// First buffer size per direction.
-const INITIAL_BUFFER: usize = 16 * 1024;
+pub(crate) const INITIAL_BUFFER: usize = 16 * 1024;
 /// Largest buffer a busy direction grows to.
 const MAX_BUFFER: usize = 256 * 1024;
 
@@ -110,7 +110,7 @@ pub async fn copy_tcp(
 }
 
 /// A reader that can tell it has bytes before it is handed a buffer to put them in.
-trait ReadReady: AsyncRead + Unpin {
+pub(crate) trait ReadReady: AsyncRead + Unpin {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
@@ -139,6 +139,25 @@ impl<R: AsyncRead + Unpin> ReadReady for AlwaysReady<R> {
     }
 }
 
+/// Waits until `reader` has bytes (or its end, or an error). When it has none yet, `on_idle`
+/// runs once before the wait: the caller gives up its read buffer there, so an idle direction
+/// holds none, and the next burst starts small again.
+pub(crate) async fn until_readable<R: ReadReady>(
+    reader: &mut R,
+    mut on_idle: impl FnMut(),
+) -> io::Result<()> {
+    let mut idle = false;
+    std::future::poll_fn(|cx| {
+        let ready = reader.poll_read_ready(cx);
+        if ready.is_pending() && !idle {
+            idle = true;
+            on_idle();
+        }
+        ready
+    })
+    .await
+}
+
 async fn copy_one_way<R, W>(
     reader: &mut R,
     writer: &mut W,
@@ -155,15 +174,9 @@ where
     let mut size = INITIAL_BUFFER;
     let mut full_reads = 0u32;
     loop {
-        std::future::poll_fn(|cx| {
-            let ready = reader.poll_read_ready(cx);
-            if ready.is_pending() && buf.capacity() > 0 {
-                // Nothing to read: an idle direction holds no buffer, and the next burst
-                // starts small again.
-                buf = Vec::new();
-                size = INITIAL_BUFFER;
-            }
-            ready
+        until_readable(reader, || {
+            buf = Vec::new();
+            size = INITIAL_BUFFER;
         })
         .await
         .map_err(|source| CopyError::Read { side: from, source })?;

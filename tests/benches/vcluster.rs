@@ -47,9 +47,7 @@ fn main() {
         return;
     }
     // The client pod's end of each idle tunnel is a socket of this process: use the hard limit.
-    let (_, hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    let _ = mesh::accept::raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -133,9 +131,7 @@ const IDLE_ECHO_PORT: u16 = 9002;
 /// its own, so the 10,000 server-side sockets of a wave do not count against this process'
 /// open-file limit.
 fn idle_echo_child(port: u16) {
-    let (_, hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    let _ = mesh::accept::raise_open_file_limit();
     std::thread::spawn(|| {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         std::process::exit(0);

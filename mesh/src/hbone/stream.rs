@@ -190,7 +190,7 @@ pub async fn copy_tcp_and_tunnel(
     let upload = async {
         use tokio::io::AsyncReadExt;
         let mut buf = bytes::BytesMut::new();
-        let mut size = 16 * 1024;
+        let mut size = crate::copy::INITIAL_BUFFER;
         loop {
             if send_done {
                 return Ok(());
@@ -198,13 +198,9 @@ pub async fn copy_tcp_and_tunnel(
             // Memory only once there is something to read: an idle tunnel holds no buffer (the
             // leftover capacity of the last chunk's allocation is given up, and the chunk's own
             // share is freed once HTTP/2 has written it), and the next burst starts small.
-            std::future::poll_fn(|cx| {
-                let ready = tcp_read.as_ref().poll_read_ready(cx);
-                if ready.is_pending() && buf.capacity() > 0 {
-                    buf = bytes::BytesMut::new();
-                    size = 16 * 1024;
-                }
-                ready
+            crate::copy::until_readable(&mut tcp_read, || {
+                buf = bytes::BytesMut::new();
+                size = crate::copy::INITIAL_BUFFER;
             })
             .await
             .map_err(|source| CopyError::Read {
