@@ -499,3 +499,119 @@ pub async fn socks5_connect(
     s.read_exact(&mut reply).await?;
     Ok((s, reply[1]))
 }
+
+/// A web PKI for ingress tests and the demo: a CA and the server and client certificates it
+/// signs, as a user would make with `openssl` for Istio's ingress tasks (`credentialName`
+/// Secrets).
+pub struct WebPki {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// The CA certificate (PEM): what clients trust, and a MUTUAL server's `ca.crt`.
+    pub ca_pem: String,
+}
+
+/// A certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct IssuedPem {
+    pub cert: String,
+    pub key: String,
+}
+
+impl WebPki {
+    pub fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key).expect("self-signed CA");
+        Self {
+            ca_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A server certificate for `hosts` (DNS SANs).
+    pub fn server(&self, hosts: &[&str]) -> IssuedPem {
+        self.issue(hosts, rcgen::ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate with DNS SAN `name` (for MUTUAL servers).
+    pub fn client(&self, name: &str) -> IssuedPem {
+        self.issue(&[name], rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn issue(&self, names: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> IssuedPem {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("names");
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        IssuedPem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// A `kubernetes.io/tls` Secret holding `issued` (and `ca.crt` when given), as YAML.
+    pub fn secret_yaml(
+        namespace: &str,
+        name: &str,
+        issued: &IssuedPem,
+        ca: Option<&str>,
+    ) -> String {
+        let mut data = serde_json::json!({"tls.crt": issued.cert, "tls.key": issued.key});
+        if let Some(ca) = ca {
+            data["ca.crt"] = serde_json::Value::String(ca.to_owned());
+        }
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace},
+            "type": "kubernetes.io/tls",
+            "stringData": data,
+        })
+        .to_string()
+    }
+
+    /// A rustls client trusting this CA, offering ALPN `alpn`, with `client` as its
+    /// certificate when given.
+    pub fn client_config(
+        &self,
+        alpn: &[&[u8]],
+        client: Option<&IssuedPem>,
+    ) -> Arc<rustls::ClientConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.expect("CA PEM")).expect("CA");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots);
+        let mut config = match client {
+            None => builder.with_no_client_auth(),
+            Some(issued) => {
+                let chain =
+                    rustls_pki_types::CertificateDer::pem_slice_iter(issued.cert.as_bytes())
+                        .collect::<Result<Vec<_>, _>>()
+                        .expect("client cert");
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key.as_bytes())
+                    .expect("client key");
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .expect("client auth")
+            }
+        };
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Arc::new(config)
+    }
+}

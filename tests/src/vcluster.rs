@@ -1251,7 +1251,7 @@ impl Model {
                 })).collect::<Vec<_>>(),
             }));
         }
-        for waypoint in &self.waypoints {
+        for waypoint in self.waypoints.iter().filter(|w| w.ingress_labels.is_none()) {
             documents.push(waypoint::gateway_document(waypoint));
         }
         // JSON documents are YAML; one per `---`.
@@ -1539,6 +1539,29 @@ impl ClusterBuilder {
         self.waypoints.push(waypoint::WaypointSpec {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
+            ingress_labels: None,
+        });
+        self
+    }
+
+    /// An ingress gateway `name` in `namespace` on `node`, as `helm install istio-ingress
+    /// istio/gateway` makes one: a pod `name` (service account `name`) labelled `istio=ingress`
+    /// and `app=<name>`, running the real `waypoint gateway` inside its network namespace and
+    /// listening on the pod's IP. Put it in a namespace that is not ambient (as Istio's
+    /// `istio-ingress`), so ztunnel does not capture it. Istio `Gateway`s with `selector:
+    /// {istio: ingress}` apply to it; reach it from a pod with [`Cluster::ingress`]'s IP.
+    #[track_caller]
+    pub fn ingress_gateway(mut self, node: &str, namespace: &str, name: &str) -> Self {
+        self = self.pod(node, namespace, name).label("istio", "ingress");
+        let labels = self
+            .pods
+            .last()
+            .map(|p| p.labels.clone())
+            .unwrap_or_default();
+        self.waypoints.push(waypoint::WaypointSpec {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            ingress_labels: Some(labels),
         });
         self
     }
@@ -2095,6 +2118,15 @@ impl Cluster {
             };
         })
         .await;
+    }
+
+    /// The ingress gateway `name` (see [`ClusterBuilder::ingress_gateway`]).
+    ///
+    /// # Panics
+    /// When there is no such gateway.
+    #[track_caller]
+    pub fn ingress(&self, name: &str) -> &Waypoint {
+        self.waypoint(name)
     }
 
     /// # Panics

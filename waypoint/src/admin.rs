@@ -21,6 +21,10 @@ struct ConfigDump<'a> {
     services: Vec<ServedService>,
     upstreams: serde_json::Value,
     certificates: Vec<mesh::cert_manager::CertSummary>,
+    /// The ingress gateway's listeners, servers (with their certificates' serials, SANs and
+    /// expiry; never key material) and the servers it cannot serve.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingress: Option<Arc<crate::ingress::IngressStatus>>,
     state: &'a mesh::model::State,
 }
 
@@ -69,6 +73,7 @@ pub fn readiness_handler(
 pub fn admin_handler(
     config: Arc<Config>,
     engine: Arc<Engine>,
+    ingress: Option<Arc<crate::ingress::Ingress>>,
     certs: CertManager,
     log: Option<LogControl>,
     quit: CancellationToken,
@@ -106,6 +111,7 @@ pub fn admin_handler(
                 services,
                 upstreams: serde_json::to_value(engine.upstreams.snapshot()).unwrap_or_default(),
                 certificates: certs.summaries(),
+                ingress: ingress.as_ref().map(|i| i.status()),
                 state,
             };
             mesh::ops::json(&dump)

@@ -41,7 +41,10 @@ pub struct ConflictLabels {
 /// A running waypoint.
 #[derive(Debug)]
 pub struct Bound {
-    pub hbone_addr: SocketAddr,
+    /// The HBONE listener (a waypoint); `None` for an ingress gateway, which has none.
+    pub hbone_addr: Option<SocketAddr>,
+    /// The ingress front door (`waypoint gateway`).
+    pub ingress: Option<Arc<crate::ingress::Ingress>>,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -84,6 +87,9 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
             translate,
             ..FileSourceConfig::new(config.config_path.clone())
         }),
+        SourceKind::Kubernetes if config.ingress.is_some() => SourceSpec::Kubernetes(
+            KubeSourceConfig::ingress(translate, &config.waypoint.namespace),
+        ),
         SourceKind::Kubernetes => SourceSpec::Kubernetes(KubeSourceConfig::waypoint(translate)),
     };
     let sources_stop = CancellationToken::new();
@@ -109,6 +115,11 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
             gateway: config.waypoint.clone(),
             root_namespace: config.root_namespace.clone(),
             cluster_id: config.cluster_id.clone(),
+            reporter: if config.ingress.is_some() {
+                crate::metrics::REPORTER_GATEWAY
+            } else {
+                crate::metrics::REPORTER
+            },
         },
         upstreams,
         &mut registry,
@@ -125,27 +136,46 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
 
     let shutdown = CancellationToken::new();
     let accepting = CancellationToken::new();
-    let hbone = HboneServer::bind(
-        config.hbone_addr,
-        config.hbone.clone(),
-        Arc::new(ManagedCertificate {
-            manager: certs.clone(),
-            identity: config.identity.clone(),
-        }),
-    )
-    .await
-    .with_context(|| format!("HBONE listener on {}", config.hbone_addr))?;
-    let hbone_addr = hbone.local_addr();
-    let inbound = Arc::new(Inbound {
-        engine: engine.clone(),
-        store: store.clone(),
-        waypoint: config.waypoint.clone(),
-        protocol_detection_timeout: config.protocol_detection_timeout,
-        live: live.clone(),
-    });
-    tokio::spawn(hbone.run(accepting.clone(), move |tunnel| {
-        crate::inbound::tunnel(inbound.clone(), tunnel)
-    }));
+    let (hbone_addr, ingress) = match &config.ingress {
+        None => {
+            let hbone = HboneServer::bind(
+                config.hbone_addr,
+                config.hbone.clone(),
+                Arc::new(ManagedCertificate {
+                    manager: certs.clone(),
+                    identity: config.identity.clone(),
+                }),
+            )
+            .await
+            .with_context(|| format!("HBONE listener on {}", config.hbone_addr))?;
+            let hbone_addr = hbone.local_addr();
+            let inbound = Arc::new(Inbound {
+                engine: engine.clone(),
+                store: store.clone(),
+                waypoint: config.waypoint.clone(),
+                protocol_detection_timeout: config.protocol_detection_timeout,
+                live: live.clone(),
+            });
+            tokio::spawn(hbone.run(accepting.clone(), move |tunnel| {
+                crate::inbound::tunnel(inbound.clone(), tunnel)
+            }));
+            (Some(hbone_addr), None)
+        }
+        Some(ingress_config) => {
+            let ingress = Arc::new(crate::ingress::Ingress::new(
+                engine.clone(),
+                store.clone(),
+                ingress_config.clone(),
+                config.waypoint.namespace.clone(),
+                config.waypoint.name.clone(),
+                config.cluster_domain.clone(),
+                live.clone(),
+                &mut registry,
+            ));
+            tokio::spawn(ingress.clone().run(accepting.clone()));
+            (None, Some(ingress))
+        }
+    };
 
     mesh::accept::register_metrics(&mut registry);
     let registry = Arc::new(registry);
@@ -171,6 +201,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         crate::admin::admin_handler(
             config.clone(),
             engine.clone(),
+            ingress.clone(),
             certs.clone(),
             log,
             shutdown.clone(),
@@ -196,7 +227,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
     let trigger = shutdown.clone();
     let done = tokio::spawn(async move {
         trigger.cancelled().await;
-        tracing::info!(deadline = ?deadline, live = live.len(), "draining: readiness off, HBONE listener closing (GOAWAY)");
+        tracing::info!(deadline = ?deadline, live = live.len(), "draining: readiness off, listeners closing (HBONE: GOAWAY)");
         draining.store(true, Ordering::Release);
         accepting.cancel();
         if tokio::time::timeout(deadline, live.wait_empty())
@@ -218,6 +249,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
 
     Ok(Bound {
         hbone_addr,
+        ingress,
         admin_addr,
         metrics_addr,
         readiness_addr,

@@ -32,6 +32,14 @@ pub const WORKLOAD_CERT_TTL: &str = "WORKLOAD_CERT_TTL_SECONDS";
 /// before treating it as opaque TCP; 0 (the default, as Istio's `protocolDetectionTimeout`)
 /// waits for ever, so server-first protocols must declare their port (`tcp-...`).
 pub const PROTOCOL_DETECTION_TIMEOUT_MS: &str = "PROTOCOL_DETECTION_TIMEOUT_MS";
+/// `waypoint gateway` (the ingress): its name (the Deployment/Service, e.g. `istio-ingress`),
+/// namespace, and its pods' labels, which Istio `Gateway`s select (`istio=ingress,app=...`).
+pub const GATEWAY_NAME: &str = "GATEWAY_NAME";
+pub const GATEWAY_NAMESPACE: &str = "GATEWAY_NAMESPACE";
+pub const GATEWAY_LABELS: &str = "GATEWAY_LABELS";
+/// The address the ingress's server ports are bound on (default `0.0.0.0`); a server's own
+/// `bind` wins.
+pub const GATEWAY_BIND_ADDRESS: &str = "GATEWAY_BIND_ADDRESS";
 /// Worker threads of the runtime (read by `main` before the runtime exists).
 pub const WORKER_THREADS: &str = "WAYPOINT_WORKER_THREADS";
 pub const DEFAULT_WORKER_THREADS: usize = 2;
@@ -75,6 +83,51 @@ pub struct Config {
     /// The HBONE listener's limits (`HBONE_MAX_STREAMS_PER_CONNECTION`,
     /// `HBONE_MAX_CONNECTIONS_PER_PEER`).
     pub hbone: mesh::hbone::ServerConfig,
+    /// `Some` when running as an ingress gateway (`waypoint gateway`): no HBONE listener, the
+    /// servers of the Istio `Gateway`s that select [`IngressConfig::labels`] instead.
+    pub ingress: Option<IngressConfig>,
+}
+
+/// What the ingress gateway role adds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IngressConfig {
+    /// This gateway's pod labels ([`GATEWAY_LABELS`]).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// [`GATEWAY_BIND_ADDRESS`].
+    pub bind: std::net::IpAddr,
+}
+
+/// Which proxy the process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Waypoint,
+    Ingress,
+}
+
+/// `k=v,k=v` (spaces around items allowed).
+fn parse_labels(
+    var: &'static str,
+    value: &str,
+) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    let mut labels = std::collections::BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(ConfigError::Invalid {
+                var,
+                value: value.to_owned(),
+                why: format!("{item:?} is not key=value (write the pod's labels as k=v,k=v)"),
+            });
+        };
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    if labels.is_empty() {
+        return Err(ConfigError::Invalid {
+            var,
+            value: value.to_owned(),
+            why: "no labels: Gateways select gateway pods by label (e.g. istio=ingress)".into(),
+        });
+    }
+    Ok(labels)
 }
 
 impl Config {
@@ -89,11 +142,32 @@ impl Config {
     }
 
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::from_env_for(env, Role::Waypoint)
+    }
+
+    /// The configuration of `role`: a waypoint names itself with `WAYPOINT_NAME` /
+    /// `WAYPOINT_NAMESPACE`, an ingress gateway with `GATEWAY_NAME` / `GATEWAY_NAMESPACE`
+    /// and needs `GATEWAY_LABELS`.
+    pub fn from_env_for(env: &dyn Env, role: Role) -> Result<Self, ConfigError> {
         let trust_domain = env
             .get(TRUST_DOMAIN)?
             .unwrap_or_else(|| mesh::model::translate::DEFAULT_TRUST_DOMAIN.to_owned());
-        let name = required(env, WAYPOINT_NAME, "the waypoint's Gateway/Service name")?;
-        let namespace = required(env, WAYPOINT_NAMESPACE, "the waypoint's namespace")?;
+        let (name_var, namespace_var) = match role {
+            Role::Waypoint => (WAYPOINT_NAME, WAYPOINT_NAMESPACE),
+            Role::Ingress => (GATEWAY_NAME, GATEWAY_NAMESPACE),
+        };
+        let name = required(env, name_var, "the proxy's Deployment/Service name")?;
+        let namespace = required(env, namespace_var, "the proxy's namespace")?;
+        let ingress = match role {
+            Role::Waypoint => None,
+            Role::Ingress => Some(IngressConfig {
+                labels: parse_labels(
+                    GATEWAY_LABELS,
+                    &required(env, GATEWAY_LABELS, "the gateway pods' labels, k=v,k=v")?,
+                )?,
+                bind: parse(env, GATEWAY_BIND_ADDRESS, "0.0.0.0")?,
+            }),
+        };
         let service_account = env.get(SERVICE_ACCOUNT)?.unwrap_or_else(|| name.clone());
         let identity = Identity::new(&trust_domain, &namespace, &service_account).map_err(|e| {
             ConfigError::Invalid {
@@ -135,6 +209,7 @@ impl Config {
             protocol_detection_timeout: (detection_ms > 0)
                 .then(|| Duration::from_millis(detection_ms)),
             hbone: mesh::hbone::ServerConfig::from_env(env)?,
+            ingress,
         })
     }
 }
@@ -254,6 +329,34 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn ingress_role_names_itself_and_its_labels() {
+        let mut env: HashMap<&str, String> = base();
+        env.remove(WAYPOINT_NAME);
+        env.remove(WAYPOINT_NAMESPACE);
+        env.insert(GATEWAY_NAME, "istio-ingress".into());
+        env.insert(GATEWAY_NAMESPACE, "istio-ingress".into());
+        let e = Config::from_env_for(&env, Role::Ingress)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("GATEWAY_LABELS: required"), "{e}");
+        env.insert(GATEWAY_LABELS, "istio=ingress, app=istio-ingress".into());
+        let c = Config::from_env_for(&env, Role::Ingress).unwrap();
+        assert_eq!(
+            c.identity.to_string(),
+            "spiffe://cluster.local/ns/istio-ingress/sa/istio-ingress"
+        );
+        let ingress = c.ingress.unwrap();
+        assert_eq!(ingress.labels["istio"], "ingress");
+        assert_eq!(ingress.labels["app"], "istio-ingress");
+        assert!(ingress.bind.is_unspecified());
+        env.insert(GATEWAY_LABELS, "istio".into());
+        let e = Config::from_env_for(&env, Role::Ingress)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("GATEWAY_LABELS=\"istio\""), "{e}");
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh::discovery::Store;
 use mesh::hbone::{H2Stream, InboundTunnel};
 use mesh::model::{ServicePort, WaypointRef};
@@ -27,10 +26,7 @@ use crate::engine::{Downstream, Engine};
 use crate::live::Live;
 use crate::request::SourceInfo;
 
-/// How long a client may take to send a request's headers (slowloris protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest request head (HTTP/1 buffer, HTTP/2 header list); beyond it the client gets 431.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+use crate::http_front::HEADER_READ_TIMEOUT;
 
 /// The HBONE listener's view of the waypoint.
 #[derive(Debug)]
@@ -131,6 +127,7 @@ pub async fn tunnel(inbound: Arc<Inbound>, tunnel: InboundTunnel) {
         source,
         peer_addr: tunnel.peer_addr,
         mutual_tls: true,
+        scope: None,
     });
     let stream = match tunnel.accept() {
         Ok(s) => s,
@@ -204,29 +201,7 @@ async fn first_bytes(mut stream: H2Stream, limit: Duration) -> io::Result<Rewind
 }
 
 async fn serve_http(engine: Arc<Engine>, downstream: Arc<Downstream>, io: Rewind<H2Stream>) {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(1000);
-    let service =
-        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-            let engine = engine.clone();
-            let downstream = downstream.clone();
-            async move { Ok::<_, std::convert::Infallible>(engine.http(downstream, request).await) }
-        });
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
-    }
+    crate::http_front::serve_http(engine, downstream, io, None).await
 }
 
 /// A stream with some already-read bytes put back in front.

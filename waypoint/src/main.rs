@@ -34,6 +34,14 @@ enum Command {
     /// HBONE_MAX_STREAMS_PER_CONNECTION (default 100), HBONE_MAX_CONNECTIONS_PER_PEER (default
     /// 100).
     Run,
+    /// Run as an ingress gateway: listen on the servers of the Istio `Gateway`s whose selector
+    /// matches GATEWAY_LABELS, terminate TLS with their credentialName Secrets (read from
+    /// GATEWAY_NAMESPACE), route by the VirtualServices bound to those Gateways and send each
+    /// request into the mesh over HBONE. Configured as `run`, with GATEWAY_NAME,
+    /// GATEWAY_NAMESPACE and GATEWAY_LABELS (`istio=ingress,app=istio-ingress`) in place of
+    /// WAYPOINT_NAME/WAYPOINT_NAMESPACE, and GATEWAY_BIND_ADDRESS (default 0.0.0.0); no HBONE
+    /// listener.
+    Gateway,
     /// Show what a running waypoint serves: services with their routes, upstream clusters with
     /// endpoint health and overflows, its certificate (reads its admin port).
     Config(waypoint::operator::ConfigArgs),
@@ -62,9 +70,13 @@ fn run() -> anyhow::Result<()> {
                 print!("{}", waypoint::operator::run(args).await?);
                 Ok(())
             }
-            Command::Run => {
+            Command::Run | Command::Gateway => {
                 mesh::accept::raise_and_log_open_file_limit();
-                let config = waypoint::config::Config::from_env(&mesh::ops::ProcessEnv)?;
+                let role = match cli.command {
+                    Command::Gateway => waypoint::config::Role::Ingress,
+                    _ => waypoint::config::Role::Waypoint,
+                };
+                let config = waypoint::config::Config::from_env_for(&mesh::ops::ProcessEnv, role)?;
                 let bound = waypoint::app::build(config, Some(log)).await?;
                 let trigger = bound.shutdown_trigger();
                 tokio::spawn(async move {

@@ -21,6 +21,9 @@ use prometheus_client::registry::Registry;
 
 /// The `reporter` label of everything a waypoint reports.
 pub const REPORTER: &str = "waypoint";
+/// The `reporter` label of an ingress gateway's requests: Istio's gateways report as the
+/// client side of the request (`source`).
+pub const REPORTER_GATEWAY: &str = "source";
 
 /// Istio's value for a label it cannot fill.
 pub const UNKNOWN: &str = "unknown";
@@ -210,6 +213,8 @@ impl LocalReply {
 /// the access-log fields.
 #[derive(Debug, Clone, Default)]
 pub struct RequestRecord {
+    /// [`REPORTER`] for a waypoint, [`REPORTER_GATEWAY`] for the ingress.
+    pub reporter: &'static str,
     pub source: PeerLabels,
     /// The endpoint's workload, `unknown` when the request never reached one.
     pub destination: PeerLabels,
@@ -262,7 +267,7 @@ impl RequestRecord {
     fn labels(&self) -> RequestLabels {
         let (src, dst, svc) = (&self.source, &self.destination, &self.service);
         RequestLabels {
-            reporter: REPORTER,
+            reporter: self.reporter,
             source_workload: src.workload.clone(),
             source_workload_namespace: src.namespace.clone(),
             source_principal: src.principal.clone(),
@@ -432,7 +437,7 @@ pub fn log_access(record: &RequestRecord) {
     let r = record;
     tracing::info!(
         target: "access",
-        reporter = REPORTER,
+        reporter = r.reporter,
         method = %r.method,
         authority = %or_dash(&r.authority),
         path = %or_dash(&r.path),
@@ -492,6 +497,7 @@ mod tests {
         let sleep = workload("demo", "sleep");
         let web = workload("demo", "web");
         RequestRecord {
+            reporter: REPORTER,
             source: peer_labels(Some(&sleep), Some(&sleep.identity), "Kubernetes"),
             destination: peer_labels(Some(&web), Some(&web.identity), "Kubernetes"),
             service: ServiceLabels {

@@ -131,7 +131,7 @@ impl FileSourceError {
     /// The `kind` label this error is counted under.
     fn kind_label(&self) -> &str {
         match self {
-            FileSourceError::Object { source, .. } => source.object().kind.as_str(),
+            FileSourceError::Object { source, .. } => source.object().kind.label(),
             FileSourceError::Document {
                 kind: Some(kind), ..
             } => kind,

@@ -79,6 +79,9 @@ pub struct KubeSourceConfig {
     pub translate: TranslateConfig,
     /// The kinds to watch; each must have listed once before the first state is published.
     pub kinds: Vec<Kind>,
+    /// Kinds watched in one namespace only (the ingress gateway's Secrets); the rest are
+    /// watched cluster-wide.
+    pub namespaced: BTreeMap<Kind, String>,
     pub batch_delay: Duration,
     pub absent_recheck: Duration,
 }
@@ -89,16 +92,25 @@ impl KubeSourceConfig {
         Self::with_kinds(translate, ZTUNNEL_KINDS.to_vec())
     }
 
-    /// What a waypoint reads: every kind the translation knows (ztunnel's, plus
-    /// VirtualService, DestinationRule, Gateway and whatever L7 kinds exist).
+    /// What a waypoint reads ([`Kind::WAYPOINT`]: ztunnel's kinds plus VirtualService,
+    /// DestinationRule, Gateway and the other L7 kinds; no Secrets).
     pub fn waypoint(translate: TranslateConfig) -> Self {
-        Self::with_kinds(translate, Kind::ALL.to_vec())
+        Self::with_kinds(translate, Kind::WAYPOINT.to_vec())
+    }
+
+    /// What an ingress gateway reads: a waypoint's kinds, Istio `Gateway`s, and the Secrets
+    /// of its own `namespace` only (its servers' certificates).
+    pub fn ingress(translate: TranslateConfig, namespace: &str) -> Self {
+        let mut config = Self::with_kinds(translate, Kind::ALL.to_vec());
+        config.namespaced.insert(Kind::Secret, namespace.to_owned());
+        config
     }
 
     pub fn with_kinds(translate: TranslateConfig, kinds: Vec<Kind>) -> Self {
         Self {
             translate,
             kinds,
+            namespaced: BTreeMap::new(),
             batch_delay: DEFAULT_BATCH_DELAY,
             absent_recheck: DEFAULT_ABSENT_RECHECK,
         }
@@ -138,6 +150,8 @@ struct Resource {
     kind: Kind,
     /// `(group, version)`, the newest first; the next is tried when one is not served (404).
     versions: Vec<(String, String)>,
+    /// `Some`: watched in this namespace only.
+    namespace: Option<String>,
     plural: String,
 }
 
@@ -154,6 +168,7 @@ impl Resource {
         Self {
             kind,
             versions,
+            namespace: None,
             plural: plural(kind.as_str()).to_ascii_lowercase(),
         }
     }
@@ -290,9 +305,11 @@ impl KubeSource {
             if kinds.insert(kind, KindState::default()).is_some() {
                 continue;
             }
+            let mut resource = Resource::of(kind);
+            resource.namespace = self.config.namespaced.get(&kind).cloned();
             watchers.spawn(watch_kind(
                 self.client.clone(),
-                Resource::of(kind),
+                resource,
                 self.config.absent_recheck,
                 self.watch_metrics.clone(),
                 tx.clone(),
@@ -356,7 +373,7 @@ impl KubeSource {
                 } else {
                     warn!("{message}");
                 }
-                self.metrics.rejected(key.kind.as_str());
+                self.metrics.rejected(key.kind.label());
             }
             now.insert(key, message);
         }
@@ -629,7 +646,10 @@ async fn watch_kind(
     let mut absent_reported = false;
     'versions: loop {
         let api_resource = resource.api_resource(version);
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource);
+        let api: Api<DynamicObject> = match &resource.namespace {
+            Some(namespace) => Api::namespaced_with(client.clone(), namespace, &api_resource),
+            None => Api::all_with(client.clone(), &api_resource),
+        };
         let mut events = watcher::watcher(api, config.clone()).boxed();
         loop {
             let next = tokio::select! {
@@ -646,7 +666,7 @@ async fn watch_kind(
                     metrics
                         .errors
                         .get_or_create(&WatchErrorLabels {
-                            kind: kind.as_str().to_owned(),
+                            kind: kind.label().to_owned(),
                             reason: failure.reason(),
                         })
                         .inc();

@@ -211,7 +211,7 @@ impl ConfigMetrics {
         for (kind, count) in counts {
             self.objects
                 .get_or_create(&KindLabels {
-                    kind: kind.as_str().to_owned(),
+                    kind: kind.label().to_owned(),
                 })
                 .set(i64::try_from(*count).unwrap_or(i64::MAX));
         }

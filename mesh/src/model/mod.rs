@@ -7,6 +7,8 @@
 //! result.
 
 pub mod gateway_api_crd;
+mod ingress;
+pub mod ingress_crd;
 pub mod istio_crd;
 mod l7;
 pub mod networking_crd;
@@ -15,6 +17,7 @@ pub mod ratelimit_crd;
 pub mod translate;
 mod types;
 
+pub use ingress::*;
 pub use l7::*;
 pub use ratelimit::*;
 pub use types::*;

@@ -23,15 +23,18 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tracing::{debug, warn};
 
 use super::gateway_api_crd as gw;
+use super::ingress_crd as icrd;
 use super::istio_crd as crd;
 use super::l7::*;
 use super::networking_crd as ncrd;
 use super::ratelimit::*;
 use super::ratelimit_crd as rcrd;
 use super::types::*;
+use super::{IngressGateway, TlsSecret};
 use crate::identity::{Identity, IdentityError};
 
 mod gateway_routes;
+mod ingress;
 mod l7_policy;
 mod networking;
 mod ratelimit;
@@ -42,6 +45,8 @@ pub use strict::{KindSuggestion, suggest_kind};
 
 #[cfg(test)]
 mod gateway_routes_tests;
+#[cfg(test)]
+mod ingress_tests;
 #[cfg(test)]
 mod l7_tests;
 #[cfg(test)]
@@ -107,11 +112,34 @@ pub enum Kind {
     HttpRoute,
     /// Gateway API `ReferenceGrant` (cross-namespace backends of routes).
     ReferenceGrant,
+    /// Istio's `Gateway` (`networking.istio.io`): the servers of an ingress gateway.
+    IstioGateway,
+    /// A Secret with TLS material an ingress gateway's server names (`credentialName`).
+    Secret,
 }
 
 impl Kind {
     /// Every kind, so metrics can report zero for kinds that have no objects.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::Gateway,
+        Kind::RateLimitPolicy,
+        Kind::HttpRoute,
+        Kind::ReferenceGrant,
+        Kind::IstioGateway,
+        Kind::Secret,
+    ];
+
+    /// What a waypoint reads: everything but the ingress gateway's kinds (it must not watch
+    /// Secrets).
+    pub const WAYPOINT: [Kind; 12] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -141,6 +169,17 @@ impl Kind {
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::IstioGateway => "Gateway",
+            Kind::Secret => corev1::Secret::KIND,
+        }
+    }
+
+    /// The kind in messages and metric labels: [`Self::as_str`], qualified by its group where
+    /// two kinds share a name (`Gateway.networking.istio.io`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::IstioGateway => "Gateway.networking.istio.io",
+            _ => self.as_str(),
         }
     }
 
@@ -161,10 +200,12 @@ impl Kind {
 
     fn group(self) -> &'static str {
         match self {
-            Kind::Namespace | Kind::Pod | Kind::Service => corev1::Pod::GROUP,
+            Kind::Namespace | Kind::Pod | Kind::Service | Kind::Secret => corev1::Pod::GROUP,
             Kind::EndpointSlice => discoveryv1::EndpointSlice::GROUP,
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => crd::SECURITY_GROUP,
-            Kind::VirtualService | Kind::DestinationRule => ncrd::NETWORKING_GROUP,
+            Kind::VirtualService | Kind::DestinationRule | Kind::IstioGateway => {
+                ncrd::NETWORKING_GROUP
+            }
             Kind::Gateway | Kind::HttpRoute | Kind::ReferenceGrant => ncrd::GATEWAY_API_GROUP,
             Kind::RateLimitPolicy => rcrd::MESH_GROUP,
         }
@@ -182,10 +223,14 @@ impl Kind {
     /// The apiVersions accepted for this kind.
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
-            Kind::Namespace | Kind::Pod | Kind::Service => &[corev1::Pod::API_VERSION],
+            Kind::Namespace | Kind::Pod | Kind::Service | Kind::Secret => {
+                &[corev1::Pod::API_VERSION]
+            }
             Kind::EndpointSlice => &[discoveryv1::EndpointSlice::API_VERSION],
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => &crd::SECURITY_API_VERSIONS,
-            Kind::VirtualService | Kind::DestinationRule => &ncrd::NETWORKING_API_VERSIONS,
+            Kind::VirtualService | Kind::DestinationRule | Kind::IstioGateway => {
+                &ncrd::NETWORKING_API_VERSIONS
+            }
             Kind::Gateway => &ncrd::GATEWAY_API_VERSIONS,
             Kind::RateLimitPolicy => &rcrd::RATE_LIMIT_API_VERSIONS,
             Kind::HttpRoute => &gw::HTTP_ROUTE_API_VERSIONS,
@@ -196,7 +241,7 @@ impl Kind {
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.label())
     }
 }
 
@@ -274,6 +319,8 @@ pub enum Object {
     RateLimitPolicy(Box<rcrd::RateLimitPolicy>),
     HttpRoute(Box<gw::HttpRoute>),
     ReferenceGrant(Box<gw::ReferenceGrant>),
+    IstioGateway(Box<icrd::IstioGateway>),
+    Secret(Box<corev1::Secret>),
 }
 
 impl Object {
@@ -291,6 +338,8 @@ impl Object {
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
+            Object::IstioGateway(_) => Kind::IstioGateway,
+            Object::Secret(_) => Kind::Secret,
         }
     }
 
@@ -308,6 +357,8 @@ impl Object {
             Object::RateLimitPolicy(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
+            Object::IstioGateway(o) => &o.metadata,
+            Object::Secret(o) => &o.metadata,
         }
     }
 
@@ -370,6 +421,8 @@ impl Object {
             Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(key, value, strict)?),
             Kind::HttpRoute => Object::HttpRoute(typed(key, value, strict)?),
             Kind::ReferenceGrant => Object::ReferenceGrant(typed(key, value, strict)?),
+            Kind::IstioGateway => Object::IstioGateway(typed(key, value, strict)?),
+            Kind::Secret => Object::Secret(typed(key, value, strict)?),
         })
     }
 }
@@ -613,8 +666,12 @@ enum Accepted {
         l7: Option<L7AuthorizationPolicy>,
     },
     PeerAuthentication(PeerAuthentication),
-    /// `None`: valid but not for waypoints (bound to gateways only, or a delegate).
-    VirtualService(Option<Box<networking::AcceptedRoute<VirtualService>>>),
+    VirtualService {
+        /// `None`: valid but not for waypoints (bound to gateways only, or a delegate).
+        mesh: Option<Box<networking::AcceptedRoute<VirtualService>>>,
+        /// As each ingress `Gateway` it names sees it: `(namespace/name, routes)`.
+        gateways: Vec<(String, networking::AcceptedRoute<VirtualService>)>,
+    },
     DestinationRule(Box<networking::AcceptedRoute<DestinationRule>>),
     /// `None`: a Gateway of another class.
     Gateway(Option<WaypointGateway>),
@@ -623,6 +680,9 @@ enum Accepted {
     /// Not attached yet (assembly does it).
     HttpRoute(Box<gateway_routes::AcceptedHttpRoute>),
     ReferenceGrant(gateway_routes::Grant),
+    IstioGateway(IngressGateway),
+    /// `None`: not a TLS Secret.
+    Secret(Option<Arc<TlsSecret>>),
 }
 
 #[derive(Debug)]
@@ -659,9 +719,14 @@ fn accept(
         Object::PeerAuthentication(pa) => {
             Accepted::PeerAuthentication(peer_authentication(config, key, pa)?)
         }
-        Object::VirtualService(vs) => {
-            Accepted::VirtualService(networking::virtual_service(config, key, vs)?.map(Box::new))
+        Object::VirtualService(vs) => Accepted::VirtualService {
+            mesh: networking::virtual_service(config, key, vs)?.map(Box::new),
+            gateways: ingress::gateway_virtual_services(config, key, vs)?,
+        },
+        Object::IstioGateway(gateway) => {
+            Accepted::IstioGateway(ingress::istio_gateway(key, gateway)?)
         }
+        Object::Secret(secret) => Accepted::Secret(ingress::tls_secret(key, secret)?.map(Arc::new)),
         Object::DestinationRule(dr) => {
             Accepted::DestinationRule(Box::new(networking::destination_rule(config, key, dr)?))
         }
@@ -1383,11 +1448,13 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     let mut grants = Vec::new();
     let mut destination_rules = Vec::new();
     let mut rate_limit_policies = Vec::new();
+    let mut gateway_bound = Vec::new();
+    let mut ingress_gateways: Vec<&IngressGateway> = Vec::new();
     for (key, accepted) in in_force {
         match accepted.as_ref() {
             Accepted::Namespace(_)
             | Accepted::Pod(None)
-            | Accepted::VirtualService(None)
+            | Accepted::Secret(None)
             | Accepted::Gateway(None) => {}
             Accepted::Pod(Some(pod)) => {
                 let mut workload = pod.workload.clone();
@@ -1440,7 +1507,16 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
             Accepted::PeerAuthentication(pa) => {
                 state.peer_authentications.push(Arc::new(pa.clone()));
             }
-            Accepted::VirtualService(Some(vs)) => virtual_services.push(vs.as_ref()),
+            Accepted::VirtualService { mesh, gateways } => {
+                if let Some(vs) = mesh {
+                    virtual_services.push(vs.as_ref());
+                }
+                gateway_bound.extend(gateways.iter().map(|(g, vs)| (g.as_str(), vs)));
+            }
+            Accepted::IstioGateway(gateway) => ingress_gateways.push(gateway),
+            Accepted::Secret(Some(secret)) => {
+                state.secrets.insert(secret.key(), secret.clone());
+            }
             Accepted::DestinationRule(dr) => destination_rules.push(dr.as_ref()),
             Accepted::Gateway(Some(gateway)) => {
                 state.waypoint_gateways.insert(
@@ -1504,6 +1580,18 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     state.virtual_services = routes.virtual_services;
     state.destination_rules = routes.destination_rules;
     state.warnings = routes.warnings;
+    state.gateway_virtual_services = ingress::assemble(gateway_bound);
+    // Oldest first: of two Gateways claiming one port and host, the older wins.
+    ingress_gateways.sort_by(|a, b| {
+        a.created
+            .cmp(&b.created)
+            .then_with(|| a.key().cmp(&b.key()))
+    });
+    state.ingress_gateways = ingress_gateways
+        .into_iter()
+        .cloned()
+        .map(Arc::new)
+        .collect();
     // `in_force` iterates by key, so these stay sorted by key.
     for policy in rate_limit_policies {
         let mut policy = policy.clone();

@@ -323,6 +323,14 @@ pub struct State {
     /// resolved against `services` and `waypoint_gateways`.
     pub rate_limit_policies: Vec<Arc<super::ratelimit::RateLimitPolicy>>,
     pub root_namespace: String,
+    /// Istio `Gateway`s (ingress), oldest first.
+    pub ingress_gateways: Vec<Arc<super::IngressGateway>>,
+    /// The VirtualServices bound to each ingress Gateway (`namespace/name`), as that Gateway
+    /// sees them (routes and matches of other bindings dropped), oldest first.
+    pub gateway_virtual_services: BTreeMap<String, Vec<Arc<VirtualService>>>,
+    /// TLS Secrets by `namespace/name`; serialized as summaries, never their bytes.
+    #[serde(serialize_with = "super::ingress::serialize_secrets")]
+    pub secrets: BTreeMap<String, Arc<super::TlsSecret>>,
     /// What applies but looks wrong (see [`ConfigWarning`]), sorted.
     pub warnings: Vec<ConfigWarning>,
     #[serde(skip)]

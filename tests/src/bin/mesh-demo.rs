@@ -334,6 +334,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 workload_cert_ttl: Duration::from_secs(3600),
                 protocol_detection_timeout: None,
                 hbone: Default::default(),
+                ingress: None,
             };
             Some(
                 waypoint::app::build(config, None)
@@ -373,7 +374,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match (&waypoint, &service.waypoint) {
         (Some(w), Some(name)) => println!(
             "  waypoint  {name} on {} (VirtualService and DestinationRule for {SERVICE})",
-            w.hbone_addr
+            config_addr(w.hbone_addr)
         ),
         _ => println!("  waypoint  none: {SERVICE} does not use one"),
     }
@@ -588,4 +589,8 @@ fn progress(done: usize, total: usize) {
         "#".repeat(filled),
         " ".repeat(WIDTH - filled)
     );
+}
+
+fn config_addr(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "-".to_owned(), |a| a.to_string())
 }

@@ -277,11 +277,10 @@ impl HttpClient {
     }
 
     /// Speaks HTTP over an established stream; `authority` is sent as Host / `:authority`.
-    pub async fn on(
-        stream: TcpStream,
-        authority: String,
-        version: HttpVersion,
-    ) -> io::Result<Self> {
+    pub async fn on<S>(stream: S, authority: String, version: HttpVersion) -> io::Result<Self>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let io = TokioIo::new(stream);
         let sender = match version {
             HttpVersion::Http1 => {

@@ -1,5 +1,6 @@
-//! Waypoints in the virtual cluster: the real `waypoint` binary, run inside its pod's network
-//! namespace (`ip netns exec`), as a waypoint Deployment's pod would run. Its admin ports are on
+//! Waypoints and ingress gateways in the virtual cluster: the real `waypoint` binary (`run`, or
+//! `gateway` for an ingress), run inside its pod's network namespace (`ip netns exec`), as a
+//! waypoint or gateway Deployment's pod would run. Its admin ports are on
 //! the pod's own loopback; the harness reaches them by connecting from inside the namespace.
 //! The CA (in the test process, on the host's loopback) is reached through a relay the harness
 //! serves on the pod's `127.0.0.1:15012`, the address istiod's CA has in a cluster.
@@ -20,6 +21,8 @@ const READINESS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1
 pub(super) struct WaypointSpec {
     pub(super) namespace: String,
     pub(super) name: String,
+    /// `Some`: an ingress gateway with these pod labels (`waypoint gateway`).
+    pub(super) ingress_labels: Option<BTreeMap<String, String>>,
 }
 
 /// The Gateway that declares the waypoint.
@@ -67,15 +70,34 @@ impl Waypoint {
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", pod.netns().name()])
             .arg(&binary)
-            .arg("run")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", &launch.log_filter)
-            .env("WAYPOINT_NAME", &spec.name)
-            .env("WAYPOINT_NAMESPACE", &spec.namespace)
+            .env("RUST_LOG", &launch.log_filter);
+        match &spec.ingress_labels {
+            None => command
+                .arg("run")
+                .env("WAYPOINT_NAME", &spec.name)
+                .env("WAYPOINT_NAMESPACE", &spec.namespace)
+                .env("HBONE_ADDR", pod.addr(HBONE_PORT).to_string()),
+            Some(labels) => command
+                .arg("gateway")
+                .env("GATEWAY_NAME", &spec.name)
+                .env("GATEWAY_NAMESPACE", &spec.namespace)
+                .env(
+                    "GATEWAY_LABELS",
+                    labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+                .env("GATEWAY_BIND_ADDRESS", pod.ip().to_string()),
+        };
+        let child = command
             .env("MESH_CONFIG_PATH", &launch.config_dir)
             .env(
                 "CA_ADDRESS",
@@ -83,7 +105,6 @@ impl Waypoint {
             )
             .env("CA_ROOT_CERT", &launch.root)
             .env("CA_SERVER_NAME", "localhost")
-            .env("HBONE_ADDR", pod.addr(HBONE_PORT).to_string())
             .env("ADMIN_ADDR", ADMIN.to_string())
             .env("METRICS_ADDR", METRICS.to_string())
             .env("READINESS_ADDR", READINESS.to_string())
@@ -140,7 +161,8 @@ impl Waypoint {
         &self.namespace
     }
 
-    /// The waypoint pod's IP (its HBONE listener is on port 15008 there).
+    /// The pod's IP (a waypoint's HBONE listener is on port 15008 there; an ingress listens
+    /// on its Gateways' server ports there).
     pub fn ip(&self) -> IpAddr {
         self.pod_ip
     }

@@ -298,6 +298,7 @@ impl Finish {
         }
         let cluster = &self.engine.identity.cluster_id;
         let record = RequestRecord {
+            reporter: self.engine.identity.reporter,
             source: peer_labels(
                 downstream.source.workload.as_deref(),
                 downstream.source.identity.as_ref(),

@@ -76,9 +76,12 @@ pub(super) fn prepare_upstream_headers(parts: &mut http::request::Parts, upgrade
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    parts
-        .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    // A front door that knows better (the ingress, for HTTPS) has set it already.
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
     if !parts.headers.contains_key("x-request-id") {
         let id = format!("{:032x}", fastrand::u128(..));
         if let Ok(v) = HeaderValue::from_str(&id) {

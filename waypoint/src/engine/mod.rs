@@ -45,6 +45,9 @@ pub struct EngineIdentity {
     pub root_namespace: String,
     /// `CLUSTER_ID`: the cluster label of the metrics.
     pub cluster_id: String,
+    /// The `reporter` label of its request metrics and access log
+    /// ([`crate::metrics::REPORTER`], or [`crate::metrics::REPORTER_GATEWAY`] for the ingress).
+    pub reporter: &'static str,
 }
 
 /// The request path's shared state. One per process, behind an `Arc`; every front door holds
@@ -101,6 +104,9 @@ pub struct Downstream {
     /// Whether the client proved its identity with mutual TLS (the `connection_security_policy`
     /// label).
     pub mutual_tls: bool,
+    /// `Some` for the ingress: the Gateway servers the connection came in on, whose
+    /// VirtualServices route its requests by `Host`. `None`: the routes of [`Self::service`].
+    pub scope: Option<Arc<crate::route::ServerScope>>,
 }
 
 impl Engine {

@@ -148,13 +148,36 @@ async fn choose<'r>(
     rng: &mut fastrand::Rng,
     finish: &mut Finish,
 ) -> Stage<Chosen<'r>> {
-    let service_key = downstream.service.key();
     let view = RequestView::from_parts(parts, downstream.port.port);
-    let Some(selected) = routing
-        .table
-        .select_http(&service_key, &view, &downstream.source, rng)
-    else {
-        finish.reason = format!("no route of {service_key} matches");
+    if let Some(scope) = &downstream.scope
+        && scope.redirects_to_https(&request_host(parts))
+    {
+        finish.reason = "httpsRedirect".into();
+        finish.local_reply = Some(LocalReply::Redirect);
+        let response = https_redirect(parts).map(full_body);
+        return Err(Early::Respond(Box::new(response), "-"));
+    }
+    let selected = match &downstream.scope {
+        None => {
+            routing
+                .table
+                .select_http(&downstream.service.key(), &view, &downstream.source, rng)
+        }
+        Some(scope) => {
+            let host = request_host(parts);
+            routing
+                .table
+                .select_gateway_http(scope, &host, &view, &downstream.source, rng)
+        }
+    };
+    let Some(selected) = selected else {
+        finish.reason = match &downstream.scope {
+            None => format!("no route of {} matches", downstream.service.key()),
+            Some(_) => format!(
+                "no VirtualService bound to this gateway server takes host {:?}, or none of its routes matches",
+                request_host(parts)
+            ),
+        };
         return Err(Early::Local(StatusCode::NOT_FOUND, "NR", "route not found"));
     };
     finish.route = route_label(&selected);
@@ -295,7 +318,14 @@ where
         ));
     }
     let upgrading = upgrade.is_some();
-    let protocol = upstream_protocol(downstream, &target_service, port, parts.version, upgrading);
+    let protocol = upstream_protocol(
+        downstream,
+        &target_service,
+        port,
+        parts.version,
+        upgrading,
+        finish.grpc,
+    );
     let authority = authority_of(&parts);
     prepare_upstream_headers(&mut parts, upgrading);
 
@@ -598,6 +628,33 @@ fn upstream_response(
     Response::from_parts(response_parts, body)
 }
 
+/// The answer of a server with `httpsRedirect`: 301 to the same URL with `https`, as Envoy's
+/// `https_redirect` (an explicit `:80` is dropped, another port kept).
+fn https_redirect(parts: &http::request::Parts) -> Response<Bytes> {
+    let authority = authority_of(parts);
+    let authority = authority.strip_suffix(":80").unwrap_or(&authority);
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut response = Response::new(Bytes::new());
+    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(location) = http::HeaderValue::from_str(&format!("https://{authority}{path}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+/// The request's host, lower case, without a port (for the ingress's virtual host choice).
+fn request_host(parts: &http::request::Parts) -> String {
+    let authority = authority_of(parts);
+    let host = match authority.rsplit_once(':') {
+        // `[::1]:80`, `example.com:80`; a bare IPv6 address has more than one colon.
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
+            host
+        }
+        _ => authority.as_str(),
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
 fn route_label(selected: &Selected<'_>) -> String {
     let name = selected.route_name();
     match (selected.virtual_service, name.is_empty()) {
@@ -638,6 +695,7 @@ fn upstream_protocol(
     port: u16,
     version: Version,
     upgrading: bool,
+    grpc_request: bool,
 ) -> UpstreamProtocol {
     if upgrading {
         return UpstreamProtocol::Http1;
@@ -646,8 +704,18 @@ fn upstream_protocol(
         .ports
         .iter()
         .find(|p| p.port == port)
-        .and_then(|p| p.app_protocol.clone())
-        .or_else(|| downstream.port.app_protocol.clone());
+        .and_then(|p| p.app_protocol.clone());
+    // The ingress's clients speak whatever ALPN chose (curl and browsers: h2), which says
+    // nothing of the backend: there only the destination's declared protocol counts, and gRPC
+    // (which needs HTTP/2 end to end).
+    if downstream.scope.is_some() {
+        return match declared.as_deref() {
+            Some("http2" | "grpc" | "h2c" | "kubernetes.io/h2c") => UpstreamProtocol::Http2,
+            _ if grpc_request => UpstreamProtocol::Http2,
+            _ => UpstreamProtocol::Http1,
+        };
+    }
+    let declared = declared.or_else(|| downstream.port.app_protocol.clone());
     match declared.as_deref() {
         Some("http2" | "grpc" | "h2c" | "kubernetes.io/h2c") => UpstreamProtocol::Http2,
         _ if version == Version::HTTP_2 => UpstreamProtocol::Http2,

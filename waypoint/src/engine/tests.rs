@@ -161,6 +161,7 @@ async fn fixture_with(yaml: &str, service: &str, pods: &[(&str, &'static str)]) 
             },
             root_namespace: "istio-system".into(),
             cluster_id: "Kubernetes".into(),
+            reporter: crate::metrics::REPORTER,
         },
         Upstreams::new(Arc::new(ToServer { pods: servers })),
         &mut registry,
@@ -177,6 +178,7 @@ async fn fixture_with(yaml: &str, service: &str, pods: &[(&str, &'static str)]) 
         source: SourceInfo::new(Some(identity), Some([127, 0, 0, 11].into()), None),
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 40000)),
         mutual_tls: true,
+        scope: None,
     });
     Fixture {
         engine,

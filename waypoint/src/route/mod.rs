@@ -19,4 +19,7 @@ mod tests;
 pub use filters::{FaultDecision, FilterError};
 pub use matcher::RequestView;
 pub use retry::AttemptOutcome;
-pub use table::{Conflict, RouteTable, Selected, SelectedAction, ServiceRoutes};
+pub use table::{
+    Conflict, RouteTable, ScopedServer, Selected, SelectedAction, ServerScope, ServiceRoutes,
+    host_matches,
+};

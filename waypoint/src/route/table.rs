@@ -28,6 +28,81 @@ pub const DEFAULT_ROUTE_NAME: &str = "default";
 pub struct RouteTable {
     services: HashMap<String, ServiceRoutes>,
     conflicts: Vec<Conflict>,
+    /// Ingress `Gateway` key (`ns/name`) -> its VirtualServices, oldest first.
+    gateways: HashMap<String, Vec<GatewayVirtualService>>,
+}
+
+/// A VirtualService bound to an ingress Gateway, compiled.
+#[derive(Debug)]
+struct GatewayVirtualService {
+    key: String,
+    namespace: String,
+    hosts: Vec<String>,
+    http: Arc<[CompiledHttpRoute]>,
+}
+
+/// The Gateway servers a connection was accepted for (the ingress front door works it out
+/// from the port and the SNI): the VirtualServices of these Gateways whose hosts meet these
+/// servers' hosts are its routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerScope {
+    pub servers: Vec<ScopedServer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopedServer {
+    /// `namespace/name` of the Gateway.
+    pub gateway: String,
+    pub hosts: Vec<mesh::model::ServerHost>,
+    /// `tls.httpsRedirect`: requests this server takes are answered 301 to `https://`.
+    pub https_redirect: bool,
+}
+
+impl ServerScope {
+    /// Whether a request for `host` must be redirected to HTTPS: the server whose hosts cover
+    /// it most specifically says `httpsRedirect` (Envoy's virtual host `require_tls`).
+    pub fn redirects_to_https(&self, host: &str) -> bool {
+        self.servers
+            .iter()
+            .filter_map(|s| {
+                let best = s
+                    .hosts
+                    .iter()
+                    .filter(|h| host_matches(&h.host, host))
+                    .map(|h| host_specificity(&h.host))
+                    .max()?;
+                Some((best, s.https_redirect))
+            })
+            .fold(None::<((u8, usize), bool)>, |acc, item| match acc {
+                Some(a) if a.0 >= item.0 => Some(a),
+                _ => Some(item),
+            })
+            .is_some_and(|(_, redirect)| redirect)
+    }
+}
+
+/// Whether `pattern` (`*`, `*.example.com`, `example.com`) covers `host` (lower case, no
+/// port). A wildcard covers one or more labels in front of its suffix, as Envoy's domains.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+/// How specific a host pattern is, for Envoy's virtual host choice: an exact name beats any
+/// wildcard, a longer wildcard suffix beats a shorter one, `*` comes last.
+fn host_specificity(pattern: &str) -> (u8, usize) {
+    if pattern == "*" {
+        (0, 0)
+    } else if pattern.starts_with('*') {
+        (1, pattern.len())
+    } else {
+        (2, pattern.len())
+    }
 }
 
 /// Two VirtualServices claim the same host: the earlier one in the state's order (the oldest)
@@ -265,10 +340,84 @@ impl RouteTable {
                 },
             );
         }
+        let gateways = state
+            .gateway_virtual_services
+            .iter()
+            .map(|(gateway, list)| {
+                let compiled = list
+                    .iter()
+                    .map(|vs| GatewayVirtualService {
+                        key: vs.key(),
+                        namespace: vs.namespace.clone(),
+                        hosts: vs.hosts.clone(),
+                        http: CompiledVirtualService::new(vs).http,
+                    })
+                    .collect();
+                (gateway.clone(), compiled)
+            })
+            .collect();
         RouteTable {
             services,
             conflicts,
+            gateways,
         }
+    }
+
+    /// The VirtualService of an ingress connection (`scope`) for a request to `host` (lower
+    /// case, without port), by Envoy's virtual host choice: among the VirtualServices of the
+    /// scope's Gateways that a server admits (its hosts cover `host` and allow the
+    /// VirtualService's namespace), the one whose matching host is the most specific; of
+    /// equals, the oldest. Returns its key and its routes.
+    fn gateway_virtual_service(
+        &self,
+        scope: &ServerScope,
+        host: &str,
+    ) -> Option<&GatewayVirtualService> {
+        let mut best: Option<((u8, usize), &GatewayVirtualService)> = None;
+        for server in &scope.servers {
+            let admits = |vs: &GatewayVirtualService| {
+                server.hosts.iter().any(|h| {
+                    h.namespace.as_ref().is_none_or(|ns| *ns == vs.namespace)
+                        && host_matches(&h.host, host)
+                })
+            };
+            for vs in self.gateways.get(&server.gateway).into_iter().flatten() {
+                let Some(score) = vs
+                    .hosts
+                    .iter()
+                    .filter(|h| host_matches(h, host))
+                    .map(|h| host_specificity(h))
+                    .max()
+                else {
+                    continue;
+                };
+                if best.is_none_or(|(b, _)| score > b) && admits(vs) {
+                    best = Some((score, vs));
+                }
+            }
+        }
+        best.map(|(_, vs)| vs)
+    }
+
+    /// [`Self::select_http`] for an ingress connection: the routes of the VirtualService
+    /// chosen for `host` (see [`Self::gateway_virtual_service`]). `None`: no VirtualService of
+    /// the scope takes the host, or none of its routes matches (404, as Envoy's "route not
+    /// found").
+    pub fn select_gateway_http<'t>(
+        &'t self,
+        scope: &ServerScope,
+        host: &str,
+        request: &RequestView<'_>,
+        source: &SourceInfo,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Selected<'t>> {
+        let vs = self.gateway_virtual_service(scope, host)?;
+        select_among(&vs.http, Some(&vs.key), request, source, rng)
+    }
+
+    /// The number of VirtualServices bound to ingress Gateways.
+    pub fn gateway_virtual_services(&self) -> usize {
+        self.gateways.values().map(Vec::len).sum()
     }
 
     /// The routes of the service `ns/name`.
@@ -292,30 +441,13 @@ impl RouteTable {
         rng: &mut fastrand::Rng,
     ) -> Option<Selected<'t>> {
         let routes = self.services.get(service_key)?;
-        let context = RequestContext::new(*request);
-        routes.http.iter().find_map(|compiled| {
-            let route = &compiled.route;
-            let matched = if route.matches.is_empty() {
-                None
-            } else {
-                Some(route.matches.iter().find(|m| context.holds(m, source))?)
-            };
-            let action = match &route.action {
-                HttpAction::Route(destinations) => {
-                    SelectedAction::Route(pick_weighted(destinations, rng)?)
-                }
-                HttpAction::Redirect(r) => SelectedAction::Redirect(r),
-                HttpAction::DirectResponse(d) => SelectedAction::DirectResponse(d),
-            };
-            Some(Selected {
-                index: compiled.index,
-                virtual_service: routes.virtual_service.as_deref(),
-                route,
-                matched,
-                action,
-                compiled,
-            })
-        })
+        select_among(
+            &routes.http,
+            routes.virtual_service.as_deref(),
+            request,
+            source,
+            rng,
+        )
     }
 
     /// Where a TCP connection to the service goes: the first `tcp` route whose conditions hold
@@ -369,6 +501,40 @@ pub fn pick_weighted<'d>(
 }
 
 /// A VirtualService's routes, compiled once and shared by all of its hosts.
+/// The first of `routes` whose conditions hold, with one destination picked by weight.
+fn select_among<'t>(
+    routes: &'t [CompiledHttpRoute],
+    virtual_service: Option<&'t str>,
+    request: &RequestView<'_>,
+    source: &SourceInfo,
+    rng: &mut fastrand::Rng,
+) -> Option<Selected<'t>> {
+    let context = RequestContext::new(*request);
+    routes.iter().find_map(|compiled| {
+        let route = &compiled.route;
+        let matched = if route.matches.is_empty() {
+            None
+        } else {
+            Some(route.matches.iter().find(|m| context.holds(m, source))?)
+        };
+        let action = match &route.action {
+            HttpAction::Route(destinations) => {
+                SelectedAction::Route(pick_weighted(destinations, rng)?)
+            }
+            HttpAction::Redirect(r) => SelectedAction::Redirect(r),
+            HttpAction::DirectResponse(d) => SelectedAction::DirectResponse(d),
+        };
+        Some(Selected {
+            index: compiled.index,
+            virtual_service,
+            route,
+            matched,
+            action,
+            compiled,
+        })
+    })
+}
+
 #[derive(Debug, Clone)]
 struct CompiledVirtualService {
     http: Arc<[CompiledHttpRoute]>,

@@ -93,7 +93,11 @@ pub(super) fn http_route(
     key: &ObjectKey,
     route: &gw::HttpRoute,
 ) -> Result<AcceptedHttpRoute> {
-    let ctx = Ctx { config, key };
+    let ctx = Ctx {
+        config,
+        key,
+        binding: super::networking::Binding::Mesh,
+    };
     let spec = &route.spec;
     let mut parents = Vec::new();
     for (i, parent) in spec.parent_refs.iter().enumerate() {

@@ -282,9 +282,48 @@ const MAX_REGEX_LEN: usize = 1024;
 pub(super) struct Ctx<'a> {
     pub(super) config: &'a TranslateConfig,
     pub(super) key: &'a ObjectKey,
+    /// Which proxies the VirtualService is being translated for (the `gateways` fields).
+    pub(super) binding: Binding<'a>,
+}
+
+/// What a VirtualService is translated for: the mesh (waypoints) or one ingress `Gateway`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Binding<'a> {
+    Mesh,
+    /// `namespace/name` of an Istio `Gateway`.
+    Gateway(&'a str),
+}
+
+impl Binding<'_> {
+    /// Whether a `gateways` list (of a VirtualService, or of one match, where empty inherits
+    /// the VirtualService's) names this binding. `vs_namespace` resolves short names.
+    fn named_in(self, gateways: &[String], vs_namespace: &str) -> bool {
+        match self {
+            Binding::Mesh => applies_to_mesh(gateways),
+            Binding::Gateway(key) => gateways
+                .iter()
+                .any(|g| resolve_gateway_name(g, vs_namespace).as_deref() == Some(key)),
+        }
+    }
+}
+
+/// A `gateways` entry as `namespace/name`: `name` is in the VirtualService's namespace; `mesh`
+/// is not a Gateway (`None`).
+pub(super) fn resolve_gateway_name(written: &str, vs_namespace: &str) -> Option<String> {
+    match written {
+        "mesh" | "" => None,
+        _ if written.contains('/') => Some(written.to_owned()),
+        _ => Some(format!("{vs_namespace}/{written}")),
+    }
 }
 
 impl Ctx<'_> {
+    /// Whether a match's `gateways` bind it here: an empty list inherits the VirtualService's
+    /// (already checked), a written one replaces it.
+    fn match_bound(&self, gateways: &[String]) -> bool {
+        gateways.is_empty() || self.binding.named_in(gateways, &self.key.namespace)
+    }
+
     pub(super) fn invalid(
         &self,
         field: impl Into<String>,
@@ -603,7 +642,22 @@ pub(super) fn virtual_service(
     key: &ObjectKey,
     vs: &ncrd::VirtualService,
 ) -> Result<Option<AcceptedRoute<VirtualService>>> {
-    let ctx = Ctx { config, key };
+    virtual_service_for(config, key, vs, Binding::Mesh)
+}
+
+/// The VirtualService as `binding` sees it: its routes and matches bound there (`gateways`).
+/// `None`: nothing of it is bound there (or a delegate without hosts).
+pub(super) fn virtual_service_for(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    vs: &ncrd::VirtualService,
+    binding: Binding<'_>,
+) -> Result<Option<AcceptedRoute<VirtualService>>> {
+    let ctx = Ctx {
+        config,
+        key,
+        binding,
+    };
     let spec = &vs.spec;
     let mut hosts: Vec<String> = Vec::new();
     for (i, h) in spec.hosts.iter().enumerate() {
@@ -641,12 +695,12 @@ pub(super) fn virtual_service(
     if !spec.tls.is_empty() {
         debug!(virtual_service = %key, "tls (SNI) routes are not applied by the waypoint; ignored");
     }
-    if !applies_to_mesh(&spec.gateways) {
-        debug!(virtual_service = %key, gateways = ?spec.gateways, "bound to gateways only, not to the mesh; not a waypoint route");
+    if !binding.named_in(&spec.gateways, &key.namespace) {
+        debug!(virtual_service = %key, gateways = ?spec.gateways, ?binding, "not bound here");
         return Ok(None);
     }
     if hosts.is_empty() {
-        debug!(virtual_service = %key, "no hosts (a delegate); delegation is not supported by the waypoint");
+        debug!(virtual_service = %key, "no hosts (a delegate); delegation is not supported");
         return Ok(None);
     }
     let created_at = vs.metadata.creation_timestamp.as_ref().map(|t| t.0);
@@ -836,7 +890,7 @@ fn http_match(ctx: &Ctx<'_>, p: &str, m: &ncrd::HttpMatchRequest) -> Result<Opti
         source_namespace: m.source_namespace.clone().filter(|n| !n.is_empty()),
         ignore_uri_case: m.ignore_uri_case,
     };
-    Ok(applies_to_mesh(&m.gateways).then_some(result))
+    Ok(ctx.match_bound(&m.gateways).then_some(result))
 }
 
 fn http_redirect(ctx: &Ctx<'_>, p: &str, r: &ncrd::HttpRedirect) -> Result<Redirect> {
@@ -1228,7 +1282,7 @@ fn tcp_route(ctx: &Ctx<'_>, p: &str, r: &ncrd::TcpRoute) -> Result<Option<TcpRou
             None | Some(0) => None,
             Some(n) => Some(ctx.port(format!("{field}.port"), n)?),
         };
-        if !applies_to_mesh(&m.gateways) {
+        if !ctx.match_bound(&m.gateways) {
             gateway_only += 1;
             continue;
         }
@@ -1298,7 +1352,11 @@ pub(super) fn destination_rule(
     key: &ObjectKey,
     dr: &ncrd::DestinationRule,
 ) -> Result<AcceptedRoute<DestinationRule>> {
-    let ctx = Ctx { config, key };
+    let ctx = Ctx {
+        config,
+        key,
+        binding: Binding::Mesh,
+    };
     let spec = &dr.spec;
     let host = ctx.host("spec.host".to_owned(), &spec.host)?;
     let top = spec

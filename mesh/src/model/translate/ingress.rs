@@ -1,0 +1,470 @@
+//! Istio `Gateway`s and the TLS Secrets their servers name, for the ingress gateway
+//! (`waypoint gateway`). Each Gateway is validated on its own, with Istio's rules where they
+//! decide behaviour (a server needs a port, a protocol and hosts; HTTPS needs a credential;
+//! `ns/host` host syntax), and every field this gateway cannot honour is refused with a message
+//! rather than dropped (file-mounted certificates, `ISTIO_MUTUAL`, `defaultEndpoint`).
+//!
+//! The routes of a Gateway are the VirtualServices that name it in `gateways`; they are
+//! translated with [`super::networking::Binding::Gateway`] and assembled in [`assemble`].
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1 as corev1;
+use tracing::debug;
+
+use super::networking::{AcceptedRoute, Binding, resolve_gateway_name, virtual_service_for};
+use super::{ObjectKey, TranslateConfig, TranslateError, invalid, port_number};
+use crate::model::ingress_crd as icrd;
+use crate::model::networking_crd as ncrd;
+use crate::model::{
+    GatewayServer, IngressGateway, ServerHost, ServerProtocol, ServerTls, TlsMode, TlsSecret,
+    TlsVersion, VirtualService,
+};
+
+type Result<T> = std::result::Result<T, TranslateError>;
+
+/// Validates one Istio `Gateway`.
+pub(super) fn istio_gateway(
+    key: &ObjectKey,
+    gateway: &icrd::IstioGateway,
+) -> Result<IngressGateway> {
+    let spec = &gateway.spec;
+    if spec.servers.is_empty() {
+        return Err(invalid(
+            key,
+            "spec.servers",
+            "at least one server is required (a port, a protocol and hosts)",
+        ));
+    }
+    let mut servers: Vec<GatewayServer> = Vec::new();
+    for (i, written) in spec.servers.iter().enumerate() {
+        let server = server(key, i, written)?;
+        if let Some(other) = servers
+            .iter()
+            .find(|s| s.port == server.port && s.bind == server.bind)
+        {
+            let plain = |s: &GatewayServer| s.tls.is_none() && s.protocol == ServerProtocol::Http;
+            if plain(other) != plain(&server) {
+                return Err(invalid(
+                    key,
+                    format!("spec.servers[{i}].port.number"),
+                    format!(
+                        "port {} is already a {} server (spec.servers[{}]); one port cannot serve both plain text and TLS",
+                        server.port,
+                        if plain(other) { "plain-text" } else { "TLS" },
+                        other.index
+                    ),
+                ));
+            }
+        }
+        servers.push(server);
+    }
+    Ok(IngressGateway {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        selector: spec.selector.clone(),
+        servers,
+        created: gateway
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
+    })
+}
+
+fn server(key: &ObjectKey, i: usize, s: &icrd::Server) -> Result<GatewayServer> {
+    let p = format!("spec.servers[{i}]");
+    let Some(port) = &s.port else {
+        return Err(invalid(key, format!("{p}.port"), "a port is required"));
+    };
+    let Some(number) = port.number else {
+        return Err(invalid(
+            key,
+            format!("{p}.port.number"),
+            "a port number is required",
+        ));
+    };
+    let number = port_number(number).ok_or_else(|| TranslateError::NotAPort {
+        object: Box::new(key.clone()),
+        field: format!("{p}.port.number"),
+        value: number.to_string(),
+    })?;
+    let written_protocol = port.protocol.as_deref().unwrap_or_default();
+    let mut protocol = match written_protocol.to_ascii_uppercase().as_str() {
+        "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => ServerProtocol::Http,
+        "HTTPS" => ServerProtocol::Https,
+        "TLS" => ServerProtocol::Tls,
+        "TCP" | "MONGO" => ServerProtocol::Tcp,
+        _ => {
+            return Err(TranslateError::NotOneOf {
+                object: Box::new(key.clone()),
+                field: format!("{p}.port.protocol"),
+                value: written_protocol.to_owned(),
+                expected: "HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, TLS, TCP, MONGO".to_owned(),
+            });
+        }
+    };
+    if s.default_endpoint.is_some() {
+        return Err(invalid(
+            key,
+            format!("{p}.defaultEndpoint"),
+            "defaultEndpoint applies to sidecars only; not supported on a gateway",
+        ));
+    }
+    let bind = match s.bind.as_deref().filter(|b| !b.is_empty()) {
+        None => None,
+        Some(b) => Some(b.parse::<IpAddr>().map_err(|_| {
+            invalid(
+                key,
+                format!("{p}.bind"),
+                format!("{b:?} is not an IP address (Unix sockets are not supported)"),
+            )
+        })?),
+    };
+    if s.hosts.is_empty() {
+        return Err(invalid(
+            key,
+            format!("{p}.hosts"),
+            "at least one host is required (`*` for any)",
+        ));
+    }
+    let hosts = s
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(j, h)| server_host(key, &format!("{p}.hosts[{j}]"), h))
+        .collect::<Result<Vec<_>>>()?;
+    let mut https_redirect = false;
+    let tls = match &s.tls {
+        None => None,
+        Some(tls) => {
+            https_redirect = tls.https_redirect.unwrap_or(false);
+            server_tls(key, &format!("{p}.tls"), tls, protocol)?
+        }
+    };
+    match (protocol, &tls) {
+        (ServerProtocol::Https | ServerProtocol::Tls, None) => {
+            return Err(invalid(
+                key,
+                format!("{p}.tls"),
+                format!("a {written_protocol} server needs tls (mode and credentialName)"),
+            ));
+        }
+        (ServerProtocol::Http | ServerProtocol::Tcp, Some(_)) => {
+            return Err(invalid(
+                key,
+                format!("{p}.tls"),
+                format!(
+                    "a {written_protocol} server takes no TLS settings but httpsRedirect; use protocol HTTPS or TLS"
+                ),
+            ));
+        }
+        // An HTTPS port passed through unterminated is a TLS server routed by SNI (Istio's
+        // "ingress gateway without TLS termination" task writes it so).
+        (ServerProtocol::Https, Some(t)) if t.mode == TlsMode::Passthrough => {
+            protocol = ServerProtocol::Tls;
+        }
+        _ => {}
+    }
+    if https_redirect && protocol != ServerProtocol::Http {
+        debug!(gateway = %key, server = i, "httpsRedirect on a TLS server has no effect (as in Istio)");
+        https_redirect = false;
+    }
+    let name = s
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .or_else(|| port.name.clone().filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| format!("{}-{number}", written_protocol.to_ascii_lowercase()));
+    Ok(GatewayServer {
+        index: i,
+        name,
+        port: number,
+        bind,
+        protocol,
+        hosts,
+        tls,
+        https_redirect,
+    })
+}
+
+/// `[namespace/]host`, Istio's Gateway host syntax.
+fn server_host(key: &ObjectKey, field: &str, written: &str) -> Result<ServerHost> {
+    let (namespace, host) = match written.split_once('/') {
+        None => (None, written),
+        Some(("*", host)) => (None, host),
+        Some((".", host)) => (Some(key.namespace.clone()), host),
+        Some((ns, host)) => {
+            if !is_dns_label(ns) {
+                return Err(invalid(
+                    key,
+                    field,
+                    format!(
+                        "{written:?}: {ns:?} is not a namespace (`*`, `.` or a namespace name before the `/`)"
+                    ),
+                ));
+            }
+            (Some(ns.to_owned()), host)
+        }
+    };
+    let host = host.to_ascii_lowercase();
+    let name = host.strip_prefix("*.").unwrap_or(&host);
+    let valid =
+        host == "*" || (host.len() <= 253 && !name.is_empty() && name.split('.').all(is_dns_label));
+    if !valid {
+        return Err(invalid(
+            key,
+            field,
+            format!(
+                "{written:?} is not a host: `*`, `*.example.com` or `example.com`, optionally after `namespace/` (no port, no scheme)"
+            ),
+        ));
+    }
+    Ok(ServerHost { namespace, host })
+}
+
+fn is_dns_label(l: &str) -> bool {
+    !l.is_empty()
+        && l.len() <= 63
+        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !l.starts_with('-')
+        && !l.ends_with('-')
+}
+
+/// `None`: only `httpsRedirect` is set (a plain HTTP server).
+fn server_tls(
+    key: &ObjectKey,
+    p: &str,
+    tls: &icrd::ServerTls,
+    protocol: ServerProtocol,
+) -> Result<Option<ServerTls>> {
+    for (set, field) in [
+        (tls.server_certificate.is_some(), "serverCertificate"),
+        (tls.private_key.is_some(), "privateKey"),
+        (tls.ca_certificates.is_some(), "caCertificates"),
+        (tls.ca_crl.is_some(), "caCrl"),
+        (!tls.tls_certificates.is_empty(), "tlsCertificates"),
+    ] {
+        if set {
+            return Err(invalid(
+                key,
+                format!("{p}.{field}"),
+                "certificates from files in the gateway pod are not supported: put them in a Secret (tls.crt, tls.key, ca.crt) and name it in credentialName",
+            ));
+        }
+    }
+    for (set, field) in [
+        (
+            !tls.verify_certificate_spki.is_empty(),
+            "verifyCertificateSpki",
+        ),
+        (
+            !tls.verify_certificate_hash.is_empty(),
+            "verifyCertificateHash",
+        ),
+    ] {
+        if set {
+            return Err(invalid(
+                key,
+                format!("{p}.{field}"),
+                "not supported; use subjectAltNames to restrict client certificates",
+            ));
+        }
+    }
+    let written_mode = tls.mode.as_deref().unwrap_or_default();
+    let mode = match written_mode {
+        "" if protocol == ServerProtocol::Http => return Ok(None),
+        "SIMPLE" => TlsMode::Simple,
+        "MUTUAL" => TlsMode::Mutual,
+        "OPTIONAL_MUTUAL" => TlsMode::OptionalMutual,
+        // Istio's default mode (the enum's zero value).
+        "PASSTHROUGH" | "" => TlsMode::Passthrough,
+        "ISTIO_MUTUAL" | "AUTO_PASSTHROUGH" => {
+            return Err(TranslateError::NotOneOf {
+                object: Box::new(key.clone()),
+                field: format!("{p}.mode"),
+                value: written_mode.to_owned(),
+                expected: "SIMPLE, MUTUAL, OPTIONAL_MUTUAL, PASSTHROUGH (ISTIO_MUTUAL and AUTO_PASSTHROUGH are for multi-network east-west gateways, which this gateway is not)".to_owned(),
+            });
+        }
+        _ => {
+            return Err(TranslateError::NotOneOf {
+                object: Box::new(key.clone()),
+                field: format!("{p}.mode"),
+                value: written_mode.to_owned(),
+                expected: "SIMPLE, MUTUAL, OPTIONAL_MUTUAL, PASSTHROUGH".to_owned(),
+            });
+        }
+    };
+    let credential = tls
+        .credential_name
+        .clone()
+        .filter(|c| !c.is_empty())
+        .or_else(|| tls.credential_names.first().cloned());
+    let credential = match credential {
+        None if mode != TlsMode::Passthrough => {
+            return Err(invalid(
+                key,
+                format!("{p}.credentialName"),
+                format!(
+                    "mode {written_mode} needs credentialName: the Secret (in the gateway's namespace) with tls.crt and tls.key"
+                ),
+            ));
+        }
+        None => None,
+        Some(name) => {
+            let name = name
+                .strip_prefix("kubernetes://")
+                .unwrap_or(&name)
+                .to_owned();
+            if !name.split('.').all(is_dns_label) || name.contains('/') {
+                return Err(invalid(
+                    key,
+                    format!("{p}.credentialName"),
+                    format!(
+                        "{name:?} is not a Secret name (Secrets are read from the gateway's own namespace)"
+                    ),
+                ));
+            }
+            if mode == TlsMode::Passthrough {
+                debug!(gateway = %key, field = p, "credentialName on a PASSTHROUGH server is not used");
+                None
+            } else {
+                Some(name)
+            }
+        }
+    };
+    let version = |field: &str, v: &Option<String>| -> Result<Option<TlsVersion>> {
+        Ok(match v.as_deref() {
+            None | Some("" | "TLS_AUTO") => None,
+            Some("TLSV1_0") => Some(TlsVersion::V1_0),
+            Some("TLSV1_1") => Some(TlsVersion::V1_1),
+            Some("TLSV1_2") => Some(TlsVersion::V1_2),
+            Some("TLSV1_3") => Some(TlsVersion::V1_3),
+            Some(other) => {
+                return Err(TranslateError::NotOneOf {
+                    object: Box::new(key.clone()),
+                    field: format!("{p}.{field}"),
+                    value: other.to_owned(),
+                    expected: "TLS_AUTO, TLSV1_0, TLSV1_1, TLSV1_2, TLSV1_3".to_owned(),
+                });
+            }
+        })
+    };
+    let min_version = version("minProtocolVersion", &tls.min_protocol_version)?;
+    let max_version = version("maxProtocolVersion", &tls.max_protocol_version)?;
+    if let (Some(min), Some(max)) = (min_version, max_version)
+        && min > max
+    {
+        return Err(invalid(
+            key,
+            format!("{p}.minProtocolVersion"),
+            "is above maxProtocolVersion",
+        ));
+    }
+    Ok(Some(ServerTls {
+        mode,
+        credential,
+        min_version,
+        max_version,
+        cipher_suites: tls.cipher_suites.clone(),
+        subject_alt_names: tls.subject_alt_names.clone(),
+    }))
+}
+
+/// A Secret with TLS material (see [`TlsSecret`] for the keys read); `None` for any other
+/// Secret, which is none of the gateway's business.
+pub(super) fn tls_secret(key: &ObjectKey, secret: &corev1::Secret) -> Result<Option<TlsSecret>> {
+    let mut data: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    for (k, v) in secret.data.iter().flatten() {
+        data.insert(k, v.0.clone());
+    }
+    for (k, v) in secret.string_data.iter().flatten() {
+        data.insert(k, v.clone().into_bytes());
+    }
+    let take = |names: [&str; 2]| names.iter().find_map(|n| data.get(n).cloned());
+    let cert_chain = take(["tls.crt", "cert"]);
+    let private_key = take(["tls.key", "key"]);
+    let ca_bundle = take(["ca.crt", "cacert"]);
+    if cert_chain.is_none() && private_key.is_none() && ca_bundle.is_none() {
+        return Ok(None);
+    }
+    if cert_chain.is_some() != private_key.is_some() {
+        let (has, lacks) = if cert_chain.is_some() {
+            ("a certificate", "tls.key (or key)")
+        } else {
+            ("a private key", "tls.crt (or cert)")
+        };
+        return Err(invalid(key, "data", format!("has {has} but no {lacks}")));
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&cert_chain, &private_key, &ca_bundle).hash(&mut hasher);
+    Ok(Some(TlsSecret {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        version: format!("{:016x}", hasher.finish()),
+        cert_chain,
+        private_key,
+        ca_bundle,
+    }))
+}
+
+/// Every Gateway a VirtualService names in `spec.gateways` (not `mesh`), as `namespace/name`.
+pub(super) fn bound_gateways(key: &ObjectKey, vs: &ncrd::VirtualService) -> Vec<String> {
+    let mut out: Vec<String> = vs
+        .spec
+        .gateways
+        .iter()
+        .filter_map(|g| resolve_gateway_name(g, &key.namespace))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The VirtualService as each of its Gateways sees it.
+pub(super) fn gateway_virtual_services(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    vs: &ncrd::VirtualService,
+) -> Result<Vec<(String, AcceptedRoute<VirtualService>)>> {
+    let mut out = Vec::new();
+    for gateway in bound_gateways(key, vs) {
+        if let Some(route) = virtual_service_for(config, key, vs, Binding::Gateway(&gateway))? {
+            out.push((gateway, route));
+        }
+    }
+    Ok(out)
+}
+
+/// Orders each Gateway's VirtualServices oldest first (then by key), the order in which a host
+/// claimed twice goes to the first.
+pub(super) fn assemble(
+    bound: Vec<(&str, &AcceptedRoute<VirtualService>)>,
+) -> BTreeMap<String, Vec<Arc<VirtualService>>> {
+    let mut by_gateway: BTreeMap<String, Vec<&AcceptedRoute<VirtualService>>> = BTreeMap::new();
+    for (gateway, route) in bound {
+        by_gateway
+            .entry(gateway.to_owned())
+            .or_default()
+            .push(route);
+    }
+    by_gateway
+        .into_iter()
+        .map(|(gateway, mut routes)| {
+            routes.sort_by(|a, b| {
+                a.created_at
+                    .cmp(&b.created_at)
+                    .then_with(|| a.value.key().cmp(&b.value.key()))
+            });
+            let routes = routes
+                .into_iter()
+                .map(|r| Arc::new(r.value.clone()))
+                .collect();
+            (gateway, routes)
+        })
+        .collect()
+}

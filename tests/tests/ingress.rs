@@ -1,0 +1,586 @@
+//! End-to-end tests of the ingress gateway (`waypoint gateway`) on the virtual cluster, with
+//! YAML shaped like Istio's ingress tasks: a `Gateway` selecting `istio: ingress`, a
+//! `VirtualService` bound to it with `gateways:`, `credentialName` Secrets. The gateway runs in
+//! its own pod in the non-ambient namespace `istio-ingress`; the client is a pod outside the
+//! mesh; the backends are mesh pods behind ztunnel, reached over HBONE with the gateway's
+//! identity. Each test needs root and skips without it (but fails under `CI=true`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_tests::WebPki;
+use mesh_tests::vcluster::http::{Backend, HttpClient, HttpVersion, serve_backend};
+use mesh_tests::vcluster::{Cluster, ClusterBuilder, eventually, needs_root};
+use rustls_pki_types::ServerName;
+
+const PORT: u16 = 9080;
+const HTTP_PORT: u16 = 8080;
+const HTTPS_PORT: u16 = 8443;
+const HOST: &str = "bookinfo.example.com";
+const GATEWAY_SA: &str = "spiffe://cluster.local/ns/istio-ingress/sa/istio-ingress";
+/// How long a change may take to reach the gateway's listeners.
+const SHOW_UP: Duration = Duration::from_secs(10);
+
+/// Node a: the ingress gateway `istio-ingress` and the outside client `curl`; node b: `reviews`
+/// v1 and v2 in the ambient namespace `demo`.
+fn bookinfo() -> ClusterBuilder {
+    Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("istio-ingress")
+        .ingress_gateway("a", "istio-ingress", "istio-ingress")
+        .namespace("outside")
+        .pod("a", "outside", "curl")
+        .namespace("demo")
+        .ambient()
+        .pod("b", "demo", "reviews-v1")
+        .label("app", "reviews")
+        .label("version", "v1")
+        .pod("b", "demo", "reviews-v2")
+        .label("app", "reviews")
+        .label("version", "v2")
+        .http_service("demo", "reviews", PORT, PORT)
+        .yaml("subsets", SUBSETS)
+}
+
+const SUBSETS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+"#;
+
+/// Istio's `bookinfo-gateway`, with `servers` given.
+fn gateway(servers: &str) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: bookinfo-gateway, namespace: demo}}
+spec:
+  selector:
+    istio: ingress
+  servers:
+{servers}"#
+    )
+}
+
+/// A VirtualService for [`HOST`] bound to `bookinfo-gateway`, with `http` routes given.
+fn virtual_service(http: &str) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: bookinfo, namespace: demo}}
+spec:
+  hosts: ["{HOST}"]
+  gateways: [bookinfo-gateway]
+  http:
+{http}"#
+    )
+}
+
+const TO_REVIEWS: &str = r#"
+  - route:
+    - destination: {host: reviews, port: {number: 9080}}
+"#;
+
+const HTTP_SERVER: &str = r#"
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["bookinfo.example.com"]
+"#;
+
+struct Bookinfo {
+    cluster: Cluster,
+    v1: Backend,
+    v2: Backend,
+}
+
+async fn start(builder: ClusterBuilder) -> Bookinfo {
+    let cluster = builder.build().await.unwrap();
+    let v1 = serve_backend(cluster.pod("reviews-v1"), PORT, "v1")
+        .await
+        .unwrap();
+    let v2 = serve_backend(cluster.pod("reviews-v2"), PORT, "v2")
+        .await
+        .unwrap();
+    Bookinfo { cluster, v1, v2 }
+}
+
+impl Bookinfo {
+    fn gateway_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.cluster.ingress("istio-ingress").ip(), port)
+    }
+
+    /// A plain HTTP client from outside the mesh, sending `Host: host`.
+    async fn http(&self, host: &str) -> std::io::Result<HttpClient> {
+        let stream = self
+            .cluster
+            .pod("curl")
+            .connect(self.gateway_addr(HTTP_PORT))
+            .await?;
+        HttpClient::on(stream, host.to_owned(), HttpVersion::Http1).await
+    }
+
+    /// An HTTPS client from outside the mesh: SNI and `Host` = `host`, ALPN `alpn`.
+    async fn https(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+        host: &str,
+        version: HttpVersion,
+    ) -> std::io::Result<(HttpClient, Vec<u8>)> {
+        // Returns the client and the DER of the certificate the gateway presented.
+        let stream = self
+            .cluster
+            .pod("curl")
+            .connect(self.gateway_addr(HTTPS_PORT))
+            .await?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        let tls = connector.connect(name, stream).await?;
+        let serial = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        Ok((HttpClient::on(tls, host.to_owned(), version).await?, serial))
+    }
+
+    /// Waits until a plain GET for [`HOST`] answers `status`.
+    async fn until_http_status(&self, status: u16) {
+        eventually(SHOW_UP, || async {
+            let mut client = self.http(HOST).await.map_err(|e| e.to_string())?;
+            let answer = client.get("/", &[]).await.map_err(|e| e.to_string())?;
+            if answer.status == status {
+                Ok(())
+            } else {
+                Err(format!("status {} ({})", answer.status, answer.text()))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "GET http://{HOST}/ never answered {status}: {e}\n{}",
+                self.cluster.ingress("istio-ingress").logs()
+            )
+        });
+    }
+
+    async fn config_dump(&self) -> serde_json::Value {
+        self.cluster
+            .ingress("istio-ingress")
+            .try_config_dump()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_by_host_reaches_the_mesh_with_the_gateways_identity() {
+    if !needs_root() {
+        return;
+    }
+    let bi = start(
+        bookinfo()
+            .yaml("gateway", &gateway(HTTP_SERVER))
+            .yaml("vs", &virtual_service(TO_REVIEWS)),
+    )
+    .await;
+    bi.until_http_status(200).await;
+
+    let mut client = bi.http(HOST).await.unwrap();
+    let mut versions = BTreeMap::new();
+    for _ in 0..40 {
+        let answer = client
+            .get("/productpage", &[("x-request-id", "from-outside")])
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        *versions.entry(answer.version().to_owned()).or_insert(0) += 1;
+        let seen = answer.text().to_ascii_lowercase();
+        // Host is preserved; the edge headers are Envoy's for an internal client (the pod's
+        // address is private): its x-request-id kept, x-forwarded-for its address.
+        assert!(seen.contains(&format!("host: {HOST}")), "{seen}");
+        let curl_ip = bi.cluster.pod("curl").ip().to_string();
+        assert!(
+            seen.contains(&format!("x-forwarded-for: {curl_ip}")),
+            "{seen}"
+        );
+        assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
+        assert!(seen.contains("x-request-id: from-outside"), "{seen}");
+    }
+    assert_eq!(versions.values().sum::<i32>(), 40, "{versions:?}");
+    assert!(versions.len() == 2, "both endpoints serve: {versions:?}");
+
+    // Another host is not routed here: 404 (Envoy's "route not found").
+    let mut other = bi.http("other.example.com").await.unwrap();
+    assert_eq!(other.get("/", &[]).await.unwrap().status, 404);
+
+    // The backends were reached over HBONE: their ztunnel saw the gateway's identity.
+    let node_b = bi.cluster.node("b").metrics().await;
+    let from_gateway = node_b.sum(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", GATEWAY_SA),
+        ],
+    );
+    assert!(
+        from_gateway >= 1.0,
+        "ztunnel b saw no connection from {GATEWAY_SA}:\n{}",
+        node_b.text()
+    );
+    // The gateway reports as Istio's gateways do (`reporter="source"`).
+    let metrics = bi.cluster.ingress("istio-ingress").metrics().await;
+    let total = metrics.sum(
+        "istio_requests_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service_name", "reviews"),
+            ("response_code", "200"),
+        ],
+    );
+    assert!(total >= 40.0, "{}", metrics.text());
+
+    // A policy at the destination that denies the gateway's identity is enforced by ztunnel.
+    bi.cluster
+        .apply(
+            "deny-gateway",
+            &format!(
+                r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-gateway, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: reviews}}}}
+  action: DENY
+  rules:
+  - from:
+    - source: {{principals: ["{}"]}}
+"#,
+                GATEWAY_SA.trim_start_matches("spiffe://")
+            ),
+        )
+        .await;
+    bi.until_http_status(503).await;
+    assert!(bi.v1.requests() + bi.v2.requests() >= 40);
+}
+
+const HTTPS_SERVER: &str = r#"
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: ["bookinfo.example.com"]
+    tls:
+      mode: SIMPLE
+      credentialName: bookinfo-credential
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_simple_terminates_tls_and_follows_a_rotated_secret() {
+    if !needs_root() {
+        return;
+    }
+    let pki = WebPki::new("example.com root");
+    let first = pki.server(&[HOST]);
+    let bi = start(
+        bookinfo()
+            .yaml(
+                "credential",
+                &WebPki::secret_yaml("istio-ingress", "bookinfo-credential", &first, None),
+            )
+            .yaml("gateway", &gateway(&format!("{HTTP_SERVER}{HTTPS_SERVER}")))
+            .yaml("vs", &virtual_service(TO_REVIEWS)),
+    )
+    .await;
+    bi.until_http_status(200).await;
+
+    // HTTP/1.1 and HTTP/2 by ALPN.
+    for (alpn, version) in [
+        (&b"http/1.1"[..], HttpVersion::Http1),
+        (&b"h2"[..], HttpVersion::Http2),
+    ] {
+        let config = pki.client_config(&[alpn], None);
+        let (mut client, _) = eventually(SHOW_UP, || bi.https(config.clone(), HOST, version))
+            .await
+            .unwrap();
+        let answer = client.get("/", &[]).await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let seen = answer.text().to_ascii_lowercase();
+        assert!(seen.contains("x-forwarded-proto: https"), "{seen}");
+        assert!(seen.contains(&format!("host: {HOST}")), "{seen}");
+    }
+
+    // The certificate is shown (serial, SANs) but never its key.
+    let dump = bi.config_dump().await;
+    let text = dump.to_string();
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "key material in /config_dump"
+    );
+    let listener = dump["ingress"]["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["tls"] == true)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        listener["servers"][0]["certificate"]["subject_alt_names"][0],
+        format!("DNS:{HOST}")
+    );
+    let first_serial = listener["servers"][0]["certificate"]["serial"].clone();
+
+    // An open connection survives the rotation; new ones get the new certificate.
+    let config = pki.client_config(&[b"http/1.1"], None);
+    let (mut open, old_cert) = bi
+        .https(config.clone(), HOST, HttpVersion::Http1)
+        .await
+        .unwrap();
+    let second = pki.server(&[HOST]);
+    bi.cluster
+        .apply(
+            "credential",
+            &WebPki::secret_yaml("istio-ingress", "bookinfo-credential", &second, None),
+        )
+        .await;
+    let new_cert = eventually(SHOW_UP, || async {
+        let (_, cert) = bi
+            .https(config.clone(), HOST, HttpVersion::Http1)
+            .await
+            .map_err(|e| e.to_string())?;
+        if cert == old_cert {
+            Err("still the first certificate".to_owned())
+        } else {
+            Ok(cert)
+        }
+    })
+    .await
+    .unwrap();
+    assert_ne!(new_cert, old_cert);
+    assert_eq!(open.get("/", &[]).await.unwrap().status, 200);
+    let dump = bi.config_dump().await;
+    assert!(
+        !dump["ingress"]["listeners"]
+            .to_string()
+            .contains(&first_serial.to_string()),
+        "the dump still shows the first certificate"
+    );
+
+    // A client that does not trust the gateway's CA is refused by its own TLS check; one with
+    // an SNI no server takes gets no certificate.
+    let other = WebPki::new("another root");
+    assert!(
+        bi.https(
+            other.client_config(&[b"http/1.1"], None),
+            HOST,
+            HttpVersion::Http1
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        bi.https(config.clone(), "nope.example.org", HttpVersion::Http1)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
+    if !needs_root() {
+        return;
+    }
+    let pki = WebPki::new("example.com root");
+    let server = pki.server(&[HOST]);
+    let bi = start(
+        bookinfo()
+            .yaml(
+                "credential",
+                &WebPki::secret_yaml(
+                    "istio-ingress",
+                    "bookinfo-credential",
+                    &server,
+                    Some(&pki.ca_pem),
+                ),
+            )
+            .yaml(
+                "gateway",
+                &gateway(&format!(
+                    "{HTTP_SERVER}{}",
+                    HTTPS_SERVER.replace("mode: SIMPLE", "mode: MUTUAL")
+                )),
+            )
+            .yaml("vs", &virtual_service(TO_REVIEWS)),
+    )
+    .await;
+    bi.until_http_status(200).await;
+    let good = pki.client_config(&[b"http/1.1"], Some(&pki.client("client.example.com")));
+    let (mut client, _) = eventually(SHOW_UP, || bi.https(good.clone(), HOST, HttpVersion::Http1))
+        .await
+        .unwrap();
+    assert_eq!(client.get("/", &[]).await.unwrap().status, 200);
+
+    // No client certificate: TLS 1.3 reports the refusal on the first read, so a request
+    // must fail either way.
+    let anonymous = pki.client_config(&[b"http/1.1"], None);
+    let refused = match bi.https(anonymous, HOST, HttpVersion::Http1).await {
+        Err(_) => true,
+        Ok((mut c, _)) => c.get("/", &[]).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    // A certificate from another CA: refused.
+    let stranger = WebPki::new("stranger");
+    let foreign = pki.client_config(&[b"http/1.1"], Some(&stranger.client("client.example.com")));
+    let refused = match bi.https(foreign, HOST, HttpVersion::Http1).await {
+        Err(_) => true,
+        Ok((mut c, _)) => c.get("/", &[]).await.is_err(),
+    };
+    assert!(refused, "a client certificate from another CA was accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_redirect_and_a_missing_secret_leave_the_rest_working() {
+    if !needs_root() {
+        return;
+    }
+    let redirect = r#"
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["bookinfo.example.com"]
+    tls: {httpsRedirect: true}
+  - port: {number: 8080, name: http-plain, protocol: HTTP}
+    hosts: ["plain.example.com"]
+"#;
+    let bi = start(
+        bookinfo()
+            .yaml("gateway", &gateway(&format!("{redirect}{HTTPS_SERVER}")))
+            .yaml(
+                "vs",
+                &virtual_service(TO_REVIEWS).replace(
+                    &format!("hosts: [\"{HOST}\"]"),
+                    &format!("hosts: [\"{HOST}\", plain.example.com]"),
+                ),
+            ),
+    )
+    .await;
+    bi.until_http_status(301).await;
+    let mut client = bi.http(HOST).await.unwrap();
+    let answer = client.get("/productpage?u=1", &[]).await.unwrap();
+    assert_eq!(answer.status, 301);
+    assert_eq!(
+        answer.header("location"),
+        Some(format!("https://{HOST}/productpage?u=1").as_str())
+    );
+    let mut plain = bi.http("plain.example.com").await.unwrap();
+    assert_eq!(plain.get("/", &[]).await.unwrap().status, 200);
+
+    // The HTTPS server's Secret does not exist: that server alone is not served, with the
+    // reason in the dump and the metric.
+    let dump = bi.config_dump().await;
+    let problems = dump["ingress"]["problems"].as_array().unwrap().clone();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0]["reason"], "secret_not_found");
+    assert_eq!(problems[0]["secret"], "istio-ingress/bookinfo-credential");
+    let metrics = bi.cluster.ingress("istio-ingress").metrics().await;
+    assert_eq!(
+        metrics.sum(
+            "gateway_server_problems",
+            &[
+                ("gateway", "demo/bookinfo-gateway"),
+                ("reason", "secret_not_found")
+            ]
+        ),
+        1.0,
+        "{}",
+        metrics.text()
+    );
+    assert!(
+        bi.cluster
+            .pod("curl")
+            .connect(bi.gateway_addr(HTTPS_PORT))
+            .await
+            .is_err()
+    );
+
+    // Creating the Secret brings the server up.
+    let pki = WebPki::new("example.com root");
+    bi.cluster
+        .apply(
+            "credential",
+            &WebPki::secret_yaml(
+                "istio-ingress",
+                "bookinfo-credential",
+                &pki.server(&[HOST]),
+                None,
+            ),
+        )
+        .await;
+    let config = pki.client_config(&[b"h2"], None);
+    let (mut client, _) = eventually(SHOW_UP, || {
+        bi.https(config.clone(), HOST, HttpVersion::Http2)
+    })
+    .await
+    .unwrap();
+    assert_eq!(client.get("/", &[]).await.unwrap().status, 200);
+    let dump = bi.config_dump().await;
+    assert_eq!(
+        dump["ingress"]["problems"].as_array().map(Vec::len),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_split_and_fault_delay_from_the_seed_flow() {
+    if !needs_root() {
+        return;
+    }
+    // The user's note: a VirtualService bound to the ingress Gateway splits traffic and delays
+    // half of it.
+    let http = r#"
+  - fault:
+      delay:
+        percentage: {value: 50}
+        fixedDelay: 300ms
+    route:
+    - destination: {host: reviews, port: {number: 9080}, subset: v1}
+      weight: 80
+    - destination: {host: reviews, port: {number: 9080}, subset: v2}
+      weight: 20
+"#;
+    let bi = start(
+        bookinfo()
+            .yaml("gateway", &gateway(HTTP_SERVER))
+            .yaml("vs", &virtual_service(http)),
+    )
+    .await;
+    bi.until_http_status(200).await;
+    let mut client = bi.http(HOST).await.unwrap();
+    let mut versions: BTreeMap<String, u32> = BTreeMap::new();
+    let mut delayed = 0;
+    const N: u32 = 100;
+    for _ in 0..N {
+        let started = std::time::Instant::now();
+        let answer = client.get("/", &[]).await.unwrap();
+        assert_eq!(answer.status, 200);
+        if started.elapsed() >= Duration::from_millis(290) {
+            delayed += 1;
+        }
+        *versions.entry(answer.version().to_owned()).or_default() += 1;
+    }
+    let v1 = versions.get("v1").copied().unwrap_or(0);
+    // 80% +- 15 points over 100 requests (a miss is below 1 in 10,000 for a fair split).
+    assert!((65..=95).contains(&v1), "80/20 gave {versions:?}");
+    // 50% +- 20 points.
+    assert!((30..=70).contains(&delayed), "{delayed} of {N} delayed");
+    let _ = (&bi.v1, &bi.v2);
+}

@@ -1,0 +1,229 @@
+//! Pure: which ports this ingress gateway listens on and which Gateway servers each port
+//! serves, from one [`State`], the gateway's pod labels and its namespace (where the servers'
+//! Secrets are read, as Istio reads them from the gateway Deployment's namespace).
+//!
+//! Rules, in order: Gateways are taken oldest first (the state's order); a Gateway applies
+//! when its `selector` matches the labels; a server that cannot be served becomes a
+//! [`Problem`] and every other server stays. On one port, plain text and TLS cannot mix (the
+//! older Gateway's kind wins), and a host two Gateways both claim on one port goes to the older
+//! (the younger server is not served there, and the conflict is reported).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use mesh::model::{GatewayServer, ServerProtocol, State, TlsMode, TlsSecret};
+
+/// What to listen on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ports: BTreeMap<SocketAddr, PortPlan>,
+    pub problems: Vec<Problem>,
+}
+
+/// One listening address and the servers it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPlan {
+    /// TLS is terminated (HTTPS servers); otherwise plain HTTP.
+    pub tls: bool,
+    /// Oldest Gateway first, then in `spec.servers` order.
+    pub servers: Vec<PlannedServer>,
+}
+
+/// A server to serve, with its TLS material found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedServer {
+    /// `namespace/name` of the Gateway.
+    pub gateway: String,
+    pub server: GatewayServer,
+    /// The `credentialName` Secret (TLS servers).
+    pub credential: Option<Arc<TlsSecret>>,
+    /// The CA bundle client certificates are verified against (MUTUAL, OPTIONAL_MUTUAL): the
+    /// credential's `ca.crt`, else the `<credentialName>-cacert` Secret.
+    pub client_ca: Option<Arc<TlsSecret>>,
+}
+
+impl PlannedServer {
+    /// `gateway/server-name`, for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "Gateway {} server {:?} (spec.servers[{}], port {})",
+            self.gateway, self.server.name, self.server.index, self.server.port
+        )
+    }
+}
+
+/// A server that is not served, and why. Each is logged once and exported as a metric while it
+/// lasts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub gateway: String,
+    pub server: String,
+    pub port: u16,
+    /// `namespace/name` of the Secret involved, or empty.
+    pub secret: String,
+    /// Short and stable, the metric's `reason` label.
+    pub reason: &'static str,
+    /// What to check, for the log.
+    pub message: String,
+}
+
+pub const MISSING_SECRET: &str = "secret_not_found";
+pub const INCOMPLETE_SECRET: &str = "secret_incomplete";
+pub const MISSING_CA: &str = "ca_not_found";
+pub const PORT_CONFLICT: &str = "port_conflict";
+pub const HOST_CONFLICT: &str = "host_conflict";
+pub const UNSUPPORTED: &str = "unsupported_protocol";
+/// Set by the TLS builder, not here: bad PEM, key and certificate that do not match.
+pub const INVALID_CREDENTIAL: &str = "invalid_credential";
+/// Set by the listener manager: the port could not be bound.
+pub const BIND_FAILED: &str = "bind_failed";
+
+/// The plan for a gateway pod with `labels` in `namespace`, binding `default_bind` unless a
+/// server names its own address.
+pub fn plan(
+    state: &State,
+    labels: &BTreeMap<String, String>,
+    namespace: &str,
+    default_bind: IpAddr,
+) -> Plan {
+    let mut out = Plan::default();
+    for gateway in state.ingress_gateways.iter().filter(|g| g.selects(labels)) {
+        let key = gateway.key();
+        for server in &gateway.servers {
+            let problem = |reason: &'static str, secret: String, message: String| Problem {
+                gateway: key.clone(),
+                server: server.name.clone(),
+                port: server.port,
+                secret,
+                reason,
+                message,
+            };
+            let tls = match server.protocol {
+                ServerProtocol::Http => false,
+                ServerProtocol::Https => true,
+                ServerProtocol::Tcp | ServerProtocol::Tls => {
+                    out.problems.push(problem(
+                        UNSUPPORTED,
+                        String::new(),
+                        format!(
+                            "{:?} servers (TCP, TLS passthrough) are not served by this gateway yet; only HTTP and HTTPS",
+                            server.protocol
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let (credential, client_ca) = match credentials(state, namespace, server) {
+                Ok(found) => found,
+                Err((reason, secret, message)) => {
+                    out.problems.push(problem(reason, secret, message));
+                    continue;
+                }
+            };
+            let addr = SocketAddr::new(server.bind.unwrap_or(default_bind), server.port);
+            let port = out.ports.entry(addr).or_insert_with(|| PortPlan {
+                tls,
+                servers: Vec::new(),
+            });
+            if port.tls != tls {
+                out.problems.push(problem(
+                    PORT_CONFLICT,
+                    String::new(),
+                    format!(
+                        "port {} is already served as {} by an older server ({}); one port cannot be both plain HTTP and HTTPS",
+                        server.port,
+                        if port.tls { "HTTPS" } else { "plain HTTP" },
+                        port.servers.first().map(PlannedServer::describe).unwrap_or_default()
+                    ),
+                ));
+                continue;
+            }
+            let clash = port.servers.iter().find(|other| {
+                other.gateway != key
+                    && other
+                        .server
+                        .hosts
+                        .iter()
+                        .any(|h| server.hosts.iter().any(|mine| mine.host == h.host))
+            });
+            if let Some(other) = clash {
+                out.problems.push(problem(
+                    HOST_CONFLICT,
+                    String::new(),
+                    format!(
+                        "a host of this server is already served on port {} by the older {}; the older Gateway wins (give the servers distinct hosts or ports)",
+                        server.port,
+                        other.describe()
+                    ),
+                ));
+                continue;
+            }
+            port.servers.push(PlannedServer {
+                gateway: key.clone(),
+                server: server.clone(),
+                credential,
+                client_ca,
+            });
+        }
+    }
+    out.ports.retain(|_, p| !p.servers.is_empty());
+    out.problems.sort();
+    out
+}
+
+type Found = (Option<Arc<TlsSecret>>, Option<Arc<TlsSecret>>);
+
+fn credentials(
+    state: &State,
+    namespace: &str,
+    server: &GatewayServer,
+) -> Result<Found, (&'static str, String, String)> {
+    let Some(tls) = &server.tls else {
+        return Ok((None, None));
+    };
+    let Some(name) = &tls.credential else {
+        return Ok((None, None));
+    };
+    let key = format!("{namespace}/{name}");
+    let Some(secret) = state.secrets.get(&key) else {
+        return Err((
+            MISSING_SECRET,
+            key.clone(),
+            format!(
+                "Secret {key} (credentialName) does not exist or holds no TLS keys (tls.crt and tls.key, or cert and key); create it in the gateway's namespace {namespace}"
+            ),
+        ));
+    };
+    if secret.cert_chain.is_none() || secret.private_key.is_none() {
+        return Err((
+            INCOMPLETE_SECRET,
+            key.clone(),
+            format!("Secret {key} has no tls.crt/tls.key (or cert/key)"),
+        ));
+    }
+    let client_ca = match tls.mode {
+        TlsMode::Mutual | TlsMode::OptionalMutual => {
+            if secret.ca_bundle.is_some() {
+                Some(secret.clone())
+            } else {
+                let ca_key = format!("{key}-cacert");
+                match state.secrets.get(&ca_key).filter(|s| s.ca_bundle.is_some()) {
+                    Some(ca) => Some(ca.clone()),
+                    None => {
+                        return Err((
+                            MISSING_CA,
+                            key.clone(),
+                            format!(
+                                "mode {:?} needs a CA to verify clients: ca.crt in Secret {key}, or a Secret {ca_key} with ca.crt",
+                                tls.mode
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        TlsMode::Simple | TlsMode::Passthrough => None,
+    };
+    Ok((Some(secret.clone()), client_ca))
+}

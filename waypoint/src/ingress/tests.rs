@@ -1,0 +1,128 @@
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mesh::model::{
+    GatewayServer, IngressGateway, ServerHost, ServerProtocol, ServerTls, State, TlsMode, TlsSecret,
+};
+
+use super::plan::{self, plan};
+
+fn server(port: u16, host: &str, credential: Option<&str>) -> GatewayServer {
+    GatewayServer {
+        index: 0,
+        name: format!("s{port}"),
+        port,
+        bind: None,
+        protocol: if credential.is_some() {
+            ServerProtocol::Https
+        } else {
+            ServerProtocol::Http
+        },
+        hosts: vec![ServerHost {
+            namespace: None,
+            host: host.into(),
+        }],
+        tls: credential.map(|c| ServerTls {
+            mode: TlsMode::Simple,
+            credential: Some(c.into()),
+            min_version: None,
+            max_version: None,
+            cipher_suites: Vec::new(),
+            subject_alt_names: Vec::new(),
+        }),
+        https_redirect: false,
+    }
+}
+
+fn gateway(name: &str, created: &str, servers: Vec<GatewayServer>) -> Arc<IngressGateway> {
+    Arc::new(IngressGateway {
+        namespace: "demo".into(),
+        name: name.into(),
+        selector: BTreeMap::from([("istio".into(), "ingress".into())]),
+        servers,
+        created: Some(created.into()),
+    })
+}
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([("istio".into(), "ingress".into())])
+}
+
+#[test]
+fn the_older_gateway_keeps_a_contested_host_and_the_conflict_is_reported() {
+    let state = State {
+        ingress_gateways: vec![
+            gateway("old", "2026-01-01", vec![server(80, "a.example.com", None)]),
+            gateway(
+                "new",
+                "2026-02-01",
+                vec![
+                    server(80, "a.example.com", None),
+                    server(81, "b.example.com", None),
+                ],
+            ),
+        ],
+        ..State::default()
+    };
+    let p = plan(&state, &labels(), "istio-ingress", [0, 0, 0, 0].into());
+    let port80 = &p.ports[&"0.0.0.0:80".parse().unwrap()];
+    assert_eq!(port80.servers.len(), 1);
+    assert_eq!(port80.servers[0].gateway, "demo/old");
+    assert!(p.ports.contains_key(&"0.0.0.0:81".parse().unwrap()));
+    assert_eq!(p.problems.len(), 1);
+    assert_eq!(p.problems[0].reason, plan::HOST_CONFLICT);
+    assert_eq!(p.problems[0].gateway, "demo/new");
+    // A gateway pod the selector does not match serves nothing.
+    let other = BTreeMap::from([("istio".into(), "eastwest".into())]);
+    assert!(
+        plan(&state, &other, "istio-ingress", [0, 0, 0, 0].into())
+            .ports
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_missing_secret_takes_out_its_server_only_and_secrets_come_from_the_gateways_namespace() {
+    let mut state = State {
+        ingress_gateways: vec![gateway(
+            "gw",
+            "2026-01-01",
+            vec![server(80, "*", None), server(443, "*", Some("cred"))],
+        )],
+        ..State::default()
+    };
+    let p = plan(&state, &labels(), "istio-ingress", [0, 0, 0, 0].into());
+    assert_eq!(p.ports.len(), 1);
+    assert_eq!(p.problems[0].reason, plan::MISSING_SECRET);
+    assert_eq!(p.problems[0].secret, "istio-ingress/cred");
+    // In the Gateway's namespace it does not count: Istio reads the gateway pod's namespace.
+    let secret = |ns: &str| {
+        Arc::new(TlsSecret {
+            namespace: ns.into(),
+            name: "cred".into(),
+            version: "1".into(),
+            cert_chain: Some(b"x".to_vec()),
+            private_key: Some(b"y".to_vec()),
+            ca_bundle: None,
+        })
+    };
+    state.secrets.insert("demo/cred".into(), secret("demo"));
+    assert_eq!(
+        plan(&state, &labels(), "istio-ingress", [0, 0, 0, 0].into())
+            .ports
+            .len(),
+        1
+    );
+    state
+        .secrets
+        .insert("istio-ingress/cred".into(), secret("istio-ingress"));
+    let p = plan(&state, &labels(), "istio-ingress", [0, 0, 0, 0].into());
+    assert_eq!(p.ports.len(), 2);
+    assert!(p.problems.is_empty());
+    // The TLS builder refuses material that is not PEM, naming the Secret and the key.
+    let https = &p.ports[&"0.0.0.0:443".parse().unwrap()].servers[0];
+    let e = super::tls::build(https).unwrap_err();
+    assert!(e.starts_with("Secret istio-ingress/cred: tls.crt"), "{e}");
+}
