@@ -557,11 +557,13 @@ spec:
   gatewayClassName: istio-waypoint
   listeners: [{name: mesh, port: 15008, protocol: HBONE}]
 ---
-# Istio's own (ingress) Gateway kind: somebody else's, counted as ignored.
+# Istio's own (ingress) Gateway kind: the ingress gateway's.
 apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: public, namespace: demo}
-spec: {selector: {istio: ingressgateway}}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -588,7 +590,7 @@ spec:
     let store = writer.store();
     let report = source.load_once(&writer).await.unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
-    assert_eq!((report.objects, report.ignored), (5, 1));
+    assert_eq!((report.objects, report.ignored), (6, 0));
 
     let state = store.snapshot();
     assert_eq!(
@@ -599,6 +601,7 @@ spec:
         Some("demo/waypoint".to_owned())
     );
     assert!(state.waypoint_gateways.contains_key("demo/waypoint"));
+    assert_eq!(state.ingress_gateways[0].key(), "demo/public");
     assert_eq!(
         state.virtual_services[0].hosts,
         ["web.demo.svc.cluster.local"]
@@ -608,7 +611,12 @@ spec:
         Some(Duration::from_secs(3))
     );
     assert_eq!(state.destination_rules[0].subsets.len(), 2);
-    for kind in ["VirtualService", "DestinationRule", "Gateway"] {
+    for kind in [
+        "VirtualService",
+        "DestinationRule",
+        "Gateway",
+        "Gateway.networking.istio.io",
+    ] {
         assert_eq!(
             metric(
                 &registry,

@@ -1200,7 +1200,12 @@ fn kinds_are_recognised_by_group_and_kind() {
         ("serving.knative.dev/v1", "Service", None),
         ("apps/v1", "Deployment", None),
         // Istio's own (ingress) Gateway is not the Gateway API's.
-        ("networking.istio.io/v1", "Gateway", None),
+        (
+            "networking.istio.io/v1",
+            "Gateway",
+            Some(Kind::IstioGateway),
+        ),
+        ("v1", "Secret", Some(Kind::Secret)),
         ("networking.istio.io/v1", "ServiceEntry", None),
     ];
     for (api_version, kind, expected) in cases {
