@@ -37,7 +37,7 @@ use crate::engine::{Downstream, Engine};
 use crate::http_front::{Edge, serve_http};
 use crate::live::Live;
 use crate::request::SourceInfo;
-use crate::route::{ScopedServer, ServerScope, host_matches};
+use crate::route::{ScopedServer, ServerScope, host_matches, host_specificity};
 use plan::{PlannedServer, Problem};
 
 /// How long a TLS client may take to finish its handshake.
@@ -581,22 +581,13 @@ fn choose_server<'s>(servers: &'s [TlsServer], sni: Option<&str>) -> Option<&'s 
             .find(|s| s.hosts.iter().any(|h| h == "*"))
             .or_else(|| servers.first());
     };
-    let score = |h: &str| {
-        if h == "*" {
-            (0u8, 0usize)
-        } else if h.starts_with('*') {
-            (1, h.len())
-        } else {
-            (2, h.len())
-        }
-    };
     let mut best: Option<((u8, usize), &TlsServer)> = None;
     for server in servers {
         if let Some(s) = server
             .hosts
             .iter()
             .filter(|h| host_matches(h, sni))
-            .map(|h| score(h))
+            .map(|h| host_specificity(h))
             .max()
             && best.is_none_or(|(b, _)| s > b)
         {

@@ -21,5 +21,5 @@ pub use matcher::RequestView;
 pub use retry::AttemptOutcome;
 pub use table::{
     Conflict, RouteTable, ScopedServer, Selected, SelectedAction, ServerScope, ServiceRoutes,
-    host_matches,
+    host_matches, host_specificity,
 };

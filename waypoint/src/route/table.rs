@@ -95,7 +95,7 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 
 /// How specific a host pattern is, for Envoy's virtual host choice: an exact name beats any
 /// wildcard, a longer wildcard suffix beats a shorter one, `*` comes last.
-fn host_specificity(pattern: &str) -> (u8, usize) {
+pub fn host_specificity(pattern: &str) -> (u8, usize) {
     if pattern == "*" {
         (0, 0)
     } else if pattern.starts_with('*') {
