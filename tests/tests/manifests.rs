@@ -1875,7 +1875,7 @@ fn rbac_is_least_privilege() {
     );
     assert_eq!(
         grants(&rules(&docs, "ClusterRole", "mesh-waypoint")),
-        read_only_grants(&mesh::model::translate::Kind::WAYPOINT)
+        read_only_grants(mesh::model::translate::Kind::WAYPOINT)
     );
     // The CA: TokenReviews, reading pods to check a ztunnel asks only for its node's pods, and
     // what its root publisher does (watch namespaces and the root ConfigMaps, apply them).

@@ -138,21 +138,8 @@ impl Kind {
     ];
 
     /// What a waypoint reads: everything but the ingress gateway's kinds (it must not watch
-    /// Secrets).
-    pub const WAYPOINT: [Kind; 12] = [
-        Kind::Namespace,
-        Kind::Pod,
-        Kind::Service,
-        Kind::EndpointSlice,
-        Kind::AuthorizationPolicy,
-        Kind::PeerAuthentication,
-        Kind::VirtualService,
-        Kind::DestinationRule,
-        Kind::Gateway,
-        Kind::RateLimitPolicy,
-        Kind::HttpRoute,
-        Kind::ReferenceGrant,
-    ];
+    /// Secrets), which come last in [`Self::ALL`].
+    pub const WAYPOINT: &'static [Kind] = Kind::ALL.split_at(Kind::ALL.len() - 2).0;
 
     /// The `kind` as Kubernetes spells it.
     pub fn as_str(self) -> &'static str {

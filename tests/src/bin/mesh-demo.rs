@@ -374,7 +374,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match (&waypoint, &service.waypoint) {
         (Some(w), Some(name)) => println!(
             "  waypoint  {name} on {} (VirtualService and DestinationRule for {SERVICE})",
-            config_addr(w.hbone_addr)
+            w.hbone_addr
+                .map_or_else(|| "-".to_owned(), |a| a.to_string())
         ),
         _ => println!("  waypoint  none: {SERVICE} does not use one"),
     }
@@ -589,8 +590,4 @@ fn progress(done: usize, total: usize) {
         "#".repeat(filled),
         " ".repeat(WIDTH - filled)
     );
-}
-
-fn config_addr(addr: Option<SocketAddr>) -> String {
-    addr.map_or_else(|| "-".to_owned(), |a| a.to_string())
 }

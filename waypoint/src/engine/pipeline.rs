@@ -149,8 +149,10 @@ async fn choose<'r>(
     finish: &mut Finish,
 ) -> Stage<Chosen<'r>> {
     let view = RequestView::from_parts(parts, downstream.port.port);
-    if let Some(scope) = &downstream.scope
-        && scope.redirects_to_https(&request_host(parts))
+    // The ingress routes by host; the waypoint by the service the tunnel named.
+    let host = downstream.scope.as_ref().map(|_| request_host(parts));
+    if let (Some(scope), Some(host)) = (&downstream.scope, &host)
+        && scope.redirects_to_https(host)
     {
         finish.reason = "httpsRedirect".into();
         finish.local_reply = Some(LocalReply::Redirect);

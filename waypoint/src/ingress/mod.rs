@@ -72,7 +72,7 @@ pub struct Ingress {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct IngressStatus {
     pub listeners: Vec<ListenerStatus>,
-    pub problems: Vec<ProblemStatus>,
+    pub problems: Vec<Problem>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -90,16 +90,6 @@ pub struct ServerStatus {
     pub mode: Option<String>,
     pub https_redirect: bool,
     pub certificate: Option<tls::CertificateInfo>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ProblemStatus {
-    pub gateway: String,
-    pub server: String,
-    pub port: u16,
-    pub secret: String,
-    pub reason: &'static str,
-    pub message: String,
 }
 
 /// One port's configuration, swapped whole when the state changes.
@@ -308,17 +298,7 @@ impl Ingress {
         for gone in reported.iter().filter(|p| !problems.contains(p)) {
             tracing::info!(gateway = %gone.gateway, server = %gone.server, reason = gone.reason, "Gateway server problem resolved");
         }
-        status.problems = problems
-            .iter()
-            .map(|p| ProblemStatus {
-                gateway: p.gateway.clone(),
-                server: p.server.clone(),
-                port: p.port,
-                secret: p.secret.clone(),
-                reason: p.reason,
-                message: p.message.clone(),
-            })
-            .collect();
+        status.problems = problems.clone();
         *reported = problems.into_iter().collect();
         self.status.store(Arc::new(status));
         bind_failed

@@ -55,7 +55,7 @@ impl PlannedServer {
 
 /// A server that is not served, and why. Each is logged once and exported as a metric while it
 /// lasts.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Problem {
     pub gateway: String,
     pub server: String,
