@@ -1,156 +1,102 @@
 #!/usr/bin/env python3
-"""Renders the Helm charts under manifests/chart/ without Helm.
+"""Renders and lints the Helm charts under manifests/chart/ with Helm itself.
 
-The chart templates use a small subset of Helm's template language, so that this script and
-`helm template` give the same YAML:
-
-    {{ .Values.a.b }}                    a value from values.yaml (or --set)
-    {{ .Values.a.b | quote }}            the same, as a quoted string
-    {{ .Release.Namespace }}             the namespace installed into
-    {{- toYaml .Values.a | nindent N }}  a map or list as YAML, on new lines indented by N
-    {{- if .Values.a }} ... {{- end }}   a block kept only when the value is set and not empty
-
-and `{{-` / `-}}` trim whitespace as in Go templates. Anything else is an error, which keeps the
-charts within what this script understands.
+Helm's Go SDK does the work, through the PyPI package helm-python-sdk (`import helm_python`),
+so what this script writes is what `helm template` / `helm install` produce and what `helm lint`
+says, without a helm binary.
 
 Usage:
-    python3 manifests/render.py            write rendered/ambient-mesh.yaml, rendered/waypoint.yaml
-                                           and chart/ambient-mesh/crds/ (copies of crds/)
-    python3 manifests/render.py --check    fail if any of those is out of date (the tests run it)
+    python3 manifests/render.py            lint every chart; write rendered/<chart>.yaml (default
+                                           values) and chart/ambient-mesh/crds/ (copies of crds/)
+    python3 manifests/render.py --check    lint every chart; fail if any of those files is out of
+                                           date (the tests run it)
     python3 manifests/render.py waypoint --namespace demo [--set name=reviews-wp]
+    python3 manifests/render.py gateway --namespace edge --name edge-gateway
     python3 manifests/render.py ambient-mesh --set trustDomain=example.org
                                            print one chart, rendered, to stdout
 
-Needs PyYAML (`pip install pyyaml`, Debian's python3-yaml).
+Needs helm-python-sdk (`pip install helm-python-sdk`).
 """
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 try:
-    import yaml
+    import helm_python as helm
 except ImportError:
-    sys.exit("render.py needs PyYAML: pip install pyyaml (or apt-get install python3-yaml)")
+    sys.exit("render.py needs Helm's SDK for Python: pip install helm-python-sdk")
 
 HERE = Path(__file__).resolve().parent
 CHARTS = HERE / "chart"
 CRDS = HERE / "crds"
 RENDERED = HERE / "rendered"
-DEFAULT_NAMESPACE = {"ambient-mesh": "mesh-system", "waypoint": "default"}
-
-ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
-class TemplateError(Exception):
+class Chart:
+    """A chart and the release its rendered YAML is for."""
+
+    def __init__(self, name, release, namespace):
+        self.name = name
+        self.release = release
+        self.namespace = namespace
+
+    @property
+    def path(self):
+        return CHARTS / self.name
+
+
+# The releases the README installs: `helm install <release> manifests/chart/<chart> -n <ns>`.
+CHART_LIST = [
+    Chart("ambient-mesh", "ambient-mesh", "mesh-system"),
+    Chart("waypoint", "waypoint", "default"),
+    Chart("gateway", "istio-ingress", "istio-ingress"),
+]
+BY_NAME = {c.name: c for c in CHART_LIST}
+
+# helm lint's severities.
+INFO, WARNING, ERROR = 1, 2, 3
+
+
+class RenderError(Exception):
     pass
-
-
-def lookup(values, path, where):
-    node = values
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            raise TemplateError(f"{where}: .Values.{path} is not set")
-        node = node[key]
-    return node
-
-
-def scalar(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list)):
-        raise TemplateError(f"{value!r} is not a scalar; use toYaml")
-    return str(value)
-
-
-def evaluate(expr, values, namespace, where):
-    """The text of one `{{ }}` action that prints something."""
-    if expr == ".Release.Namespace":
-        return namespace
-    m = re.fullmatch(r"\.Values\.([\w.]+)(\s*\|\s*quote)?", expr)
-    if m:
-        text = scalar(lookup(values, m.group(1), where))
-        return json.dumps(text) if m.group(2) else text
-    m = re.fullmatch(r"toYaml\s+\.Values\.([\w.]+)\s*\|\s*nindent\s+(\d+)", expr)
-    if m:
-        value = lookup(values, m.group(1), where)
-        dumped = yaml.safe_dump(value, default_flow_style=False, sort_keys=True).rstrip("\n")
-        pad = " " * int(m.group(2))
-        return "\n" + "\n".join(pad + line if line else line for line in dumped.split("\n"))
-    raise TemplateError(f"{where}: unsupported template action {{{{ {expr} }}}}")
-
-
-def render_template(text, values, namespace, where):
-    out = []
-    # Each entry: is the enclosing block being emitted?
-    emitting = [True]
-    pos = 0
-    trim_next = False
-    for m in ACTION.finditer(text):
-        chunk = text[pos : m.start()]
-        if trim_next:
-            chunk = chunk.lstrip()
-        if m.group(1):
-            chunk = chunk.rstrip()
-        if all(emitting):
-            out.append(chunk)
-        trim_next = bool(m.group(3))
-        pos = m.end()
-        expr = m.group(2)
-        cond = re.fullmatch(r"if\s+\.Values\.([\w.]+)", expr)
-        if cond:
-            value = lookup(values, cond.group(1), where) if all(emitting) else None
-            emitting.append(bool(value))
-        elif expr == "end":
-            if len(emitting) == 1:
-                raise TemplateError(f"{where}: {{{{ end }}}} without {{{{ if }}}}")
-            emitting.pop()
-        elif all(emitting):
-            out.append(evaluate(expr, values, namespace, where))
-    if len(emitting) != 1:
-        raise TemplateError(f"{where}: {{{{ if }}}} without {{{{ end }}}}")
-    chunk = text[pos:]
-    out.append(chunk.lstrip() if trim_next else chunk)
-    return "".join(out)
-
-
-def set_value(values, assignment):
-    key, sep, raw = assignment.partition("=")
-    if not sep:
-        raise TemplateError(f"--set {assignment}: expected key=value")
-    node = values
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
-
-
-def chart_values(chart, overrides):
-    values = yaml.safe_load((CHARTS / chart / "values.yaml").read_text()) or {}
-    for assignment in overrides:
-        set_value(values, assignment)
-    return values
 
 
 def documents(text):
     """The non-empty YAML documents of a rendered file, without their separators."""
     docs = re.split(r"^---[ \t]*$\n?", text, flags=re.M)
-    return [d.strip("\n") + "\n" for d in docs if d.strip()]
+    return [d.strip("\n") + "\n" for d in docs if d.strip("\n \t")]
 
 
-def render_chart(chart, namespace, overrides):
-    """A chart's templates, rendered, as a list of (source, document)."""
-    values = chart_values(chart, overrides)
+def render_chart(chart, release, namespace, overrides):
+    """A chart's templates rendered by Helm, as a list of (source, document), in template order.
+
+    `overrides` are `--set` expressions, parsed as Helm parses them."""
+    values = {}
+    for expression in overrides:
+        merge(values, helm.parse_set_string(expression))
+    try:
+        with helm.Chart.load(chart.path) as loaded:
+            rendered = loaded.render(values, name=release, namespace=namespace, is_install=True)
+    except helm.HelmError as e:
+        raise RenderError(f"{chart.name}: {e}") from e
     docs = []
-    for path in sorted((CHARTS / chart / "templates").glob("*.yaml")):
-        where = f"{chart}/templates/{path.name}"
-        rendered = render_template(path.read_text(), values, namespace, where)
-        docs.extend((where, d) for d in documents(rendered))
+    for source in sorted(rendered):
+        # As `helm template`: partials (`_helpers.tpl`) and NOTES.txt are not manifests.
+        base = source.rsplit("/", 1)[-1]
+        if base.startswith("_") or base == "NOTES.txt":
+            continue
+        docs.extend((source, d) for d in documents(rendered[source]))
     return docs
+
+
+def merge(into, values):
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def crd_files():
@@ -162,16 +108,17 @@ def namespace_document(namespace):
     return re.sub(r"^  name: .*$", f"  name: {namespace}", text, count=1, flags=re.M)
 
 
-def render_install(chart, namespace, overrides):
+def render_install(chart, release, namespace, overrides):
     """What `kubectl apply -f` takes: for ambient-mesh the namespace and the CRDs come first."""
     docs = []
-    if chart == "ambient-mesh":
+    if chart.name == "ambient-mesh":
         docs.append(("namespace.yaml", namespace_document(namespace)))
         for path in crd_files():
             docs.extend((f"crds/{path.name}", d) for d in documents(path.read_text()))
-    docs.extend(render_chart(chart, namespace, overrides))
+    docs.extend(render_chart(chart, release, namespace, overrides))
     header = (
-        f"# Generated by manifests/render.py from manifests/chart/{chart} (namespace {namespace}).\n"
+        f"# Generated by manifests/render.py (Helm's SDK) from manifests/chart/{chart.name}: "
+        f"release {release}, namespace {namespace}.\n"
         "# Do not edit: edit the chart and run `python3 manifests/render.py`.\n"
     )
     return header + "".join(f"---\n# Source: {src}\n{doc}" for src, doc in docs)
@@ -182,23 +129,60 @@ def outputs():
     files = {}
     for path in crd_files():
         files[CHARTS / "ambient-mesh" / "crds" / path.name] = path.read_text()
-    for chart in ("ambient-mesh", "waypoint"):
-        files[RENDERED / f"{chart}.yaml"] = render_install(chart, DEFAULT_NAMESPACE[chart], [])
+    for chart in CHART_LIST:
+        files[RENDERED / f"{chart.name}.yaml"] = render_install(
+            chart, chart.release, chart.namespace, []
+        )
     return files
+
+
+def lint(chart):
+    """`helm lint --strict` of one chart with its default values: the findings that fail it."""
+    report = helm.lint(chart.path, strict=True, namespace=chart.namespace)
+    failures = []
+    reported = set()
+    for message in report.get("messages") or []:
+        line = f"{chart.name}: {message.get('path')}: {message.get('error')}"
+        reported.add(message.get("error"))
+        if message.get("severity", ERROR) >= WARNING:
+            failures.append(line)
+        else:
+            print(f"helm lint (info) {line}", file=sys.stderr)
+    # Errors without a message of their own (the chart could not be loaded, ...).
+    failures += [f"{chart.name}: {e}" for e in report.get("errors") or [] if e not in reported]
+    return failures
+
+
+def lint_all():
+    failures = [f for chart in CHART_LIST for f in lint(chart)]
+    for failure in failures:
+        print(f"helm lint: {failure}", file=sys.stderr)
+    if failures:
+        raise RenderError(f"helm lint --strict failed ({len(failures)} findings)")
+    print(f"helm lint --strict: {len(CHART_LIST)} charts, no warnings", file=sys.stderr)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("chart", nargs="?", choices=sorted(DEFAULT_NAMESPACE))
+    parser.add_argument("chart", nargs="?", choices=sorted(BY_NAME))
     parser.add_argument("--check", action="store_true", help="fail if a generated file is stale")
     parser.add_argument("--namespace", help="the namespace to install into")
+    parser.add_argument("--name", help="the release name (default: the README's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     try:
         if args.chart:
-            namespace = args.namespace or DEFAULT_NAMESPACE[args.chart]
-            sys.stdout.write(render_install(args.chart, namespace, args.set))
+            chart = BY_NAME[args.chart]
+            sys.stdout.write(
+                render_install(
+                    chart,
+                    args.name or chart.release,
+                    args.namespace or chart.namespace,
+                    args.set,
+                )
+            )
             return 0
+        lint_all()
         expected = outputs()
         stale_crds = [
             p for p in (CHARTS / "ambient-mesh" / "crds").glob("*.yaml") if p not in expected
@@ -220,7 +204,7 @@ def main():
                 path.write_text(text)
                 print(f"wrote {path.relative_to(HERE.parent)}")
         return 0
-    except TemplateError as e:
+    except (RenderError, helm.HelmError) as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 1
 

@@ -19,14 +19,13 @@ if ! command -v ip >/dev/null 2>&1; then
     fi
 fi
 
-# tests/tests/manifests.rs checks that manifests/rendered/ is what manifests/render.py makes
-# from the charts; the renderer reads YAML with PyYAML.
-if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import yaml' >/dev/null 2>&1; then
-    echo "PyYAML not found; installing it for the manifest checks" >&2
-    python3 -m pip install --quiet pyyaml 2>/dev/null \
-        || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-             && apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-yaml; } \
-        || echo "warning: PyYAML cannot be installed here; the manifest render check needs it" >&2
+# tests/tests/manifests.rs lints the Helm charts and checks that manifests/rendered/ is what they
+# render, with Helm's own Go SDK through the PyPI package helm-python-sdk (manifests/render.py).
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import helm_python' >/dev/null 2>&1; then
+    echo "helm-python-sdk not found; installing it for the chart checks" >&2
+    python3 -m pip install --quiet helm-python-sdk==0.2.2 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages helm-python-sdk==0.2.2 2>/dev/null \
+        || echo "warning: helm-python-sdk cannot be installed here; the chart lint and render check need it" >&2
 fi
 
 # tests/tests/ca.rs reads the CA's certificates with pyca/cryptography, a strict DER parser.

@@ -653,6 +653,7 @@ fn every_manifest_document_is_its_kubernetes_type_or_a_valid_custom_resource() {
         "manifests/chart/ambient-mesh/crds/virtualservice.yaml",
         "manifests/rendered/ambient-mesh.yaml",
         "manifests/rendered/waypoint.yaml",
+        "manifests/rendered/gateway.yaml",
     ] {
         assert!(
             docs.iter()
@@ -705,6 +706,12 @@ fn crds_keep_istios_names_groups_versions_and_storage() {
             "AuthorizationPolicy",
             &["v1", "v1beta1"][..],
             "v1beta1",
+        ),
+        (
+            "gateways.networking.istio.io",
+            "Gateway",
+            &["v1", "v1alpha3", "v1beta1"][..],
+            "v1alpha3",
         ),
         (
             "peerauthentications.security.istio.io",
@@ -1193,6 +1200,61 @@ spec:
     8080:
       mode: DISABLE
 "#,
+    // Gateway: the reference page's servers (redirect, SIMPLE, MUTUAL, TCP, TLS passthrough).
+    r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: my-gateway, namespace: some-config-namespace}
+spec:
+  selector:
+    app: my-gateway-controller
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [uk.bookinfo.com, eu.bookinfo.com]
+    tls:
+      httpsRedirect: true
+  - port: {number: 443, name: https-443, protocol: HTTPS}
+    hosts: [uk.bookinfo.com, eu.bookinfo.com]
+    tls:
+      mode: SIMPLE
+      credentialName: bookinfo-secret
+  - port: {number: 9443, name: https-9443, protocol: HTTPS}
+    hosts: ["bookinfo-namespace/*.bookinfo.com"]
+    tls:
+      mode: SIMPLE
+      credentialName: bookinfo-secret
+  - port: {number: 9080, name: http-wildcard, protocol: HTTP}
+    hosts: ["ns1/*", "ns2/foo.bar.com"]
+  - port: {number: 2379, name: mongo, protocol: MONGO}
+    hosts: ["*"]
+  - port: {number: 8443, name: tls, protocol: TLS}
+    hosts: ["*.example.com"]
+    tls:
+      mode: PASSTHROUGH
+  - port: {number: 443, name: https-mutual, protocol: HTTPS}
+    hosts: [httpbin.example.com]
+    tls:
+      mode: MUTUAL
+      credentialName: httpbin-credential
+      subjectAltNames: [spiffe://cluster.local/ns/default/sa/client]
+      minProtocolVersion: TLSV1_2
+"#,
+    // The ingress task's Gateway, as the seed applies it to `helm install istio-ingress`.
+    r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: Gateway
+metadata: {name: httpbin-gateway}
+spec:
+  selector:
+    istio: ingress
+  servers:
+  - port:
+      number: 80
+      name: http
+      protocol: HTTP
+    hosts:
+    - "httpbin.example.com"
+"#,
 ];
 
 #[test]
@@ -1236,6 +1298,12 @@ fn invalid_istio_objects_are_refused_with_the_field_named() {
              spec:\n{spec}"
         )
     };
+    let gw = |servers: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g}}\n\
+             spec:\n  selector: {{istio: ingress}}\n  servers:\n{servers}"
+        )
+    };
     let pa = |spec: &str| {
         format!(
             "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p}}\n\
@@ -1271,6 +1339,13 @@ fn invalid_istio_objects_are_refused_with_the_field_named() {
         (ap("  rules: [{to: [{operation: {ports: [8080]}}]}]\n"), ".spec.rules[0].to[0].operation.ports[0]: must be of type string"),
         (ap("  rules: [{when: [{values: [a]}]}]\n"), ".spec.rules[0].when[0].key: Required value"),
         (ap("  targetRefs: [{kind: Gateway}]\n"), ".spec.targetRefs[0].name: Required value"),
+        // Gateway
+        (gw("  - port: {number: 80, name: http, protocol: HTTP}\n"), ".spec.servers[0].hosts: Required value"),
+        (gw("  - port: {number: 80, protocol: HTTP}\n    hosts: [\"*\"]\n"), ".spec.servers[0].port.name: Required value"),
+        (gw("  - port: {number: \"80\", name: http, protocol: HTTP}\n    hosts: [\"*\"]\n"), ".spec.servers[0].port.number: must be of type integer"),
+        (gw("  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialname: c}\n"), ".spec.servers[0].tls.credentialname: unknown field"),
+        (gw("  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: STRICT}\n"), ".spec.servers[0].tls.mode: unsupported value \"STRICT\""),
+        (gw("  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {credentialNames: [a, b, c]}\n"), ".spec.servers[0].tls.credentialNames: more than 2 items"),
         // PeerAuthentication
         (pa("  mtls: {mode: STRICT_ONLY}\n"), ".spec.mtls.mode: unsupported value \"STRICT_ONLY\""),
         (pa("  selector: {matchLabels: {app: a}}\n  portLevelMtls: {8080: {mode: OFF}}\n"), ".spec.portLevelMtls.8080.mode: unsupported value"),
@@ -1788,6 +1863,178 @@ fn the_waypoint_is_what_ztunnel_recognises_as_one() {
     check_ca_client(&pod, c, &ca_service, &ca_dns_names(&mesh));
 }
 
+/// The ingress gateway chart as the seed installs Istio's (`helm install istio-ingress
+/// istio/gateway -n istio-ingress`): `waypoint gateway`, configured by what its env says (parsed
+/// here by the binary's own config code), unprivileged, its pods selected by the seed's
+/// Gateway, every server port exposed by its Service.
+#[test]
+fn the_gateway_is_what_the_seeds_istio_gateway_selects() {
+    let docs = rendered("gateway");
+    let deployment: Deployment = find(&docs, "Deployment", "istio-ingress").typed();
+    let namespace = deployment.metadata.namespace.clone().unwrap();
+    assert_eq!(namespace, "istio-ingress");
+    let spec = deployment.spec.as_ref().unwrap();
+    let template = spec.template.clone();
+    let labels = template.metadata.unwrap().labels.unwrap();
+    let pod = template.spec.unwrap();
+    let c = container(&pod, "gateway");
+    image_ok(c);
+    assert_eq!(c.command.as_deref(), Some(&["waypoint".to_owned()][..]));
+    assert_eq!(c.args.as_deref(), Some(&["gateway".to_owned()][..]));
+
+    // Every variable is one `waypoint gateway` reads (a typo would be silently ignored) ...
+    let known: BTreeSet<String> = [
+        waypoint::config::GATEWAY_NAME,
+        waypoint::config::GATEWAY_NAMESPACE,
+        waypoint::config::GATEWAY_LABELS,
+        waypoint::config::GATEWAY_BIND_ADDRESS,
+        waypoint::config::SERVICE_ACCOUNT,
+        waypoint::config::TRUST_DOMAIN,
+        waypoint::config::CLUSTER_ID,
+        waypoint::config::CLUSTER_DOMAIN,
+        waypoint::config::ROOT_NAMESPACE,
+        waypoint::config::DRAIN_DEADLINE,
+        waypoint::config::WORKLOAD_CERT_TTL,
+        waypoint::config::PROTOCOL_DETECTION_TIMEOUT_MS,
+        waypoint::config::WORKER_THREADS,
+        mesh::ops::CA_ADDRESS,
+        mesh::ops::CA_ROOT_CERT,
+        mesh::ops::CA_SERVER_NAME,
+        mesh::ops::CA_TOKEN_FILE,
+        mesh::discovery::CONFIG_SOURCE,
+        "RUST_LOG",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    let unknown: Vec<_> = env_names(c).difference(&known).cloned().collect();
+    assert!(unknown.is_empty(), "the gateway does not read {unknown:?}");
+    // ... and the environment, with the downward API resolved as the kubelet does, is a valid
+    // ingress configuration naming this pod.
+    let service_account = pod.service_account_name.clone().unwrap();
+    let mut env: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+    for var in c.env.iter().flatten() {
+        let value = match (&var.value, env_field_ref(c, &var.name).as_deref()) {
+            (Some(value), _) => value.clone(),
+            (None, Some("metadata.namespace")) => namespace.clone(),
+            (None, Some("spec.serviceAccountName")) => service_account.clone(),
+            (None, other) => panic!("{}: unexpected source {other:?}", var.name),
+        };
+        env.insert(known.get(&var.name).unwrap().as_str(), value);
+    }
+    let config =
+        waypoint::config::Config::from_env_for(&env, waypoint::config::Role::Ingress).unwrap();
+    assert_eq!(
+        config.config_source(),
+        mesh::discovery::SourceKind::Kubernetes
+    );
+    assert_eq!(
+        config.identity.to_string(),
+        "spiffe://cluster.local/ns/istio-ingress/sa/istio-ingress"
+    );
+    assert_eq!(config.waypoint.name, "istio-ingress");
+    let ingress = config.ingress.unwrap();
+    assert_eq!(
+        ingress.labels, labels,
+        "GATEWAY_LABELS must be the pod's own labels, which Gateways select"
+    );
+    assert!(ingress.bind.is_unspecified());
+    assert!(
+        find(&docs, "ServiceAccount", &service_account).value["metadata"]["namespace"]
+            == namespace.as_str()
+    );
+
+    // Istio's labels for the release istio-ingress, so the seed's Gateway selects the pods;
+    // ztunnel never captures them (the gateway speaks HBONE itself).
+    assert_eq!(labels.get("app").map(String::as_str), Some("istio-ingress"));
+    assert_eq!(labels.get("istio").map(String::as_str), Some("ingress"));
+    assert_eq!(
+        labels
+            .get(mesh::model::DATAPLANE_MODE_LABEL)
+            .map(String::as_str),
+        Some(mesh::model::DATAPLANE_MODE_NONE)
+    );
+    let gateways: Vec<Doc> = load(&root().join("examples/ingress/gateway.yaml"));
+    let gateway = find(&gateways, "Gateway", "httpbin-gateway");
+    let selector = gateway.value["spec"]["selector"].as_object().unwrap();
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            v.as_str(),
+            "the example Gateway selects {k}={v}"
+        );
+    }
+    for (k, v) in spec.selector.match_labels.clone().unwrap() {
+        assert_eq!(labels.get(&k), Some(&v), "the Deployment selects {k}={v}");
+    }
+
+    // The Service: Istio's type and ports; each server port of the example goes to the same
+    // port of the pod, which is what the gateway binds.
+    let service: Service = find(&docs, "Service", "istio-ingress").typed();
+    let svc = service.spec.unwrap();
+    assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
+    for (k, v) in svc.selector.clone().unwrap() {
+        assert_eq!(labels.get(&k), Some(&v), "the Service selects {k}={v}");
+    }
+    let ports = svc.ports.unwrap();
+    let target = |port: i32| {
+        ports
+            .iter()
+            .find(|p| p.port == port)
+            .unwrap_or_else(|| panic!("the Service has no port {port}"))
+            .target_port
+            .clone()
+    };
+    for server in gateway.value["spec"]["servers"].as_array().unwrap() {
+        let number = server["port"]["number"].as_i64().unwrap() as i32;
+        assert_eq!(target(number), Some(IntOrString::Int(number)));
+    }
+    assert_eq!(target(80), Some(IntOrString::Int(80)));
+    assert_eq!(target(443), Some(IntOrString::Int(443)));
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(probe.port, IntOrString::Int(15021));
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(target(15021), Some(IntOrString::Int(15021)));
+
+    // Unprivileged: non-root, no capability; ports below 1024 through the pod's sysctl.
+    let pod_security = pod.security_context.as_ref().unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert_ne!(pod_security.run_as_user, Some(0));
+    let sysctls: BTreeMap<String, String> = pod_security
+        .sysctls
+        .iter()
+        .flatten()
+        .map(|s| (s.name.clone(), s.value.clone()))
+        .collect();
+    assert_eq!(
+        sysctls,
+        BTreeMap::from([(
+            "net.ipv4.ip_unprivileged_port_start".to_owned(),
+            "0".to_owned()
+        )])
+    );
+    let security = c.security_context.as_ref().unwrap();
+    let caps = security.capabilities.as_ref().unwrap();
+    assert!(caps.add.is_none());
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_ne!(pod.host_network, Some(true));
+    let drain: i64 = env[waypoint::config::DRAIN_DEADLINE].parse().unwrap();
+    assert!(pod.termination_grace_period_seconds.unwrap() > drain);
+
+    let mesh = rendered("ambient-mesh");
+    let ca_service: Service = find(&mesh, "Service", "mesh-ca").typed();
+    check_ca_client(&pod, c, &ca_service, &ca_dns_names(&mesh));
+}
+
 // ---------------------------------------------------------------------------------------------
 // RBAC
 
@@ -1853,6 +2100,7 @@ fn read_only_grants(
 fn rbac_is_least_privilege() {
     let mut docs = rendered("ambient-mesh");
     docs.extend(rendered("waypoint"));
+    docs.extend(rendered("gateway"));
     for doc in docs
         .iter()
         .filter(|d| matches!(d.kind(), "ClusterRole" | "Role"))
@@ -1877,6 +2125,50 @@ fn rbac_is_least_privilege() {
         grants(&rules(&docs, "ClusterRole", "mesh-waypoint")),
         read_only_grants(mesh::model::translate::Kind::WAYPOINT)
     );
+    // The ingress gateway: what it watches cluster-wide in its ClusterRole, what it watches in
+    // one namespace (Secrets) in a Role of that namespace, bound to its own account there.
+    let ingress = mesh::discovery::kube::KubeSourceConfig::ingress(
+        mesh::model::translate::TranslateConfig::default(),
+        "istio-ingress",
+    );
+    let (namespaced, cluster_wide): (Vec<_>, Vec<_>) = ingress
+        .kinds
+        .iter()
+        .partition(|kind| ingress.namespaced.contains_key(kind));
+    assert_eq!(
+        grants(&rules(&docs, "ClusterRole", "mesh-gateway")),
+        read_only_grants(&cluster_wide)
+    );
+    assert!(
+        !grants(&rules(&docs, "ClusterRole", "mesh-gateway"))
+            .contains_key(&(String::new(), "secrets".to_owned())),
+        "the gateway must not read Secrets cluster-wide"
+    );
+    let gateway_role = find(&docs, "Role", "istio-ingress");
+    assert_eq!(
+        gateway_role.value["metadata"]["namespace"], "istio-ingress",
+        "the gateway's Secrets are read in its namespace only"
+    );
+    assert_eq!(
+        grants(&rules(&docs, "Role", "istio-ingress")),
+        read_only_grants(&namespaced)
+    );
+    assert_eq!(
+        read_only_grants(&namespaced),
+        want_grants(&[(("", "secrets"), &["get", "list", "watch"])])
+    );
+    let binding: RoleBinding = find(&docs, "RoleBinding", "istio-ingress").typed();
+    assert_eq!(binding.metadata.namespace.as_deref(), Some("istio-ingress"));
+    assert_eq!(
+        (
+            binding.role_ref.kind.as_str(),
+            binding.role_ref.name.as_str()
+        ),
+        ("Role", "istio-ingress")
+    );
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].name, "istio-ingress");
     // The CA: TokenReviews, reading pods to check a ztunnel asks only for its node's pods, and
     // what its root publisher does (watch namespaces and the root ConfigMaps, apply them).
     let mut ca_needs = want_grants(&[
@@ -1907,7 +2199,14 @@ fn rbac_is_least_privilege() {
         .collect();
     assert_eq!(
         roles,
-        ["mesh-ca", "mesh-ca", "mesh-waypoint", "mesh-ztunnel"],
+        [
+            "mesh-ca",
+            "mesh-ca",
+            "mesh-gateway",
+            "mesh-waypoint",
+            "mesh-ztunnel",
+            "istio-ingress"
+        ],
         "a new role needs a check here"
     );
     // Every binding names a role defined here and a service account that exists.
@@ -1965,50 +2264,105 @@ fn skip_or_fail(why: &str) {
 
 #[test]
 fn rendered_yaml_is_in_sync_with_the_charts() {
-    let has_pyyaml = Command::new("python3")
-        .args(["-c", "import yaml"])
+    let has_helm = Command::new("python3")
+        .args(["-c", "import helm_python"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !has_pyyaml {
-        return skip_or_fail("python3 with PyYAML not found; manifests/render.py needs it");
+    if !has_helm {
+        return skip_or_fail(
+            "python3 with helm-python-sdk (Helm's SDK) not found; manifests/render.py needs it: \
+             pip install helm-python-sdk",
+        );
     }
+    // helm lint --strict of every chart, and the rendered files are what Helm renders.
     let out = Command::new("python3")
         .arg(root().join("manifests/render.py"))
         .arg("--check")
         .output()
         .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("helm lint --strict: 3 charts, no warnings"),
+        "{stderr}"
     );
-    // A waypoint for another namespace renders with that namespace everywhere.
-    let out = Command::new("python3")
-        .arg(root().join("manifests/render.py"))
-        .args([
-            "waypoint",
-            "--namespace",
-            "demo",
-            "--set",
-            "name=reviews-wp",
-            "--set",
-            "gateway=true",
-        ])
-        .output()
+    let render = |args: &[&str]| -> Vec<Value> {
+        let out = Command::new("python3")
+            .arg(root().join("manifests/render.py"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| {
+                serde_json::to_value(
+                    <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap(),
+                )
+                .unwrap()
+            })
+            .filter(|v: &Value| !v.is_null())
+            .collect()
+    };
+    // A gateway of another name in another namespace, with its own labels: names, namespaces
+    // and selectors follow, as with Istio's chart (`istio` from the name without `istio-`).
+    let docs = render(&[
+        "gateway",
+        "--namespace",
+        "edge",
+        "--name",
+        "istio-edge",
+        "--set",
+        "labels.tier=public",
+        "--set",
+        "service.type=ClusterIP",
+    ]);
+    for doc in &docs {
+        if doc["kind"] != "ClusterRoleBinding" {
+            assert_eq!(doc["metadata"]["namespace"], "edge", "{doc}");
+            assert_eq!(doc["metadata"]["name"], "istio-edge", "{doc}");
+        } else {
+            assert_eq!(doc["metadata"]["name"], "mesh-gateway-edge-istio-edge");
+            assert_eq!(doc["subjects"][0]["namespace"], "edge");
+        }
+    }
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(labels["istio"], "edge");
+    assert_eq!(labels["app"], "istio-edge");
+    assert_eq!(labels["tier"], "public");
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let gateway_labels = env.iter().find(|e| e["name"] == "GATEWAY_LABELS").unwrap()["value"]
+        .as_str()
         .unwrap();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        gateway_labels.contains("istio=edge") && gateway_labels.contains("tier=public"),
+        "{gateway_labels}"
     );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| {
-            serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
-                .unwrap()
-        })
-        .filter(|v: &Value| !v.is_null())
-        .collect();
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(service["spec"]["type"], "ClusterIP");
+    assert_eq!(service["spec"]["selector"]["istio"], "edge");
+    // `labels.istio` wins over the name, as in Istio's chart.
+    let docs = render(&["gateway", "--set", "labels.istio=ingressgateway"]);
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(service["spec"]["selector"]["istio"], "ingressgateway");
+
+    // A waypoint for another namespace renders with that namespace everywhere.
+    let docs = render(&[
+        "waypoint",
+        "--namespace",
+        "demo",
+        "--set",
+        "name=reviews-wp",
+        "--set",
+        "gateway=true",
+    ]);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,

@@ -10,6 +10,9 @@
 #   4. removing the namespace's ambient label takes it out of the mesh live, without restarting
 #      its pods, and adding it back brings it in again;
 #   5. `kubectl rollout restart daemonset/ztunnel` leaves new connections working;
+#   6. the ingress gateway chart (as `helm install istio-ingress istio/gateway`) serves an Istio
+#      Gateway and VirtualService: a client outside the mesh reaches echo through it, and echo's
+#      ztunnel sees the gateway's identity over mutual TLS;
 #
 # and, on the way, that the CA publishes its root ConfigMap to every namespace and re-creates it.
 #
@@ -50,7 +53,8 @@ fail() {
 diagnostics() {
     echo "---- diagnostics" >&2
     kubectl get pods -A -o wide >&2 || true
-    for target in "ds/ztunnel -n $MESH_NS" "deploy/mesh-ca -n $MESH_NS" "deploy/waypoint -n demo"; do
+    for target in "ds/ztunnel -n $MESH_NS" "deploy/mesh-ca -n $MESH_NS" "deploy/waypoint -n demo" \
+        "deploy/istio-ingress -n istio-ingress"; do
         # shellcheck disable=SC2086 # the target is a word list on purpose
         kubectl logs $target --all-containers --tail=80 >&2 2>/dev/null || true
     done
@@ -170,7 +174,8 @@ else
 fi
 kubectl wait --for condition=established --timeout=60s \
     crd/virtualservices.networking.istio.io crd/destinationrules.networking.istio.io \
-    crd/authorizationpolicies.security.istio.io crd/peerauthentications.security.istio.io
+    crd/authorizationpolicies.security.istio.io crd/peerauthentications.security.istio.io \
+    crd/gateways.networking.istio.io
 kubectl rollout status -n "$MESH_NS" deploy/mesh-ca --timeout=180s
 # The CA made its root on first start and keeps it in every namespace as the ConfigMap
 # mesh-ca-root-cert, which ztunnel (and demo's waypoint) mount; it re-creates a deleted one.
@@ -360,5 +365,47 @@ for _ in $(seq 10); do expect_status 200 demo http://echo.demo/ || fail "request
 n=$(opened "$(ztunnel_metrics_for "$echo_pod" demo)" 'reporter="destination"' "$SLEEP_ID" "$ECHO_ID" "$MTLS")
 [ "$n" -ge 10 ] || fail "the new ztunnel saw $n mTLS connections from sleep, want >= 10"
 echo "new ztunnels carry mTLS traffic ($n connections)"
+
+log "6. the ingress gateway chart: outside the mesh -> gateway -> HBONE -> echo"
+kubectl create namespace istio-ingress --dry-run=client -o yaml | kubectl apply -f -
+# ClusterIP: kind has no load balancer; the client is plain's sleep, outside the mesh.
+if command -v helm >/dev/null 2>&1; then
+    helm upgrade --install istio-ingress "$ROOT/manifests/chart/gateway" -n istio-ingress \
+        --set image.repository="$repo" --set image.tag="$tag" --set image.pullPolicy=Never \
+        --set service.type=ClusterIP --set trustDomain="$TD"
+else
+    sed -e "s|image: ambient-mesh:0.1.0|image: $IMAGE|" -e 's|imagePullPolicy: IfNotPresent|imagePullPolicy: Never|' \
+        -e 's|type: LoadBalancer|type: ClusterIP|' "$ROOT/manifests/rendered/gateway.yaml" | kubectl apply -f -
+fi
+kubectl rollout status -n istio-ingress deploy/istio-ingress --timeout=180s
+kubectl apply -n demo -f - <<'EOF'
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: echo-gateway}
+spec:
+  selector: {istio: ingress}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [echo.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo-ingress}
+spec:
+  hosts: [echo.example.com]
+  gateways: [echo-gateway]
+  http:
+  - route: [{destination: {host: echo, port: {number: 80}}}]
+EOF
+INGRESS=http://istio-ingress.istio-ingress/
+through_gateway() { expect_status "$1" plain "$INGRESS" -H "Host: $2"; }
+retry 60 through_gateway 200 echo.example.com \
+    || fail "no answer from echo through the ingress gateway: $(request plain "$INGRESS" -H 'Host: echo.example.com')"
+for _ in $(seq 5); do through_gateway 200 echo.example.com || fail "a request through the gateway failed"; done
+through_gateway 404 other.example.com || fail "the gateway routed a host no VirtualService names"
+GATEWAY_ID="source_principal=\"spiffe://$TD/ns/istio-ingress/sa/istio-ingress\""
+n=$(opened "$(ztunnel_metrics_for "$echo_pod" demo)" 'reporter="destination"' "$GATEWAY_ID" "$ECHO_ID" "$MTLS")
+[ "$n" -ge 1 ] || fail "echo's ztunnel saw no mTLS connection from the gateway's identity"
+echo "through the gateway: 200 for echo.example.com, 404 for other hosts; echo's ztunnel saw the gateway's identity over mTLS ($n connections)"
 
 log "PASS: kind end-to-end"
