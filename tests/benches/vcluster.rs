@@ -22,6 +22,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mesh_tests::load::in_pod;
 use mesh_tests::load::{self, MESSAGE as MSG};
 use mesh_tests::vcluster::{Cluster, needs_root};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,29 +55,6 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(run());
-}
-
-/// Runs `load` on a thread inside `netns` with its own single-threaded runtime, so every socket
-/// the load opens is the pod's, as an unmodified application's would be.
-async fn in_pod<T, F, Fut>(netns: NetNs, load: F) -> T
-where
-    T: Send + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T>,
-{
-    tokio::task::spawn_blocking(move || {
-        netns
-            .run(|| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(load())
-            })
-            .unwrap()
-    })
-    .await
-    .unwrap()
 }
 
 async fn connect(addr: SocketAddr) -> TcpStream {

@@ -39,11 +39,11 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_tests::load;
+use mesh_tests::load::in_pod;
 use mesh_tests::vcluster::http::serve_backend;
 use mesh_tests::vcluster::{Cluster, Pod, needs_root};
 use serde_json::json;
 use tokio::net::TcpStream;
-use ztunnel::capture::NetNs;
 
 const PORT: u16 = 9080;
 const NAMESPACE: &str = "demo";
@@ -195,29 +195,6 @@ async fn serve(pod: &Pod, version: &'static str) -> Server {
 enum Protocol {
     Http1,
     Http2,
-}
-
-/// Runs `load` on a thread inside `netns` with its own single-threaded runtime, so every socket
-/// the load opens is the pod's, as an unmodified application's would be.
-async fn in_pod<T, F, Fut>(netns: NetNs, load: F) -> T
-where
-    T: Send + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T>,
-{
-    tokio::task::spawn_blocking(move || {
-        netns
-            .run(|| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(load())
-            })
-            .unwrap()
-    })
-    .await
-    .unwrap()
 }
 
 async fn connect(addr: SocketAddr) -> TokioIo<TcpStream> {

@@ -580,6 +580,24 @@ impl WebPki {
         .to_string()
     }
 
+    /// A rustls server presenting `issued` (a backend that terminates its own TLS).
+    pub fn server_config(issued: &IssuedPem) -> Arc<rustls::ServerConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let chain = rustls_pki_types::CertificateDer::pem_slice_iter(issued.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("server cert");
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key.as_bytes()).expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server cert and key");
+        Arc::new(config)
+    }
+
     /// A rustls client trusting this CA, offering ALPN `alpn`, with `client` as its
     /// certificate when given.
     pub fn client_config(

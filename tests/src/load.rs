@@ -1,11 +1,36 @@
-//! Load generators the benchmarks share: a byte sink, one stream's bulk rate, and 1 KiB round
-//! trips. They panic on I/O errors (a benchmark whose path breaks has no figure to print).
+//! Load generators the benchmarks share: running a load inside a pod, a byte sink, one stream's
+//! bulk rate, and 1 KiB round trips. They panic on I/O errors (a benchmark whose path breaks
+//! has no figure to print).
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use ztunnel::capture::NetNs;
+
+/// Runs `load` on a thread inside `netns` with its own single-threaded runtime, so every socket
+/// the load opens is the pod's, as an unmodified application's would be.
+pub async fn in_pod<T, F, Fut>(netns: NetNs, load: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    tokio::task::spawn_blocking(move || {
+        netns
+            .run(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(load())
+            })
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
 
 /// Size of the messages of [`round_trips`].
 pub const MESSAGE: usize = 1024;
