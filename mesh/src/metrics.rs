@@ -24,7 +24,8 @@ pub enum Reporter {
 }
 
 impl Reporter {
-    fn as_str(self) -> &'static str {
+    /// The `reporter` label value.
+    pub fn as_str(self) -> &'static str {
         match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",

@@ -332,7 +332,7 @@ async fn https_simple_terminates_tls_and_follows_a_rotated_secret() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|l| l["tls"] == true)
+        .find(|l| l["class"] == "Tls")
         .unwrap()
         .clone();
     assert_eq!(
@@ -583,4 +583,194 @@ async fn canary_split_and_fault_delay_from_the_seed_flow() {
     // 50% +- 20 points.
     assert!((30..=70).contains(&delayed), "{delayed} of {N} delayed");
     let _ = (&bi.v1, &bi.v2);
+}
+
+/// Istio's "ingress gateway without TLS termination" task, beside an HTTPS server on the same
+/// port and a TCP server: the gateway passes `nginx.example.com`'s TLS through by SNI to a
+/// backend holding its own certificate, terminates `bookinfo.example.com`, and carries TCP on
+/// 31400 by the VirtualService's `tcp` route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_by_sni_and_tcp_servers_reach_the_mesh() {
+    if !needs_root() {
+        return;
+    }
+    const NGINX: &str = "nginx.example.com";
+    const TCP_PORT: u16 = 31400;
+    let pki = WebPki::new("example.com root");
+    // The backend's own CA: the gateway never holds this certificate.
+    let nginx_pki = WebPki::new("nginx root");
+    let servers = format!(
+        r#"{HTTPS_SERVER}
+  - port: {{number: 8443, name: tls, protocol: TLS}}
+    hosts: ["{NGINX}"]
+    tls: {{mode: PASSTHROUGH}}
+  - port: {{number: {TCP_PORT}, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+"#
+    );
+    let passthrough_vs = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: nginx, namespace: demo}}
+spec:
+  hosts: ["{NGINX}"]
+  gateways: [bookinfo-gateway]
+  tls:
+  - match:
+    - port: 8443
+      sniHosts: ["{NGINX}"]
+    route:
+    - destination: {{host: my-nginx, port: {{number: 443}}}}
+"#
+    );
+    let tcp_vs = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp-echo, namespace: demo}}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  tcp:
+  - match: [{{port: {TCP_PORT}}}]
+    route:
+    - destination: {{host: tcp-echo, port: {{number: 9000}}}}
+"#
+    );
+    let bi = start(
+        bookinfo()
+            .pod("b", "demo", "my-nginx")
+            .label("app", "my-nginx")
+            .service("demo", "my-nginx", 443, 8443)
+            .pod("b", "demo", "tcp-echo")
+            .label("app", "tcp-echo")
+            .service("demo", "tcp-echo", 9000, 9000)
+            .yaml(
+                "credential",
+                &WebPki::secret_yaml(
+                    "istio-ingress",
+                    "bookinfo-credential",
+                    &pki.server(&[HOST]),
+                    None,
+                ),
+            )
+            .yaml("gateway", &gateway(&servers))
+            .yaml("vs", &virtual_service(TO_REVIEWS))
+            .yaml("nginx", &passthrough_vs)
+            .yaml("tcp", &tcp_vs),
+    )
+    .await;
+    // The TLS backend: answers the first line it reads with its name.
+    let backend_tls =
+        tokio_rustls::TlsAcceptor::from(WebPki::server_config(&nginx_pki.server(&[NGINX])));
+    let _nginx = bi
+        .cluster
+        .pod("my-nginx")
+        .serve(8443, move |stream, _| {
+            let acceptor = backend_tls.clone();
+            async move {
+                use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut tls = BufReader::new(tls);
+                let mut line = String::new();
+                if tls.read_line(&mut line).await.is_ok() {
+                    let _ = tls
+                        .get_mut()
+                        .write_all(format!("my-nginx: {line}").as_bytes())
+                        .await;
+                    let _ = tls.get_mut().shutdown().await;
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let _echo = bi.cluster.pod("tcp-echo").serve_echo(9000).await.unwrap();
+
+    // Passed through: the client sees the backend's own certificate, from the backend's CA.
+    let gateway = bi.gateway_addr(HTTPS_PORT);
+    let curl = bi.cluster.pod("curl");
+    let through = nginx_pki.client_config(&[], None);
+    let answer = eventually(SHOW_UP, || {
+        let through = through.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let stream = curl.connect(gateway).await?;
+            let name = ServerName::try_from(NGINX.to_owned()).unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(through)
+                .connect(name, stream)
+                .await?;
+            tls.write_all(b"hello\n").await?;
+            let mut answer = String::new();
+            tls.read_to_string(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "no answer through the PASSTHROUGH server: {e}\n{}",
+            bi.cluster.ingress("istio-ingress").logs()
+        )
+    });
+    assert_eq!(answer, "my-nginx: hello\n");
+
+    // The same port terminates the HTTPS server's host with the gateway's certificate.
+    let (mut client, _) = eventually(SHOW_UP, || {
+        bi.https(
+            pki.client_config(&[b"http/1.1"], None),
+            HOST,
+            HttpVersion::Http1,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(client.get("/", &[]).await.unwrap().status, 200);
+    // An SNI no server and no route takes is closed without a certificate.
+    assert!(
+        bi.https(
+            nginx_pki.client_config(&[], None),
+            "other.example.org",
+            HttpVersion::Http1
+        )
+        .await
+        .is_err()
+    );
+
+    // TCP: bytes arrive intact both ways.
+    let data = mesh_tests::vcluster::pattern(256 * 1024, 7);
+    let echoed = eventually(SHOW_UP, || async {
+        curl.exchange(bi.gateway_addr(TCP_PORT), &data).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data, "TCP bytes changed on the way");
+
+    // Both went over HBONE with the gateway's identity, and the gateway recorded them as
+    // Istio's gateways do.
+    let node_b = bi.cluster.node("b").metrics().await;
+    for workload in ["my-nginx", "tcp-echo"] {
+        let service = workload;
+        let seen = node_b.sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", GATEWAY_SA),
+                ("destination_workload", service),
+            ],
+        );
+        assert!(seen >= 1.0, "{service}: {}", node_b.text());
+    }
+    let metrics = bi.cluster.ingress("istio-ingress").metrics().await;
+    let opened = metrics.sum(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service_name", "my-nginx"),
+        ],
+    );
+    assert!(opened >= 1.0, "{}", metrics.text());
 }

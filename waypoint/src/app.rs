@@ -115,10 +115,11 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
             gateway: config.waypoint.clone(),
             root_namespace: config.root_namespace.clone(),
             cluster_id: config.cluster_id.clone(),
+            // Istio's gateways report as the client side of the request (`source`).
             reporter: if config.ingress.is_some() {
-                crate::metrics::REPORTER_GATEWAY
+                mesh::metrics::Reporter::Source
             } else {
-                crate::metrics::REPORTER
+                mesh::metrics::Reporter::Waypoint
             },
         },
         upstreams,

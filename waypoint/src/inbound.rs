@@ -10,21 +10,20 @@
 //! preface), which means a server-first protocol must declare its port.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use mesh::discovery::Store;
 use mesh::hbone::{H2Stream, InboundTunnel};
 use mesh::model::{ServicePort, WaypointRef};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 
 use crate::engine::{Downstream, Engine};
 use crate::live::Live;
 use crate::request::SourceInfo;
+use crate::rewind::Rewind;
 
 use crate::http_front::HEADER_READ_TIMEOUT;
 
@@ -128,6 +127,7 @@ pub async fn tunnel(inbound: Arc<Inbound>, tunnel: InboundTunnel) {
         peer_addr: tunnel.peer_addr,
         mutual_tls: true,
         scope: None,
+        sni: None,
     });
     let stream = match tunnel.accept() {
         Ok(s) => s,
@@ -202,53 +202,6 @@ async fn first_bytes(mut stream: H2Stream, limit: Duration) -> io::Result<Rewind
 
 async fn serve_http(engine: Arc<Engine>, downstream: Arc<Downstream>, io: Rewind<H2Stream>) {
     crate::http_front::serve_http(engine, downstream, io, None).await
-}
-
-/// A stream with some already-read bytes put back in front.
-#[derive(Debug)]
-pub struct Rewind<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S> Rewind<S> {
-    pub fn new(prefix: Bytes, inner: S) -> Self {
-        Self { prefix, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -23,5 +23,6 @@ pub mod metrics;
 pub mod operator;
 pub mod ratelimit;
 pub mod request;
+pub mod rewind;
 pub mod route;
 pub mod upstream;

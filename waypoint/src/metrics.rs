@@ -21,9 +21,6 @@ use prometheus_client::registry::Registry;
 
 /// The `reporter` label of everything a waypoint reports.
 pub const REPORTER: &str = "waypoint";
-/// The `reporter` label of an ingress gateway's requests: Istio's gateways report as the
-/// client side of the request (`source`).
-pub const REPORTER_GATEWAY: &str = "source";
 
 /// Istio's value for a label it cannot fill.
 pub const UNKNOWN: &str = "unknown";
@@ -213,7 +210,7 @@ impl LocalReply {
 /// the access-log fields.
 #[derive(Debug, Clone, Default)]
 pub struct RequestRecord {
-    /// [`REPORTER`] for a waypoint, [`REPORTER_GATEWAY`] for the ingress.
+    /// `waypoint`, or `source` for the ingress.
     pub reporter: &'static str,
     pub source: PeerLabels,
     /// The endpoint's workload, `unknown` when the request never reached one.

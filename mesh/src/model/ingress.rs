@@ -67,8 +67,36 @@ pub enum ServerProtocol {
 }
 
 impl ServerProtocol {
-    pub fn is_http(self) -> bool {
-        matches!(self, ServerProtocol::Http | ServerProtocol::Https)
+    /// What a listening port carries for servers of this protocol; servers of one port must
+    /// agree (HTTPS and TLS servers share a port and are told apart by SNI).
+    pub fn port_class(self) -> PortClass {
+        match self {
+            ServerProtocol::Http => PortClass::Http,
+            ServerProtocol::Https | ServerProtocol::Tls => PortClass::Tls,
+            ServerProtocol::Tcp => PortClass::Tcp,
+        }
+    }
+}
+
+/// What one listening port of a gateway carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum PortClass {
+    /// Plain-text HTTP, routed by `Host`.
+    Http,
+    /// TLS, each connection's server chosen by SNI: terminated (HTTPS, TLS SIMPLE/MUTUAL) or
+    /// passed through (PASSTHROUGH).
+    Tls,
+    /// Opaque TCP.
+    Tcp,
+}
+
+impl std::fmt::Display for PortClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortClass::Http => "plain HTTP",
+            PortClass::Tls => "TLS",
+            PortClass::Tcp => "TCP",
+        })
     }
 }
 

@@ -358,6 +358,23 @@ pub struct TcpRoute {
     pub route: Vec<RouteDestination>,
 }
 
+/// `tls[].match[]`: a TLS connection passed through unterminated, by its SNI.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TlsMatch {
+    /// Lower case; `*.example.com` covers any name under `example.com`. Never empty.
+    pub sni_hosts: Vec<String>,
+    pub l4: L4Match,
+}
+
+/// One `tls` route: SNI routing of unterminated TLS. Applied by the ingress gateway's
+/// PASSTHROUGH servers; the waypoint does not apply them (as Istio's waypoint).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TlsRoute {
+    /// Never empty (a TLS route needs a match with `sniHosts`).
+    pub matches: Vec<TlsMatch>,
+    pub route: Vec<RouteDestination>,
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct VirtualService {
     pub name: String,
@@ -367,6 +384,7 @@ pub struct VirtualService {
     pub hosts: Vec<String>,
     pub http: Vec<HttpRoute>,
     pub tcp: Vec<TcpRoute>,
+    pub tls: Vec<TlsRoute>,
     /// `metadata.creationTimestamp` (RFC 3339), for Istio's "oldest wins" on conflicts.
     pub created: Option<String>,
     pub origin: VirtualServiceOrigin,

@@ -68,9 +68,9 @@ pub struct VirtualServiceSpec {
     pub http: Vec<HttpRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
-    /// SNI routes for unterminated TLS: not applied by the waypoint.
+    /// SNI routes for unterminated TLS: applied by ingress gateways, not by the waypoint.
     #[serde(default)]
-    pub tls: Vec<Value>,
+    pub tls: Vec<TlsRoute>,
     /// Visibility across namespaces: not applied (everything is visible).
     #[serde(default)]
     pub export_to: Vec<String>,
@@ -312,6 +312,30 @@ pub struct TcpRoute {
     pub matches: Vec<L4MatchAttributes>,
     #[serde(default)]
     pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TlsMatchAttributes>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatchAttributes {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    #[serde(default)]
+    pub destination_subnets: Vec<String>,
+    pub port: Option<i64>,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

@@ -298,7 +298,7 @@ impl Finish {
         }
         let cluster = &self.engine.identity.cluster_id;
         let record = RequestRecord {
-            reporter: self.engine.identity.reporter,
+            reporter: self.engine.identity.reporter.as_str(),
             source: peer_labels(
                 downstream.source.workload.as_deref(),
                 downstream.source.identity.as_ref(),

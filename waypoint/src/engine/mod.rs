@@ -45,9 +45,9 @@ pub struct EngineIdentity {
     pub root_namespace: String,
     /// `CLUSTER_ID`: the cluster label of the metrics.
     pub cluster_id: String,
-    /// The `reporter` label of its request metrics and access log
-    /// ([`crate::metrics::REPORTER`], or [`crate::metrics::REPORTER_GATEWAY`] for the ingress).
-    pub reporter: &'static str,
+    /// The `reporter` label of its metrics and access log: `waypoint`, or `source` for the
+    /// ingress (Istio's gateways report as the client side).
+    pub reporter: mesh::metrics::Reporter,
 }
 
 /// The request path's shared state. One per process, behind an `Arc`; every front door holds
@@ -107,6 +107,9 @@ pub struct Downstream {
     /// `Some` for the ingress: the Gateway servers the connection came in on, whose
     /// VirtualServices route its requests by `Host`. `None`: the routes of [`Self::service`].
     pub scope: Option<Arc<crate::route::ServerScope>>,
+    /// The SNI of a TLS connection the ingress passes through unterminated (lower case): what
+    /// its VirtualServices' `tls` routes match.
+    pub sni: Option<String>,
 }
 
 impl Engine {

@@ -5,7 +5,8 @@
 //! connection with `reporter="waypoint"`.
 
 use http::HeaderMap;
-use mesh::metrics::{ConnectionGuard, ConnectionInfo, Peer, Reporter};
+use mesh::metrics::{ConnectionGuard, ConnectionInfo, Peer};
+use mesh::model::Service;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Downstream, Engine};
@@ -22,8 +23,8 @@ where
     // The record is opened once the endpoint is known, so that it names the destination
     // workload (as Istio's waypoint reports it); a connection that fails before that is
     // recorded without one.
-    let info = |destination: Peer| ConnectionInfo {
-        reporter: Reporter::Waypoint,
+    let info = |destination: Peer, service: &Service| ConnectionInfo {
+        reporter: engine.identity.reporter,
         source: Peer::of(
             downstream.source.workload.as_deref(),
             downstream.source.identity.as_ref(),
@@ -42,7 +43,7 @@ where
         destination_addr: downstream.vip,
     };
     let failed = |flag: &'static str, reason: String| {
-        let mut guard = ConnectionGuard::new(&engine.tcp_metrics, info(Peer::default()));
+        let mut guard = ConnectionGuard::new(&engine.tcp_metrics, info(Peer::default(), service));
         guard.fail(flag, reason);
     };
     // The waypoint's AuthorizationPolicies apply to TCP as to HTTP. A connection has no
@@ -51,15 +52,52 @@ where
         failed("RBAC", denied);
         return;
     }
-    let Some(destination) = routing.table.select_tcp(
-        &service.key(),
-        downstream.port.port,
-        &downstream.source,
-        downstream.vip.ip(),
-        &mut rng,
-    ) else {
-        failed("NR", format!("no TCP route for {}", service.key()));
-        return;
+    let selected = match &downstream.scope {
+        // The ingress: the Gateway's VirtualServices (`tls` routes by SNI, or `tcp` routes).
+        Some(scope) => routing
+            .table
+            .select_gateway_tcp(
+                scope,
+                downstream.sni.as_deref(),
+                downstream.port.port,
+                &downstream.source,
+                downstream.vip.ip(),
+                &mut rng,
+            )
+            .map(|(_, d)| d)
+            .ok_or_else(|| match &downstream.sni {
+                Some(sni) => format!(
+                    "no tls route of a VirtualService bound to {} takes SNI {sni:?} on port {}",
+                    gateways(scope),
+                    downstream.port.port
+                ),
+                None if scope.servers.iter().any(|s| s.passthrough) => format!(
+                    "the client sent no SNI; a PASSTHROUGH server of {} routes by SNI only",
+                    gateways(scope)
+                ),
+                None => format!(
+                    "no tcp route of a VirtualService bound to {} takes port {}",
+                    gateways(scope),
+                    downstream.port.port
+                ),
+            }),
+        None => routing
+            .table
+            .select_tcp(
+                &service.key(),
+                downstream.port.port,
+                &downstream.source,
+                downstream.vip.ip(),
+                &mut rng,
+            )
+            .ok_or_else(|| format!("no TCP route for {}", service.key())),
+    };
+    let destination = match selected {
+        Ok(d) => d,
+        Err(reason) => {
+            failed("NR", reason);
+            return;
+        }
     };
     let target_service = routing
         .hosts
@@ -99,13 +137,26 @@ where
     let workload = upstream.workload().cloned();
     let mut guard = ConnectionGuard::new(
         &engine.tcp_metrics,
-        info(Peer::of(
-            workload.as_deref(),
-            workload.as_ref().map(|w| &w.identity),
-        )),
+        info(
+            Peer::of(workload.as_deref(), workload.as_ref().map(|w| &w.identity)),
+            // The ingress names the service it routed to (its own is what the client dialled),
+            // as the waypoint names the service it serves.
+            if downstream.scope.is_some() {
+                &target_service
+            } else {
+                service
+            },
+        ),
     );
     let bytes = guard.bytes.clone();
     if let Err(e) = mesh::copy::copy_bidirectional(client, upstream, &bytes).await {
         guard.fail("UR", e.to_string());
     }
+}
+
+/// The Gateways of an ingress connection's servers, for messages.
+fn gateways(scope: &crate::route::ServerScope) -> String {
+    let mut names: Vec<&str> = scope.servers.iter().map(|s| s.gateway.as_str()).collect();
+    names.dedup();
+    format!("Gateway {}", names.join(", "))
 }

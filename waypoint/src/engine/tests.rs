@@ -161,7 +161,7 @@ async fn fixture_with(yaml: &str, service: &str, pods: &[(&str, &'static str)]) 
             },
             root_namespace: "istio-system".into(),
             cluster_id: "Kubernetes".into(),
-            reporter: crate::metrics::REPORTER,
+            reporter: mesh::metrics::Reporter::Waypoint,
         },
         Upstreams::new(Arc::new(ToServer { pods: servers })),
         &mut registry,
@@ -179,6 +179,7 @@ async fn fixture_with(yaml: &str, service: &str, pods: &[(&str, &'static str)]) 
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 40000)),
         mutual_tls: true,
         scope: None,
+        sni: None,
     });
     Fixture {
         engine,

@@ -4,8 +4,11 @@
 //! servers' Secrets ([`tls`]), and hands every request to the same [`Engine`] the waypoint
 //! uses, with a [`Downstream`] whose [`ServerScope`] names the Gateway servers the connection
 //! came in on: the VirtualServices bound to those Gateways (`gateways: [ns/name]`) route it by
-//! `Host`. Upstream, the engine's connector reaches mesh endpoints over HBONE with this
-//! gateway's own identity, so destination policies see it.
+//! `Host`. A TCP server's connections, a TLS server's terminated ones and a PASSTHROUGH
+//! server's untouched ones (the SNI read from the ClientHello, which is then replayed) go to
+//! the engine as opaque bytes, routed by those VirtualServices' `tcp` and `tls` routes.
+//! Upstream, the engine's connector reaches mesh endpoints over HBONE with this gateway's own
+//! identity, so destination policies see it.
 //!
 //! Listeners follow the state: a port appears when a Gateway needs it and closes (open
 //! connections stay) when none does; a changed Secret or server applies to new connections.
@@ -23,12 +26,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
 use mesh::discovery::Store;
-use mesh::model::{Service, ServicePort, State, TargetPort};
+use mesh::model::{PortClass, ServerProtocol, Service, ServicePort, State, TargetPort, TlsMode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -37,11 +42,16 @@ use crate::engine::{Downstream, Engine};
 use crate::http_front::{Edge, serve_http};
 use crate::live::Live;
 use crate::request::SourceInfo;
+use crate::rewind::Rewind;
 use crate::route::{ScopedServer, ServerScope, host_matches, host_specificity};
 use plan::{PlannedServer, Problem};
 
-/// How long a TLS client may take to finish its handshake.
+/// How long a TLS client may take to finish its handshake (or, passed through, to send its
+/// ClientHello).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a ClientHello may take before a PASSTHROUGH port gives up on finding its SNI
+/// (rustls's own bound on a handshake message is 64 KiB too).
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
 /// How soon a port that could not be bound is tried again.
 const BIND_RETRY: Duration = Duration::from_secs(5);
 
@@ -78,7 +88,7 @@ pub struct IngressStatus {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ListenerStatus {
     pub address: SocketAddr,
-    pub tls: bool,
+    pub class: PortClass,
     pub servers: Vec<ServerStatus>,
 }
 
@@ -104,16 +114,38 @@ struct PortRuntime {
 enum PortKind {
     /// Plain HTTP: every server of the port routes by `Host`.
     Plain(Arc<ServerScope>),
-    /// HTTPS: the server is chosen by SNI.
-    Tls(Vec<TlsServer>),
+    /// TLS: the server is chosen by SNI. `peek`: some server passes TLS through, so the
+    /// ClientHello is read (and replayed) before anything is decided.
+    Tls { servers: Vec<TlsServer>, peek: bool },
+    /// Opaque TCP: the `tcp` routes of every server of the port.
+    Tcp(Arc<ServerScope>),
 }
 
 #[derive(Debug)]
 struct TlsServer {
     hosts: Vec<String>,
     scope: Arc<ServerScope>,
-    tls: Arc<tls::ServerTls>,
+    action: TlsAction,
     describe: String,
+}
+
+#[derive(Debug)]
+enum TlsAction {
+    /// HTTPS: terminated, then HTTP (ALPN h2 / http/1.1).
+    Http(Arc<tls::ServerTls>),
+    /// TLS SIMPLE / MUTUAL: terminated, then opaque TCP.
+    Tcp(Arc<tls::ServerTls>),
+    /// PASSTHROUGH: the client's TLS goes to the backend as it is, by SNI.
+    Passthrough,
+}
+
+impl TlsAction {
+    fn terminated(&self) -> Option<&Arc<tls::ServerTls>> {
+        match self {
+            TlsAction::Http(t) | TlsAction::Tcp(t) => Some(t),
+            TlsAction::Passthrough => None,
+        }
+    }
 }
 
 /// A bound port.
@@ -314,17 +346,22 @@ impl Ingress {
         fresh_cache: &mut TlsCache,
         problems: &mut Vec<Problem>,
     ) -> (Option<PortRuntime>, ListenerStatus) {
+        let app_protocol = match port.class {
+            PortClass::Http => "http",
+            PortClass::Tls => "tls",
+            PortClass::Tcp => "tcp",
+        };
         let service_port = ServicePort {
             name: port.servers.first().map(|s| s.server.name.clone()),
             port: addr.port(),
             target: TargetPort::Number(addr.port()),
             protocol: "TCP".into(),
-            app_protocol: Some(if port.tls { "https" } else { "http" }.to_owned()),
+            app_protocol: Some(app_protocol.to_owned()),
         };
         let service = self.own_service(state, &service_port);
         let mut listener_status = ListenerStatus {
             address: addr,
-            tls: port.tls,
+            class: port.class,
             servers: Vec::new(),
         };
         let server_status =
@@ -336,50 +373,82 @@ impl Ingress {
                 https_redirect: s.server.https_redirect,
                 certificate,
             };
-        let kind = if port.tls {
-            let mut servers = Vec::new();
-            for s in &port.servers {
-                let cache_key = tls_cache_key(s);
-                let built = match cache.get(&cache_key) {
-                    Some(built) => Ok(built.clone()),
-                    None => tls::build(s).map(Arc::new),
-                };
-                match built {
-                    Ok(built) => {
+        let kind = match port.class {
+            PortClass::Tls => {
+                let mut servers = Vec::new();
+                for s in &port.servers {
+                    let passthrough = s
+                        .server
+                        .tls
+                        .as_ref()
+                        .is_some_and(|t| t.mode == TlsMode::Passthrough);
+                    let action = if passthrough {
+                        listener_status.servers.push(server_status(s, None));
+                        TlsAction::Passthrough
+                    } else {
+                        let cache_key = tls_cache_key(s);
+                        let built = match cache.get(&cache_key) {
+                            Some(built) => Ok(built.clone()),
+                            None => tls::build(s).map(Arc::new),
+                        };
+                        let built = match built {
+                            Ok(built) => built,
+                            Err(message) => {
+                                problems.push(Problem {
+                                    gateway: s.gateway.clone(),
+                                    server: s.server.name.clone(),
+                                    port: s.server.port,
+                                    secret: s
+                                        .credential
+                                        .as_ref()
+                                        .map(|c| c.key())
+                                        .unwrap_or_default(),
+                                    reason: plan::INVALID_CREDENTIAL,
+                                    message,
+                                });
+                                continue;
+                            }
+                        };
                         fresh_cache.insert(cache_key, built.clone());
                         listener_status
                             .servers
                             .push(server_status(s, Some(built.certificate.clone())));
-                        servers.push(TlsServer {
-                            hosts: s.server.hosts.iter().map(|h| h.host.clone()).collect(),
-                            scope: Arc::new(ServerScope {
-                                servers: vec![scoped(s)],
-                            }),
-                            tls: built,
-                            describe: s.describe(),
-                        });
-                    }
-                    Err(message) => problems.push(Problem {
-                        gateway: s.gateway.clone(),
-                        server: s.server.name.clone(),
-                        port: s.server.port,
-                        secret: s.credential.as_ref().map(|c| c.key()).unwrap_or_default(),
-                        reason: plan::INVALID_CREDENTIAL,
-                        message,
-                    }),
+                        if s.server.protocol == ServerProtocol::Https {
+                            TlsAction::Http(built)
+                        } else {
+                            TlsAction::Tcp(built)
+                        }
+                    };
+                    servers.push(TlsServer {
+                        hosts: s.server.hosts.iter().map(|h| h.host.clone()).collect(),
+                        scope: Arc::new(ServerScope {
+                            servers: vec![scoped(s)],
+                        }),
+                        action,
+                        describe: s.describe(),
+                    });
+                }
+                if servers.is_empty() {
+                    return (None, listener_status);
+                }
+                let peek = servers
+                    .iter()
+                    .any(|s| matches!(s.action, TlsAction::Passthrough));
+                PortKind::Tls { servers, peek }
+            }
+            PortClass::Http | PortClass::Tcp => {
+                for s in &port.servers {
+                    listener_status.servers.push(server_status(s, None));
+                }
+                let scope = Arc::new(ServerScope {
+                    servers: port.servers.iter().map(scoped).collect(),
+                });
+                if port.class == PortClass::Http {
+                    PortKind::Plain(scope)
+                } else {
+                    PortKind::Tcp(scope)
                 }
             }
-            if servers.is_empty() {
-                return (None, listener_status);
-            }
-            PortKind::Tls(servers)
-        } else {
-            for s in &port.servers {
-                listener_status.servers.push(server_status(s, None));
-            }
-            PortKind::Plain(Arc::new(ServerScope {
-                servers: port.servers.iter().map(scoped).collect(),
-            }))
         };
         (
             Some(PortRuntime {
@@ -442,84 +511,195 @@ impl Ingress {
     async fn connection(
         self: Arc<Self>,
         runtime: Arc<PortRuntime>,
-        stream: TcpStream,
+        mut stream: TcpStream,
         peer: SocketAddr,
     ) {
         let _live = self.live.enter();
         let local = stream
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
-        let downstream = |scope: Arc<ServerScope>| {
-            let state = self.store.snapshot();
-            let ip = peer.ip();
-            Arc::new(Downstream {
-                service: runtime.service.clone(),
-                port: runtime.service_port.clone(),
-                vip: local,
-                source: SourceInfo::new(None, Some(ip), state.workload_by_ip(ip).cloned()),
-                peer_addr: peer,
-                mutual_tls: false,
-                scope: Some(scope),
-            })
+        let connection = Connection {
+            ingress: &self,
+            runtime: &runtime,
+            peer,
+            local,
         };
         match &runtime.kind {
-            PortKind::Plain(scope) => {
-                let downstream = downstream(scope.clone());
-                let edge = Edge {
-                    peer: peer.ip(),
-                    scheme: "http",
+            PortKind::Plain(scope) => connection.http(scope, stream, "http").await,
+            PortKind::Tcp(scope) => connection.tcp(scope, None, stream).await,
+            PortKind::Tls {
+                servers,
+                peek: false,
+            } => connection.terminate(servers, stream).await,
+            PortKind::Tls {
+                servers,
+                peek: true,
+            } => {
+                let hello =
+                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, read_client_hello(&mut stream))
+                        .await;
+                let (hello, sni) = match hello {
+                    Ok(Ok(read)) => read,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %peer, error = %e, "no TLS ClientHello");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %peer, "timed out waiting for a TLS ClientHello");
+                        return;
+                    }
                 };
-                serve_http(self.engine.clone(), downstream, stream, Some(edge)).await;
+                let Some(server) = choose_server(servers, sni.as_deref()) else {
+                    tracing::debug!(peer = %peer, ?sni, "closed: no server of this port takes the SNI");
+                    return;
+                };
+                let stream = Rewind::new(hello, stream);
+                match &server.action {
+                    TlsAction::Passthrough => connection.tcp(&server.scope, sni, stream).await,
+                    TlsAction::Http(_) | TlsAction::Tcp(_) => {
+                        connection.terminate(servers, stream).await
+                    }
+                }
             }
-            PortKind::Tls(servers) => {
-                let acceptor = tokio_rustls::LazyConfigAcceptor::new(
-                    rustls::server::Acceptor::default(),
-                    stream,
-                );
-                let handshake = async {
-                    let start = acceptor.await?;
-                    let sni = start
+        }
+    }
+}
+
+/// One accepted connection on its way to the engine.
+struct Connection<'a> {
+    ingress: &'a Arc<Ingress>,
+    runtime: &'a PortRuntime,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+impl Connection<'_> {
+    fn downstream(&self, scope: &Arc<ServerScope>, sni: Option<String>) -> Arc<Downstream> {
+        let state = self.ingress.store.snapshot();
+        let ip = self.peer.ip();
+        Arc::new(Downstream {
+            service: self.runtime.service.clone(),
+            port: self.runtime.service_port.clone(),
+            vip: self.local,
+            source: SourceInfo::new(None, Some(ip), state.workload_by_ip(ip).cloned()),
+            peer_addr: self.peer,
+            mutual_tls: false,
+            scope: Some(scope.clone()),
+            sni,
+        })
+    }
+
+    async fn http<S>(&self, scope: &Arc<ServerScope>, io: S, scheme: &'static str)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let edge = Edge {
+            peer: self.peer.ip(),
+            scheme,
+        };
+        let downstream = self.downstream(scope, None);
+        serve_http(self.ingress.engine.clone(), downstream, io, Some(edge)).await;
+    }
+
+    async fn tcp<S>(&self, scope: &Arc<ServerScope>, sni: Option<String>, io: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let downstream = self.downstream(scope, sni);
+        self.ingress.engine.tcp(&downstream, io).await;
+    }
+
+    /// Terminates TLS with the server the SNI chooses, then serves HTTP or opaque TCP.
+    async fn terminate<S>(&self, servers: &[TlsServer], stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let handshake = async {
+            let start = acceptor.await?;
+            let sni = start
+                .client_hello()
+                .server_name()
+                .map(str::to_ascii_lowercase);
+            let chosen = choose_server(servers, sni.as_deref())
+                .and_then(|s| s.action.terminated().map(|tls| (s, tls)));
+            let Some((server, tls)) = chosen else {
+                return Err(std::io::Error::other(format!(
+                    "no server of this port terminates TLS for SNI {sni:?}"
+                )));
+            };
+            let stream = start.into_stream(tls.config.clone()).await?;
+            Ok((server, tls, stream))
+        };
+        let (server, tls, tls_stream) =
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+        if !tls.client_sans.is_empty() {
+            let allowed = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .is_some_and(|c| tls::client_san_allowed(c, &tls.client_sans));
+            if !allowed {
+                tracing::info!(peer = %peer, server = %server.describe, "refused: the client certificate has none of the server's subjectAltNames");
+                return;
+            }
+        }
+        match server.action {
+            TlsAction::Http(_) => self.http(&server.scope, tls_stream, "https").await,
+            TlsAction::Tcp(_) | TlsAction::Passthrough => {
+                self.tcp(&server.scope, None, tls_stream).await
+            }
+        }
+    }
+}
+
+/// Reads a TLS ClientHello whole (and nothing after it on its own account) and returns the
+/// bytes read, to be replayed, with its SNI (lower case).
+async fn read_client_hello(stream: &mut TcpStream) -> std::io::Result<(Bytes, Option<String>)> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut buf = BytesMut::with_capacity(2048);
+    loop {
+        if buf.len() >= MAX_CLIENT_HELLO {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("no complete ClientHello in {MAX_CLIENT_HELLO} bytes"),
+            ));
+        }
+        let before = buf.len();
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed before its ClientHello",
+            ));
+        }
+        let mut fresh = &buf[before..];
+        while !fresh.is_empty() {
+            acceptor.read_tls(&mut fresh)?;
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    let sni = accepted
                         .client_hello()
                         .server_name()
                         .map(str::to_ascii_lowercase);
-                    let Some(server) = choose_server(servers, sni.as_deref()) else {
-                        return Err(std::io::Error::other(format!(
-                            "no server of this port takes SNI {sni:?}"
-                        )));
-                    };
-                    let stream = start.into_stream(server.tls.config.clone()).await?;
-                    Ok((server, stream))
-                };
-                let (server, tls_stream) =
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(done)) => done,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(peer = %peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                if !server.tls.client_sans.is_empty() {
-                    let allowed = tls_stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .is_some_and(|c| tls::client_san_allowed(c, &server.tls.client_sans));
-                    if !allowed {
-                        tracing::info!(peer = %peer, server = %server.describe, "refused: the client certificate has none of the server's subjectAltNames");
-                        return;
-                    }
+                    return Ok((buf.freeze(), sni));
                 }
-                let downstream = downstream(server.scope.clone());
-                let edge = Edge {
-                    peer: peer.ip(),
-                    scheme: "https",
-                };
-                serve_http(self.engine.clone(), downstream, tls_stream, Some(edge)).await;
+                Ok(None) => {}
+                Err((e, _)) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                }
             }
         }
     }
@@ -530,6 +710,11 @@ fn scoped(s: &PlannedServer) -> ScopedServer {
         gateway: s.gateway.clone(),
         hosts: s.server.hosts.clone(),
         https_redirect: s.server.https_redirect,
+        passthrough: s
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == TlsMode::Passthrough),
     }
 }
 

@@ -4,15 +4,16 @@
 //!
 //! Rules, in order: Gateways are taken oldest first (the state's order); a Gateway applies
 //! when its `selector` matches the labels; a server that cannot be served becomes a
-//! [`Problem`] and every other server stays. On one port, plain text and TLS cannot mix (the
-//! older Gateway's kind wins), and a host two Gateways both claim on one port goes to the older
-//! (the younger server is not served there, and the conflict is reported).
+//! [`Problem`] and every other server stays. One port carries one [`PortClass`]: plain HTTP,
+//! TLS (HTTPS and TLS servers, terminated or passed through, told apart by SNI) or opaque TCP
+//! (the older Gateway's class wins), and a host two Gateways both claim on one port goes to the
+//! older (the younger server is not served there, and the conflict is reported).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use mesh::model::{GatewayServer, ServerProtocol, State, TlsMode, TlsSecret};
+use mesh::model::{GatewayServer, PortClass, State, TlsMode, TlsSecret};
 
 /// What to listen on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,8 +25,7 @@ pub struct Plan {
 /// One listening address and the servers it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortPlan {
-    /// TLS is terminated (HTTPS servers); otherwise plain HTTP.
-    pub tls: bool,
+    pub class: PortClass,
     /// Oldest Gateway first, then in `spec.servers` order.
     pub servers: Vec<PlannedServer>,
 }
@@ -73,7 +73,6 @@ pub const INCOMPLETE_SECRET: &str = "secret_incomplete";
 pub const MISSING_CA: &str = "ca_not_found";
 pub const PORT_CONFLICT: &str = "port_conflict";
 pub const HOST_CONFLICT: &str = "host_conflict";
-pub const UNSUPPORTED: &str = "unsupported_protocol";
 /// Set by the TLS builder, not here: bad PEM, key and certificate that do not match.
 pub const INVALID_CREDENTIAL: &str = "invalid_credential";
 /// Set by the listener manager: the port could not be bound.
@@ -99,21 +98,7 @@ pub fn plan(
                 reason,
                 message,
             };
-            let tls = match server.protocol {
-                ServerProtocol::Http => false,
-                ServerProtocol::Https => true,
-                ServerProtocol::Tcp | ServerProtocol::Tls => {
-                    out.problems.push(problem(
-                        UNSUPPORTED,
-                        String::new(),
-                        format!(
-                            "{:?} servers (TCP, TLS passthrough) are not served by this gateway yet; only HTTP and HTTPS",
-                            server.protocol
-                        ),
-                    ));
-                    continue;
-                }
-            };
+            let class = server.protocol.port_class();
             let (credential, client_ca) = match credentials(state, namespace, server) {
                 Ok(found) => found,
                 Err((reason, secret, message)) => {
@@ -123,17 +108,17 @@ pub fn plan(
             };
             let addr = SocketAddr::new(server.bind.unwrap_or(default_bind), server.port);
             let port = out.ports.entry(addr).or_insert_with(|| PortPlan {
-                tls,
+                class,
                 servers: Vec::new(),
             });
-            if port.tls != tls {
+            if port.class != class {
                 out.problems.push(problem(
                     PORT_CONFLICT,
                     String::new(),
                     format!(
-                        "port {} is already served as {} by an older server ({}); one port cannot be both plain HTTP and HTTPS",
+                        "port {} is already served as {} by an older server ({}); a port carries one of plain HTTP, TLS (HTTPS and TLS servers) or TCP",
                         server.port,
-                        if port.tls { "HTTPS" } else { "plain HTTP" },
+                        port.class,
                         port.servers.first().map(PlannedServer::describe).unwrap_or_default()
                     ),
                 ));

@@ -126,3 +126,75 @@ fn a_missing_secret_takes_out_its_server_only_and_secrets_come_from_the_gateways
     let e = super::tls::build(https).unwrap_err();
     assert!(e.starts_with("Secret istio-ingress/cred: tls.crt"), "{e}");
 }
+
+#[test]
+fn https_and_passthrough_share_a_port_by_sni_and_tcp_ports_stand_alone() {
+    let passthrough = GatewayServer {
+        protocol: ServerProtocol::Tls,
+        tls: Some(ServerTls {
+            mode: TlsMode::Passthrough,
+            credential: None,
+            min_version: None,
+            max_version: None,
+            cipher_suites: Vec::new(),
+            subject_alt_names: Vec::new(),
+        }),
+        ..server(443, "nginx.example.com", None)
+    };
+    let tcp = GatewayServer {
+        protocol: ServerProtocol::Tcp,
+        ..server(31400, "*", None)
+    };
+    let tcp_on_443 = GatewayServer {
+        protocol: ServerProtocol::Tcp,
+        ..server(443, "*", None)
+    };
+    let mut state = State {
+        ingress_gateways: vec![
+            gateway(
+                "gw",
+                "2026-01-01",
+                vec![
+                    server(443, "bookinfo.example.com", Some("cred")),
+                    passthrough,
+                    tcp,
+                ],
+            ),
+            gateway("late", "2026-02-01", vec![tcp_on_443]),
+        ],
+        ..State::default()
+    };
+    state.secrets.insert(
+        "istio-ingress/cred".into(),
+        Arc::new(TlsSecret {
+            namespace: "istio-ingress".into(),
+            name: "cred".into(),
+            version: "1".into(),
+            cert_chain: Some(b"x".to_vec()),
+            private_key: Some(b"y".to_vec()),
+            ca_bundle: None,
+        }),
+    );
+    let p = plan(&state, &labels(), "istio-ingress", [0, 0, 0, 0].into());
+    let tls = &p.ports[&"0.0.0.0:443".parse().unwrap()];
+    assert_eq!(tls.class, mesh::model::PortClass::Tls);
+    let hosts: Vec<&str> = tls
+        .servers
+        .iter()
+        .map(|s| s.server.hosts[0].host.as_str())
+        .collect();
+    assert_eq!(hosts, ["bookinfo.example.com", "nginx.example.com"]);
+    // A passed-through server needs no Secret.
+    assert!(tls.servers[1].credential.is_none());
+    let tcp = &p.ports[&"0.0.0.0:31400".parse().unwrap()];
+    assert_eq!(tcp.class, mesh::model::PortClass::Tcp);
+    // The younger Gateway's TCP server cannot have the TLS port.
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert_eq!(p.problems[0].reason, plan::PORT_CONFLICT);
+    assert_eq!(p.problems[0].gateway, "demo/late");
+    assert!(
+        p.problems[0].message.contains("already served as TLS"),
+        "{}",
+        p.problems[0].message
+    );
+}

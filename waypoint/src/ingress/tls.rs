@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use mesh::model::{TlsMode, TlsVersion};
+use mesh::model::{ServerProtocol, TlsMode, TlsVersion};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::server::WebPkiClientVerifier;
@@ -134,7 +134,11 @@ pub fn build(server: &PlannedServer) -> Result<ServerTls, String> {
         TlsMode::Simple | TlsMode::Passthrough => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTPS offers HTTP/2 and HTTP/1.1; a TLS server terminated into opaque TCP offers no
+    // ALPN (its clients speak whatever they speak).
+    if server.server.protocol == ServerProtocol::Https {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
     Ok(ServerTls {
         config: Arc::new(config),
         certificate,

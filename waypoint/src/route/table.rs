@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::HeaderMap;
 use mesh::model::{
     Destination, DirectResponse, HeaderOperations, HttpAction, HttpMatch, HttpRoute, Redirect,
-    RouteDestination, Service, State, TcpRoute, VirtualService,
+    RouteDestination, ServerHost, Service, State, TcpRoute, TlsRoute, VirtualService,
 };
 
 use super::filters::{self, FilterError};
@@ -39,6 +39,35 @@ struct GatewayVirtualService {
     namespace: String,
     hosts: Vec<String>,
     http: Arc<[CompiledHttpRoute]>,
+    tcp: Arc<[TcpRoute]>,
+    tls: Vec<TlsRoute>,
+}
+
+impl GatewayVirtualService {
+    /// Whether `server` takes this VirtualService's routes for `host`: the server's hosts cover
+    /// it and allow the VirtualService's namespace.
+    fn admitted_for(&self, server: &ScopedServer, host: &str) -> bool {
+        server
+            .hosts
+            .iter()
+            .any(|h| self.namespace_allowed(h) && host_matches(&h.host, host))
+    }
+
+    /// Whether `server` takes this VirtualService at all (TCP, where there is no host to go
+    /// by): one of its hosts and one of the server's meet, in a namespace the server allows.
+    fn admitted_anywhere(&self, server: &ScopedServer) -> bool {
+        server.hosts.iter().any(|h| {
+            self.namespace_allowed(h)
+                && self
+                    .hosts
+                    .iter()
+                    .any(|mine| host_matches(&h.host, mine) || host_matches(mine, &h.host))
+        })
+    }
+
+    fn namespace_allowed(&self, h: &ServerHost) -> bool {
+        h.namespace.as_ref().is_none_or(|ns| *ns == self.namespace)
+    }
 }
 
 /// The Gateway servers a connection was accepted for (the ingress front door works it out
@@ -56,6 +85,10 @@ pub struct ScopedServer {
     pub hosts: Vec<mesh::model::ServerHost>,
     /// `tls.httpsRedirect`: requests this server takes are answered 301 to `https://`.
     pub https_redirect: bool,
+    /// TLS passed through unterminated (`PASSTHROUGH`): connections are routed by the
+    /// VirtualServices' `tls` routes on their SNI. Otherwise a connection carried as opaque
+    /// bytes (TCP, TLS terminated into TCP) takes their `tcp` routes.
+    pub passthrough: bool,
 }
 
 impl ServerScope {
@@ -346,11 +379,16 @@ impl RouteTable {
             .map(|(gateway, list)| {
                 let compiled = list
                     .iter()
-                    .map(|vs| GatewayVirtualService {
-                        key: vs.key(),
-                        namespace: vs.namespace.clone(),
-                        hosts: vs.hosts.clone(),
-                        http: CompiledVirtualService::new(vs).http,
+                    .map(|vs| {
+                        let CompiledVirtualService { http, tcp } = CompiledVirtualService::new(vs);
+                        GatewayVirtualService {
+                            key: vs.key(),
+                            namespace: vs.namespace.clone(),
+                            hosts: vs.hosts.clone(),
+                            http,
+                            tcp,
+                            tls: vs.tls.clone(),
+                        }
                     })
                     .collect();
                 (gateway.clone(), compiled)
@@ -375,12 +413,6 @@ impl RouteTable {
     ) -> Option<&GatewayVirtualService> {
         let mut best: Option<((u8, usize), &GatewayVirtualService)> = None;
         for server in &scope.servers {
-            let admits = |vs: &GatewayVirtualService| {
-                server.hosts.iter().any(|h| {
-                    h.namespace.as_ref().is_none_or(|ns| *ns == vs.namespace)
-                        && host_matches(&h.host, host)
-                })
-            };
             for vs in self.gateways.get(&server.gateway).into_iter().flatten() {
                 let Some(score) = vs
                     .hosts
@@ -391,7 +423,7 @@ impl RouteTable {
                 else {
                     continue;
                 };
-                if best.is_none_or(|(b, _)| score > b) && admits(vs) {
+                if best.is_none_or(|(b, _)| score > b) && vs.admitted_for(server, host) {
                     best = Some((score, vs));
                 }
             }
@@ -413,6 +445,57 @@ impl RouteTable {
     ) -> Option<Selected<'t>> {
         let vs = self.gateway_virtual_service(scope, host)?;
         select_among(&vs.http, Some(&vs.key), request, source, rng)
+    }
+
+    /// Where an ingress connection carried as opaque bytes goes, and the key of the
+    /// VirtualService that sent it there. A server passing TLS through (`passthrough`) takes
+    /// the `tls` route whose SNI name covers `sni` most specifically (of equals, the oldest
+    /// VirtualService's first); any other takes the first `tcp` route whose conditions hold, of
+    /// the oldest VirtualService it admits. `port` is the Gateway port, `destination` the
+    /// address the client dialled. `None`: no route (the connection is closed, as Envoy does
+    /// without a filter chain).
+    pub fn select_gateway_tcp(
+        &self,
+        scope: &ServerScope,
+        sni: Option<&str>,
+        port: u16,
+        source: &SourceInfo,
+        destination: IpAddr,
+        rng: &mut fastrand::Rng,
+    ) -> Option<(&str, &RouteDestination)> {
+        let mut best: Option<((u8, usize), &GatewayVirtualService, &TlsRoute)> = None;
+        for server in &scope.servers {
+            let virtual_services = self.gateways.get(&server.gateway).into_iter().flatten();
+            if !server.passthrough {
+                for vs in virtual_services.filter(|vs| vs.admitted_anywhere(server)) {
+                    let picked = pick_tcp(&vs.tcp, port, destination, source, rng);
+                    if let Some(d) = picked {
+                        return Some((&vs.key, d));
+                    }
+                }
+                continue;
+            }
+            let Some(sni) = sni else { continue };
+            for vs in virtual_services.filter(|vs| vs.admitted_for(server, sni)) {
+                for route in &vs.tls {
+                    let score = route
+                        .matches
+                        .iter()
+                        .filter(|m| l4_match_holds(&m.l4, port, destination, source))
+                        .flat_map(|m| &m.sni_hosts)
+                        .filter(|h| host_matches(h, sni))
+                        .map(|h| host_specificity(h))
+                        .max();
+                    if let Some(score) = score
+                        && best.is_none_or(|(b, _, _)| score > b)
+                    {
+                        best = Some((score, vs, route));
+                    }
+                }
+            }
+        }
+        let (_, vs, route) = best?;
+        pick_weighted(&route.route, rng).map(|d| (vs.key.as_str(), d))
     }
 
     /// The number of VirtualServices bound to ingress Gateways.
@@ -462,18 +545,28 @@ impl RouteTable {
         rng: &mut fastrand::Rng,
     ) -> Option<&RouteDestination> {
         let routes = self.services.get(service_key)?;
-        routes
-            .tcp
-            .iter()
-            .filter(|r| {
-                r.matches.is_empty()
-                    || r.matches
-                        .iter()
-                        .any(|m| l4_match_holds(m, port, destination, source))
-            })
-            .find_map(|r| pick_weighted(&r.route, rng))
-            .or(Some(&routes.default_tcp))
+        pick_tcp(&routes.tcp, port, destination, source, rng).or(Some(&routes.default_tcp))
     }
+}
+
+/// The first of `routes` whose conditions hold (any of its matches, or none given), with one
+/// destination picked by weight.
+fn pick_tcp<'r>(
+    routes: &'r [TcpRoute],
+    port: u16,
+    destination: IpAddr,
+    source: &SourceInfo,
+    rng: &mut fastrand::Rng,
+) -> Option<&'r RouteDestination> {
+    routes
+        .iter()
+        .filter(|r| {
+            r.matches.is_empty()
+                || r.matches
+                    .iter()
+                    .any(|m| l4_match_holds(m, port, destination, source))
+        })
+        .find_map(|r| pick_weighted(&r.route, rng))
 }
 
 /// One destination by relative weight. A single destination gets everything whatever its

@@ -78,6 +78,7 @@ fn vs(name: &str, hosts: &[&str], http: Vec<HttpRoute>) -> Arc<VirtualService> {
         hosts: hosts.iter().map(|h| host(h)).collect(),
         http,
         tcp: vec![],
+        tls: vec![],
         created: None,
         origin: Default::default(),
     })
@@ -1622,4 +1623,127 @@ fn grpc_trailers_only_and_local_replies() {
         assert_eq!(grpc::grpc_status(r.headers()), Some(grpc_code));
     }
     assert_eq!(grpc::encode_grpc_message("héllo\n"), "h%C3%A9llo%0A");
+}
+
+// ---------------------------------------------------------------- ingress: tcp and tls routes
+
+fn gateway_vs(
+    name: &str,
+    ns: &str,
+    hosts: &[&str],
+    tcp: Vec<TcpRoute>,
+    tls: Vec<TlsRoute>,
+) -> Arc<VirtualService> {
+    Arc::new(VirtualService {
+        name: name.into(),
+        namespace: ns.into(),
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        http: vec![],
+        tcp,
+        tls,
+        created: None,
+        origin: Default::default(),
+    })
+}
+
+fn sni_route(sni: &[&str], to: &str) -> TlsRoute {
+    TlsRoute {
+        matches: vec![TlsMatch {
+            sni_hosts: sni.iter().map(|s| s.to_string()).collect(),
+            l4: L4Match::default(),
+        }],
+        route: vec![dest(to, None, 100)],
+    }
+}
+
+fn scope(hosts: &[(&str, Option<&str>)], passthrough: bool) -> ServerScope {
+    ServerScope {
+        servers: vec![ScopedServer {
+            gateway: "istio-ingress/gw".into(),
+            hosts: hosts
+                .iter()
+                .map(|(h, ns)| ServerHost {
+                    namespace: ns.map(Into::into),
+                    host: (*h).into(),
+                })
+                .collect(),
+            https_redirect: false,
+            passthrough,
+        }],
+    }
+}
+
+#[test]
+fn ingress_passthrough_picks_the_most_specific_sni_and_tcp_the_oldest_admitted_route() {
+    let tcp = TcpRoute {
+        matches: vec![L4Match {
+            port: Some(31400),
+            ..L4Match::default()
+        }],
+        route: vec![dest("tcp-echo", None, 100)],
+    };
+    let state = State {
+        gateway_virtual_services: BTreeMap::from([(
+            "istio-ingress/gw".to_owned(),
+            vec![
+                gateway_vs(
+                    "wild",
+                    NS,
+                    &["*.example.com"],
+                    vec![],
+                    vec![sni_route(&["*.example.com"], "wild")],
+                ),
+                gateway_vs(
+                    "exact",
+                    NS,
+                    &["nginx.example.com"],
+                    vec![],
+                    vec![sni_route(&["nginx.example.com"], "nginx")],
+                ),
+                gateway_vs("other-ns", "elsewhere", &["*"], vec![tcp.clone()], vec![]),
+                gateway_vs("tcp", NS, &["*"], vec![tcp], vec![]),
+            ],
+        )]),
+        ..State::default()
+    };
+    let table = RouteTable::build(&state);
+    let mut rng = fastrand::Rng::with_seed(1);
+    let any = IpAddr::from([10, 0, 0, 1]);
+    let pick = |scope: &ServerScope, sni: Option<&str>, port: u16, rng: &mut fastrand::Rng| {
+        table
+            .select_gateway_tcp(scope, sni, port, &no_source(), any, rng)
+            .map(|(vs, d)| (vs.to_owned(), d.destination.host.clone()))
+    };
+
+    let passthrough = scope(&[("*.example.com", None)], true);
+    // The exact name beats the older wildcard; other names under it take the wildcard.
+    assert_eq!(
+        pick(&passthrough, Some("nginx.example.com"), 443, &mut rng),
+        Some(("demo/exact".into(), host("nginx")))
+    );
+    assert_eq!(
+        pick(&passthrough, Some("shop.example.com"), 443, &mut rng),
+        Some(("demo/wild".into(), host("wild")))
+    );
+    // No SNI, or one no route takes: nothing (the connection is closed).
+    assert_eq!(pick(&passthrough, None, 443, &mut rng), None);
+    assert_eq!(pick(&passthrough, Some("example.org"), 443, &mut rng), None);
+    // A server limited to another namespace admits none of these.
+    let fenced = scope(&[("*.example.com", Some("elsewhere"))], true);
+    assert_eq!(
+        pick(&fenced, Some("nginx.example.com"), 443, &mut rng),
+        None
+    );
+
+    // TCP: the `tcp` routes whose port matches, of the oldest VirtualService the server admits.
+    let tcp = scope(&[("*", Some(NS))], false);
+    assert_eq!(
+        pick(&tcp, None, 31400, &mut rng),
+        Some(("demo/tcp".into(), host("tcp-echo")))
+    );
+    assert_eq!(
+        pick(&tcp, None, 31401, &mut rng),
+        None,
+        "port does not match"
+    );
 }

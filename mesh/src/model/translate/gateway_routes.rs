@@ -715,6 +715,7 @@ pub(super) fn attach(
                 hosts: vec![service.hostname.clone()],
                 http: list.into_iter().map(|(_, _, r)| r).collect(),
                 tcp: Vec::new(),
+                tls: Vec::new(),
                 created: None,
                 origin: VirtualServiceOrigin::HttpRoutes(
                     sources.remove(&service_key).unwrap_or_default(),

@@ -45,20 +45,18 @@ pub(super) fn istio_gateway(
         if let Some(other) = servers
             .iter()
             .find(|s| s.port == server.port && s.bind == server.bind)
+            && other.protocol.port_class() != server.protocol.port_class()
         {
-            let plain = |s: &GatewayServer| s.tls.is_none() && s.protocol == ServerProtocol::Http;
-            if plain(other) != plain(&server) {
-                return Err(invalid(
-                    key,
-                    format!("spec.servers[{i}].port.number"),
-                    format!(
-                        "port {} is already a {} server (spec.servers[{}]); one port cannot serve both plain text and TLS",
-                        server.port,
-                        if plain(other) { "plain-text" } else { "TLS" },
-                        other.index
-                    ),
-                ));
-            }
+            return Err(invalid(
+                key,
+                format!("spec.servers[{i}].port.number"),
+                format!(
+                    "port {} is already a {} server (spec.servers[{}]); one port serves one of plain HTTP, TLS (HTTPS and TLS, told apart by SNI) or opaque TCP",
+                    server.port,
+                    other.protocol.port_class(),
+                    other.index
+                ),
+            ));
         }
         servers.push(server);
     }

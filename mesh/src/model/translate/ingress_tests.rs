@@ -53,7 +53,11 @@ fn bad_gateways_are_refused_naming_the_field() {
         ),
         (
             "  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*\"]\n  - port: {number: 80, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: c}\n",
-            "spec.servers[1].port.number: port 80 is already a plain-text server",
+            "spec.servers[1].port.number: port 80 is already a plain HTTP server",
+        ),
+        (
+            "  servers:\n  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: PASSTHROUGH}\n  - port: {number: 443, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n",
+            "spec.servers[1].port.number: port 443 is already a TLS server",
         ),
         (
             "  servers:\n  - port: {number: 80, name: http, protocol: QUIC}\n    hosts: [\"*\"]\n",
@@ -88,6 +92,55 @@ fn virtual_services_bind_to_named_gateways_and_per_match_gateways_filter() {
         2,
         "the mesh keeps both routes"
     );
+}
+
+#[test]
+fn tls_routes_are_read_for_gateways_and_checked_as_istio_does() {
+    // Istio's "ingress gateway without TLS termination" task.
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nginx, namespace: demo}\nspec:\n  hosts: [nginx.example.com, \"*.apps.example.com\"]\n  gateways: [mygateway]\n  tls:\n  - match:\n    - port: 443\n      sniHosts: [nginx.example.com]\n    route:\n    - destination: {host: my-nginx, port: {number: 443}}\n  - match: [{sniHosts: [\"A.apps.example.com\", \"*.b.apps.example.com\"], gateways: [mygateway]}]\n    route:\n    - destination: {host: my-nginx, port: {number: 443}}\n      weight: 80\n    - destination: {host: other, port: {number: 443}}\n      weight: 20\n";
+    let t = translate(yaml);
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    let vs = &t.state.gateway_virtual_services["demo/mygateway"][0];
+    assert_eq!(vs.tls.len(), 2);
+    assert_eq!(vs.tls[0].matches[0].sni_hosts, ["nginx.example.com"]);
+    assert_eq!(vs.tls[0].matches[0].l4.port, Some(443));
+    assert_eq!(
+        vs.tls[1].matches[0].sni_hosts,
+        ["a.apps.example.com", "*.b.apps.example.com"],
+        "lower-cased"
+    );
+    assert_eq!(vs.tls[1].route.len(), 2);
+    assert_eq!(
+        vs.tls[1].route[0].destination.host,
+        "my-nginx.demo.svc.cluster.local"
+    );
+
+    for (tls, expected) in [
+        (
+            "  - route: [{destination: {host: my-nginx}}]\n",
+            "spec.tls[0].match: a TLS route needs at least one match with sniHosts",
+        ),
+        (
+            "  - match: [{port: 443}]\n    route: [{destination: {host: my-nginx}}]\n",
+            "spec.tls[0].match[0].sniHosts: at least one SNI name is required",
+        ),
+        (
+            "  - match: [{sniHosts: [other.example.org]}]\n    route: [{destination: {host: my-nginx}}]\n",
+            "spec.tls[0].match[0].sniHosts[0]: \"other.example.org\" is not within any of the VirtualService's hosts",
+        ),
+        (
+            "  - match: [{sniHosts: [nginx.example.com]}]\n",
+            "spec.tls[0].route: a TLS route needs at least one destination",
+        ),
+    ] {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: nginx, namespace: demo}}\nspec:\n  hosts: [nginx.example.com]\n  gateways: [mygateway]\n  tls:\n{tls}"
+        );
+        let t = translate(&yaml);
+        let m = messages(&t).join("\n");
+        assert!(m.contains(expected), "{tls}\n=> {m}");
+        assert!(t.state.gateway_virtual_services.is_empty());
+    }
 }
 
 #[test]

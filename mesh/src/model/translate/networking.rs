@@ -75,8 +75,8 @@ use crate::model::{
     DirectResponse, Fault, FaultAbort, FaultDelay, HashKey, HeaderEdits, HeaderOperations,
     HttpAction, HttpMatch, HttpRoute, L4Match, LoadBalancer, Mirror, NamedMatch, Redirect,
     RedirectPort, Regex, RetryCondition, RetryOn, RetryPolicy, Rewrite, RouteDestination, Service,
-    Subset, TcpRoute, TrafficPolicy, ValueMatch, VirtualService, VirtualServiceOrigin,
-    WAYPOINT_GATEWAY_CLASS, WaypointGateway,
+    Subset, TcpRoute, TlsMatch, TlsRoute, TrafficPolicy, ValueMatch, VirtualService,
+    VirtualServiceOrigin, WAYPOINT_GATEWAY_CLASS, WaypointGateway,
 };
 
 type Result<T> = std::result::Result<T, TranslateError>;
@@ -692,8 +692,18 @@ pub(super) fn virtual_service_for(
             tcp.push(route);
         }
     }
-    if !spec.tls.is_empty() {
-        debug!(virtual_service = %key, "tls (SNI) routes are not applied by the waypoint; ignored");
+    let mut tls = Vec::new();
+    for (i, route) in spec.tls.iter().enumerate() {
+        if let Some(route) = tls_route(&ctx, &format!("spec.tls[{i}]"), route, &hosts)? {
+            for (j, d) in route.route.iter().enumerate() {
+                let field = format!("spec.tls[{i}].route[{j}].destination");
+                push_subset_ref(field, &d.destination, &mut subset_refs);
+            }
+            tls.push(route);
+        }
+    }
+    if !tls.is_empty() && matches!(binding, Binding::Mesh) {
+        debug!(virtual_service = %key, "tls (SNI) routes are applied by ingress gateways, not by the waypoint");
     }
     if !binding.named_in(&spec.gateways, &key.namespace) {
         debug!(virtual_service = %key, gateways = ?spec.gateways, ?binding, "not bound here");
@@ -711,6 +721,7 @@ pub(super) fn virtual_service_for(
             hosts,
             http,
             tcp,
+            tls,
             created: created_at.map(|t| t.to_string()),
             origin: VirtualServiceOrigin::VirtualService,
         },
@@ -1272,35 +1283,133 @@ fn tcp_route(ctx: &Ctx<'_>, p: &str, r: &ncrd::TcpRoute) -> Result<Option<TcpRou
     let mut gateway_only = 0;
     for (j, m) in r.matches.iter().enumerate() {
         let field = format!("{p}.match[{j}]");
-        let destination_subnets = m
-            .destination_subnets
-            .iter()
-            .enumerate()
-            .map(|(k, s)| ip_block(ctx.key, format!("{field}.destinationSubnets[{k}]"), s))
-            .collect::<Result<Vec<_>>>()?;
-        let port = match m.port {
-            None | Some(0) => None,
-            Some(n) => Some(ctx.port(format!("{field}.port"), n)?),
-        };
+        let l4 = l4_match(
+            ctx,
+            &field,
+            &m.destination_subnets,
+            m.port,
+            &m.source_labels,
+            &m.source_namespace,
+        )?;
         if !ctx.match_bound(&m.gateways) {
             gateway_only += 1;
             continue;
         }
-        matches.push(L4Match {
-            port,
-            destination_subnets,
-            source_labels: m.source_labels.clone(),
-            source_namespace: m.source_namespace.clone().filter(|n| !n.is_empty()),
-        });
+        matches.push(l4);
     }
-    if r.route.is_empty() {
+    let route = l4_destinations(ctx, p, &r.route, "TCP")?;
+    if !r.matches.is_empty() && gateway_only == r.matches.len() {
+        return Ok(None);
+    }
+    Ok(Some(TcpRoute { matches, route }))
+}
+
+/// A `tls` route (SNI routing of unterminated TLS), checked as Istio's validation does: every
+/// match names `sniHosts`, each within one of the VirtualService's `hosts`. `None`: every match
+/// is for other gateways.
+fn tls_route(
+    ctx: &Ctx<'_>,
+    p: &str,
+    r: &ncrd::TlsRoute,
+    hosts: &[String],
+) -> Result<Option<TlsRoute>> {
+    if r.matches.is_empty() {
+        return Err(ctx.invalid(
+            format!("{p}.match"),
+            "a TLS route needs at least one match with sniHosts",
+        ));
+    }
+    let mut matches = Vec::new();
+    for (j, m) in r.matches.iter().enumerate() {
+        let field = format!("{p}.match[{j}]");
+        if m.sni_hosts.is_empty() {
+            return Err(ctx.invalid(
+                format!("{field}.sniHosts"),
+                "at least one SNI name is required",
+            ));
+        }
+        let mut sni_hosts = Vec::with_capacity(m.sni_hosts.len());
+        for (k, written) in m.sni_hosts.iter().enumerate() {
+            let sni = ctx.host(format!("{field}.sniHosts[{k}]"), written)?;
+            let within = hosts
+                .iter()
+                .any(|h| h == "*" || h == &sni || host_covers(h, &sni));
+            if !within {
+                return Err(ctx.invalid(
+                    format!("{field}.sniHosts[{k}]"),
+                    format!("{sni:?} is not within any of the VirtualService's hosts {hosts:?}"),
+                ));
+            }
+            sni_hosts.push(sni);
+        }
+        let l4 = l4_match(
+            ctx,
+            &field,
+            &m.destination_subnets,
+            m.port,
+            &m.source_labels,
+            &m.source_namespace,
+        )?;
+        if ctx.match_bound(&m.gateways) {
+            matches.push(TlsMatch { sni_hosts, l4 });
+        }
+    }
+    let route = l4_destinations(ctx, p, &r.route, "TLS")?;
+    if matches.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(TlsRoute { matches, route }))
+}
+
+/// Whether the host pattern `pattern` (`*.example.com`) covers `name` (a name or a narrower
+/// pattern), as Envoy's domains: a wildcard covers one or more labels in front of its suffix.
+fn host_covers(pattern: &str, name: &str) -> bool {
+    pattern
+        .strip_prefix('*')
+        .is_some_and(|suffix| name.len() > suffix.len() && name.ends_with(suffix))
+}
+
+/// The L4 conditions of a `tcp` or `tls` match.
+fn l4_match(
+    ctx: &Ctx<'_>,
+    field: &str,
+    destination_subnets: &[String],
+    port: Option<i64>,
+    source_labels: &BTreeMap<String, String>,
+    source_namespace: &Option<String>,
+) -> Result<L4Match> {
+    let destination_subnets = destination_subnets
+        .iter()
+        .enumerate()
+        .map(|(k, s)| ip_block(ctx.key, format!("{field}.destinationSubnets[{k}]"), s))
+        .collect::<Result<Vec<_>>>()?;
+    let port = match port {
+        None | Some(0) => None,
+        Some(n) => Some(ctx.port(format!("{field}.port"), n)?),
+    };
+    Ok(L4Match {
+        port,
+        destination_subnets,
+        source_labels: source_labels.clone(),
+        source_namespace: source_namespace.clone().filter(|n| !n.is_empty()),
+    })
+}
+
+/// The weighted destinations of a `tcp` or `tls` route (`what`, for the message).
+fn l4_destinations(
+    ctx: &Ctx<'_>,
+    p: &str,
+    written: &[ncrd::RouteDestination],
+    what: &str,
+) -> Result<Vec<RouteDestination>> {
+    if written.is_empty() {
         return Err(ctx.invalid(
             format!("{p}.route"),
-            "a TCP route needs at least one destination",
+            format!("a {what} route needs at least one destination"),
         ));
     }
     let mut route = Vec::new();
-    for (j, d) in r.route.iter().enumerate() {
+    for (j, d) in written.iter().enumerate() {
         let field = format!("{p}.route[{j}]");
         route.push(RouteDestination {
             destination: ctx.destination(&format!("{field}.destination"), &d.destination)?,
@@ -1309,10 +1418,7 @@ fn tcp_route(ctx: &Ctx<'_>, p: &str, r: &ncrd::TcpRoute) -> Result<Option<TcpRou
         });
     }
     ctx.check_weights(format!("{p}.route"), &route)?;
-    if !r.matches.is_empty() && gateway_only == r.matches.len() {
-        return Ok(None);
-    }
-    Ok(Some(TcpRoute { matches, route }))
+    Ok(route)
 }
 
 // ---------------------------------------------------------------------------------------------
