@@ -774,3 +774,117 @@ spec:
     );
     assert!(opened >= 1.0, "{}", metrics.text());
 }
+
+/// Istio's `istio.io/ingress-use-waypoint`: with it on the service, the gateway sends the
+/// service's traffic to its waypoint (HBONE, `:authority` the VIP), so the waypoint's routes
+/// (all to v2, a response header) and its L7 policies (which see the gateway's identity) apply;
+/// without it the gateway goes straight to the endpoints, as Istio's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_use_waypoint_puts_the_waypoints_routes_and_policies_in_the_path() {
+    if !needs_root() {
+        return;
+    }
+    const INGRESS_USE_WAYPOINT: &str = "istio.io/ingress-use-waypoint";
+    let mesh_routes = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews]
+  http:
+  - headers:
+      response:
+        set: {x-routed-by: waypoint}
+    route:
+    - destination: {host: reviews, subset: v2}
+"#;
+    let policy = format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-private-from-the-gateway, namespace: demo}}
+spec:
+  targetRefs:
+  - {{kind: Service, group: "", name: reviews}}
+  action: DENY
+  rules:
+  - from:
+    - source: {{principals: ["{}"]}}
+    to:
+    - operation: {{paths: ["/private*"]}}
+"#,
+        GATEWAY_SA.trim_start_matches("spiffe://")
+    );
+    let bi = start(
+        bookinfo()
+            .service_label("istio.io/use-waypoint", "waypoint")
+            .service_label(INGRESS_USE_WAYPOINT, "true")
+            .waypoint("b", "demo", "waypoint")
+            .yaml("gateway", &gateway(HTTP_SERVER))
+            .yaml("vs", &virtual_service(TO_REVIEWS))
+            .yaml("mesh-routes", mesh_routes)
+            .yaml("policy", &policy),
+    )
+    .await;
+    bi.until_http_status(200).await;
+
+    const N: usize = 40;
+    let mut client = bi.http(HOST).await.unwrap();
+    for _ in 0..N {
+        let answer = client.get("/", &[]).await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.version(), "v2", "the waypoint's route applies");
+        assert_eq!(answer.header("x-routed-by"), Some("waypoint"));
+        // Host is still the one the outside client sent.
+        assert!(
+            answer
+                .text()
+                .to_ascii_lowercase()
+                .contains(&format!("host: {HOST}"))
+        );
+    }
+    // The waypoint's L7 policy sees the gateway's identity.
+    let denied = client.get("/private/x", &[]).await.unwrap();
+    assert_eq!(denied.status, 403, "{}", denied.text());
+    assert_eq!(bi.v1.requests(), 0, "nothing bypassed the waypoint");
+
+    let waypoint = bi.cluster.waypoint("waypoint").metrics().await;
+    let through = waypoint.sum(
+        "istio_requests_total",
+        &[
+            ("reporter", "waypoint"),
+            ("source_principal", GATEWAY_SA),
+            ("destination_service_name", "reviews"),
+        ],
+    );
+    assert!(through >= N as f64 + 1.0, "{}", waypoint.text());
+    let dump = bi.config_dump().await.to_string();
+    assert!(
+        dump.contains("demo/waypoint (:authority "),
+        "the gateway's cluster shows the waypoint: {dump}"
+    );
+
+    // Without the label the gateway goes to the endpoints (both versions, no waypoint header).
+    bi.cluster
+        .set_service_label("demo", "reviews", INGRESS_USE_WAYPOINT, None)
+        .await;
+    eventually(SHOW_UP, || async {
+        let mut client = bi.http(HOST).await.map_err(|e| e.to_string())?;
+        let answer = client.get("/", &[]).await.map_err(|e| e.to_string())?;
+        match answer.header("x-routed-by") {
+            None if answer.status == 200 => Ok(()),
+            _ => Err(format!("{} {:?}", answer.status, answer.text())),
+        }
+    })
+    .await
+    .unwrap();
+    let mut client = bi.http(HOST).await.unwrap();
+    let mut versions: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..N {
+        let answer = client.get("/", &[]).await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("x-routed-by"), None);
+        *versions.entry(answer.version().to_owned()).or_default() += 1;
+    }
+    assert_eq!(versions.len(), 2, "both endpoints serve: {versions:?}");
+}

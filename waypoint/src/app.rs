@@ -29,7 +29,7 @@ use crate::connector::HboneConnector;
 use crate::engine::{Engine, EngineIdentity};
 use crate::inbound::Inbound;
 use crate::live::Live;
-use crate::upstream::Upstreams;
+use crate::upstream::{Side, Upstreams};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConflictLabels {
@@ -103,7 +103,14 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         &config.waypoint,
         &config.cluster_id,
     ));
-    let upstreams = Upstreams::new(connector.clone());
+    let upstreams = Upstreams::for_side(
+        connector.clone(),
+        if config.ingress.is_some() {
+            Side::Ingress
+        } else {
+            Side::Waypoint
+        },
+    );
     let conflicts = Family::<ConflictLabels, Gauge>::default();
     registry.register(
         "waypoint_config_conflicts",

@@ -3,6 +3,9 @@
 //! endpoint's identity, when the endpoint is in the mesh; plain TCP otherwise. The destination
 //! ztunnel therefore authorizes the waypoint's identity (as in Istio). Each CONNECT carries the
 //! waypoint's own `baggage` (cluster, namespace, name), as Istio's proxies describe themselves.
+//! An ingress gateway's target that is a service's waypoint (`UpstreamTarget::authority` set)
+//! is reached over HBONE at its address with that authority (the service's VIP:port),
+//! expecting the waypoint's identity, whether or not the waypoint's pod is captured.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,26 +56,38 @@ impl HboneConnector {
     }
 }
 
-/// The endpoint's workload when it is reached over HBONE (enrolled in the mesh).
-fn hbone_workload(target: &UpstreamTarget) -> Option<&Arc<Workload>> {
-    target.workload.as_ref().filter(|w| w.enrolled)
+/// Where a tunnel to `target` goes: the workload whose identity to expect, its HBONE address
+/// and the `:authority`; `None` when the target is reached over plain TCP (not in the mesh).
+fn hbone_route(target: &UpstreamTarget) -> Option<(&Arc<Workload>, SocketAddr, SocketAddr)> {
+    let workload = target.workload.as_ref()?;
+    match target.authority {
+        Some(authority) => Some((workload, target.addr, authority)),
+        None => workload.enrolled.then(|| {
+            (
+                workload,
+                SocketAddr::new(target.addr.ip(), HBONE_PORT),
+                target.addr,
+            )
+        }),
+    }
 }
 
 impl Connector for HboneConnector {
     fn connect(&self, target: &UpstreamTarget) -> BoxFuture<'static, std::io::Result<Box<dyn Io>>> {
         let addr = target.addr;
-        let enrolled = hbone_workload(target).cloned();
+        let tunnel = hbone_route(target)
+            .map(|(workload, hbone_addr, authority)| (workload.clone(), hbone_addr, authority));
         let client = self.client.clone();
         let source = self.identity.clone();
         let headers = self.headers.clone();
         Box::pin(async move {
-            match enrolled {
-                Some(workload) => {
+            match tunnel {
+                Some((workload, hbone_addr, authority)) => {
                     let request = ConnectRequest {
                         source,
                         destination: workload.identity.clone(),
-                        hbone_addr: SocketAddr::new(addr.ip(), HBONE_PORT),
-                        authority: HboneAuthority(addr),
+                        hbone_addr,
+                        authority: HboneAuthority(authority),
                         headers,
                     };
                     let stream = client.connect(request).await.map_err(|e| {
@@ -96,6 +111,6 @@ impl Connector for HboneConnector {
     }
 
     fn tunnelled(&self, target: &UpstreamTarget) -> bool {
-        hbone_workload(target).is_some()
+        hbone_route(target).is_some()
     }
 }

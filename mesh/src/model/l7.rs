@@ -18,6 +18,11 @@ use super::types::{IpBlock, Labels, PolicyAction, StringMatch};
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
 /// Companion label: the waypoint lives in another namespace.
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Service or Namespace label: `"true"` sends an ingress gateway's traffic for the service
+/// through the service's waypoint (`istio.io/use-waypoint`) rather than straight to its
+/// endpoints, as Istio's gateways do. Read from the Service when it carries the label, else from
+/// its Namespace.
+pub const INGRESS_USE_WAYPOINT_LABEL: &str = "istio.io/ingress-use-waypoint";
 /// The `gatewayClassName` of a waypoint `Gateway`.
 pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
 /// The HBONE port a waypoint listens on.

@@ -358,6 +358,22 @@ impl State {
             .cloned()
     }
 
+    /// The waypoint an ingress gateway sends `service`'s traffic to: the service's own
+    /// waypoint, when `istio.io/ingress-use-waypoint` is `"true"` on the Service or, if the
+    /// Service does not carry the label, on its Namespace (Istio's lookup). `None`: the gateway
+    /// goes straight to the endpoints, the default in Istio.
+    pub fn ingress_waypoint<'a>(&self, service: &'a Service) -> Option<&'a WaypointRef> {
+        let waypoint = service.waypoint.as_ref()?;
+        let value = match service.labels.get(INGRESS_USE_WAYPOINT_LABEL) {
+            Some(value) => Some(value),
+            None => self
+                .namespaces
+                .get(&service.namespace)
+                .and_then(|labels| labels.get(INGRESS_USE_WAYPOINT_LABEL)),
+        };
+        (value.map(String::as_str) == Some("true")).then_some(waypoint)
+    }
+
     /// Whether `peer` is a waypoint serving one of `destination`'s services (an endpoint of the
     /// Service that a service of `destination` names in `istio.io/use-waypoint`): the one proxy
     /// entitled to relay other clients' addresses to `destination` in `forwarded`, as Istio's

@@ -32,6 +32,7 @@ use mesh::model::{LoadBalancer, RetryCondition, State, Workload};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use body::UpstreamBody;
+pub use resolve::Side;
 
 use self::lb::{HashOutcome, HashSource};
 use self::outlier::Outcome;
@@ -81,6 +82,10 @@ pub struct UpstreamTarget {
     pub addr: SocketAddr,
     /// The pod behind the endpoint, when the state knows it.
     pub workload: Option<Arc<Workload>>,
+    /// Set when the endpoint is the service's waypoint (an ingress gateway's cluster with
+    /// `istio.io/ingress-use-waypoint`): `addr` is the waypoint pod's HBONE port, `workload` the
+    /// waypoint's, and this is the tunnel's `:authority` (the service's VIP:port).
+    pub authority: Option<SocketAddr>,
 }
 
 /// A byte stream to an endpoint.
@@ -255,6 +260,7 @@ pub struct Upstreams {
 
 struct Inner {
     connector: Arc<dyn Connector>,
+    side: Side,
     state: RwLock<Arc<State>>,
     clusters: RwLock<HashMap<ClusterKey, Arc<Cluster>>>,
 }
@@ -278,11 +284,19 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl Upstreams {
-    /// No clusters yet; [`Self::update`] gives the state they are built from.
+    /// A waypoint's upstreams, no clusters yet; [`Self::update`] gives the state they are built
+    /// from.
     pub fn new(connector: Arc<dyn Connector>) -> Self {
+        Self::for_side(connector, Side::Waypoint)
+    }
+
+    /// Upstreams resolved for `side` (an ingress gateway sends a service's traffic to its
+    /// waypoint when the service asks for it).
+    pub fn for_side(connector: Arc<dyn Connector>, side: Side) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connector,
+                side,
                 state: RwLock::new(Arc::new(State::default())),
                 clusters: RwLock::new(HashMap::new()),
             }),
@@ -298,20 +312,22 @@ impl Upstreams {
         let mut gone_endpoints = Vec::new();
         {
             let mut clusters = write(&self.inner.clusters);
-            clusters.retain(|key, cluster| match resolve::resolve(&state, key) {
-                Ok(spec) => {
-                    gone_endpoints.extend(cluster.apply(Ok(spec)));
-                    true
-                }
-                Err(Unresolved::Invalid(reason)) => {
-                    gone_endpoints.extend(cluster.apply(Err(reason)));
-                    true
-                }
-                Err(Unresolved::NoService(reason)) => {
-                    gone_endpoints.extend(cluster.apply(Err(reason)));
-                    false
-                }
-            });
+            clusters.retain(
+                |key, cluster| match resolve::resolve(&state, key, self.inner.side) {
+                    Ok(spec) => {
+                        gone_endpoints.extend(cluster.apply(Ok(spec)));
+                        true
+                    }
+                    Err(Unresolved::Invalid(reason)) => {
+                        gone_endpoints.extend(cluster.apply(Err(reason)));
+                        true
+                    }
+                    Err(Unresolved::NoService(reason)) => {
+                        gone_endpoints.extend(cluster.apply(Err(reason)));
+                        false
+                    }
+                },
+            );
         }
         drop(gone_endpoints);
     }
@@ -327,9 +343,10 @@ impl Upstreams {
             return cluster.clone();
         }
         let state = read(&self.inner.state).clone();
-        let spec = resolve::resolve(&state, key).map_err(|unresolved| match unresolved {
-            Unresolved::NoService(reason) | Unresolved::Invalid(reason) => reason,
-        });
+        let spec =
+            resolve::resolve(&state, key, self.inner.side).map_err(|unresolved| match unresolved {
+                Unresolved::NoService(reason) | Unresolved::Invalid(reason) => reason,
+            });
         let cluster = Cluster::new(key.clone(), spec);
         clusters.insert(key.clone(), cluster.clone());
         cluster
@@ -372,7 +389,11 @@ impl Upstreams {
                 Err(Failure::Gone) if attempt < MAX_QUIET_ATTEMPTS => continue,
                 Err(failure) => return Err(to_error(key, Some(picked.addr), failure)),
             };
-            prepare(&mut request, protocol, picked.addr);
+            prepare(
+                &mut request,
+                protocol,
+                picked.authority.unwrap_or(picked.addr),
+            );
             let (addr, generation, workload) =
                 (picked.addr, picked.generation, picked.workload.clone());
             let (result, mut completion) = lease.send(request, picked.guard).await;
@@ -441,6 +462,7 @@ impl Upstreams {
             let target = UpstreamTarget {
                 addr: picked.addr,
                 workload: picked.workload.clone(),
+                authority: picked.authority,
             };
             let connected =
                 tokio::time::timeout(timeout, self.inner.connector.connect(&target)).await;
@@ -575,6 +597,9 @@ pub struct ClusterSnapshot {
     pub hostname: String,
     /// `namespace/name` of the DestinationRule that applies.
     pub destination_rule: Option<String>,
+    /// The service's waypoint, when this ingress cluster sends its traffic there
+    /// (`istio.io/ingress-use-waypoint`); the endpoints are then the waypoint's pods.
+    pub via_waypoint: Option<String>,
     /// Why the cluster cannot serve (unknown port or subset).
     pub error: Option<String>,
     /// The load balancer in force.

@@ -124,12 +124,14 @@ impl Cluster {
             Err(_) if !avoid.is_empty() => st.pick(hash, now, &[])?,
             Err(e) => return Err(e),
         };
+        let authority = st.via_waypoint.as_ref().map(|via| via.authority);
         let endpoint = &mut st.endpoints[index];
         endpoint.outstanding += 1;
         Ok(Picked {
             addr: endpoint.addr,
             generation: endpoint.generation,
             workload: endpoint.workload.clone(),
+            authority,
             guard: OutstandingGuard {
                 cluster: Some(self.clone()),
                 addr: endpoint.addr,
@@ -149,6 +151,7 @@ impl Cluster {
         let target = super::UpstreamTarget {
             addr: picked.addr,
             workload: picked.workload.clone(),
+            authority: picked.authority,
         };
         let tunnelled = connector.tunnelled(&target);
         loop {
@@ -319,6 +322,7 @@ pub(super) struct ClusterState {
     error: Option<String>,
     hostname: String,
     destination_rule: Option<String>,
+    via_waypoint: Option<super::resolve::ViaWaypoint>,
     pub(super) policy: TrafficPolicy,
     endpoints: Vec<EndpointState>,
     index: HashMap<SocketAddr, usize>,
@@ -636,6 +640,8 @@ pub(super) struct Picked {
     pub(super) addr: SocketAddr,
     pub(super) generation: u64,
     pub(super) workload: Option<Arc<Workload>>,
+    /// The tunnel's `:authority` when the endpoint is the service's waypoint.
+    pub(super) authority: Option<SocketAddr>,
     pub(super) guard: OutstandingGuard,
 }
 
@@ -852,6 +858,13 @@ impl ClusterState {
         self.hostname = spec.hostname;
         self.destination_rule = spec.destination_rule;
         self.policy = spec.policy;
+        let mut gone = Vec::new();
+        if self.via_waypoint != spec.via_waypoint {
+            // Connections made the other way (to the endpoints or the waypoint, or for another
+            // VIP) are not reused: every endpoint starts afresh.
+            self.via_waypoint = spec.via_waypoint;
+            gone = std::mem::take(&mut self.endpoints);
+        }
         let mut old: HashMap<SocketAddr, EndpointState> =
             self.endpoints.drain(..).map(|e| (e.addr, e)).collect();
         let mut endpoints = Vec::with_capacity(spec.endpoints.len());
@@ -885,7 +898,8 @@ impl ClusterState {
             )),
             _ => None,
         };
-        old.into_values().collect()
+        gone.extend(old.into_values());
+        gone
     }
 
     fn pick(
@@ -896,6 +910,15 @@ impl ClusterState {
     ) -> Result<usize, Failure> {
         if let Some(reason) = &self.error {
             return Err(Failure::NoCluster(reason.clone()));
+        }
+        if self.endpoints.is_empty()
+            && let Some(via) = &self.via_waypoint
+        {
+            return Err(Failure::NoHealthy(format!(
+                "service {} goes through its waypoint {} (istio.io/ingress-use-waypoint), which \
+                 has no ready pod",
+                self.hostname, via.waypoint
+            )));
         }
         if self.endpoints.is_empty() {
             return Err(Failure::NoHealthy(format!(
@@ -1493,6 +1516,10 @@ impl ClusterState {
             port: key.port,
             hostname: self.hostname.clone(),
             destination_rule: self.destination_rule.clone(),
+            via_waypoint: self
+                .via_waypoint
+                .as_ref()
+                .map(|via| format!("{} (:authority {})", via.waypoint, via.authority)),
             error: self.error.clone(),
             load_balancer: self.policy.load_balancer.clone(),
             connections: self.connections,

@@ -8,12 +8,22 @@
 //! first DestinationRule (the state keeps them oldest first) whose `host` is the service's
 //! hostname applies; its subset's policy is already merged with the top level by the
 //! translation; no rule means Istio's defaults.
+//!
+//! At an ingress gateway a service whose waypoint is to see ingress traffic
+//! (`istio.io/ingress-use-waypoint`, [`State::ingress_waypoint`]) resolves instead to the ready
+//! pods of its waypoint's Service at their HBONE port, with the service's VIP:port as the
+//! tunnel's `:authority`, as ztunnel sends a mesh client's traffic there. The waypoint then
+//! routes it (subsets included: a subset is not applied at the gateway, as in Istio, where the
+//! waypoint's routes decide). The DestinationRule's traffic policy still applies to the
+//! gateway's connections. A waypoint that is missing or has no ready pod leaves the cluster
+//! without endpoints (503, fail closed): its policies are never bypassed.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh::model::{State, TrafficPolicy, Workload};
+use mesh::hbone::HBONE_PORT;
+use mesh::model::{Service, State, TrafficPolicy, WaypointRef, Workload};
 
 use super::ClusterKey;
 
@@ -26,6 +36,17 @@ pub(super) struct ClusterSpec {
     pub(super) destination_rule: Option<String>,
     pub(super) policy: TrafficPolicy,
     pub(super) endpoints: Vec<ResolvedEndpoint>,
+    /// Set when the endpoints are the service's waypoint's pods (ingress only).
+    pub(super) via_waypoint: Option<ViaWaypoint>,
+}
+
+/// The cluster's traffic goes through the service's waypoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ViaWaypoint {
+    pub(super) waypoint: WaypointRef,
+    /// The service's VIP and port: the `:authority` of each tunnel, by which the waypoint
+    /// knows the service.
+    pub(super) authority: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -43,7 +64,20 @@ pub(super) enum Unresolved {
     Invalid(String),
 }
 
-pub(super) fn resolve(state: &State, key: &ClusterKey) -> Result<ClusterSpec, Unresolved> {
+/// Which side of the mesh the clusters are resolved for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// A waypoint: always the service's endpoints (it is the waypoint).
+    Waypoint,
+    /// An ingress gateway: the service's waypoint when the service asks for it.
+    Ingress,
+}
+
+pub(super) fn resolve(
+    state: &State,
+    key: &ClusterKey,
+    side: Side,
+) -> Result<ClusterSpec, Unresolved> {
     let service = state
         .services
         .get(&key.service)
@@ -85,6 +119,19 @@ pub(super) fn resolve(state: &State, key: &ClusterKey) -> Result<ClusterSpec, Un
         }
     };
 
+    if side == Side::Ingress
+        && let Some(waypoint) = state.ingress_waypoint(service)
+    {
+        let via = via_waypoint(state, service, key.port, waypoint)?;
+        return Ok(ClusterSpec {
+            hostname: service.hostname.clone(),
+            destination_rule: rule.map(|dr| dr.key()),
+            policy,
+            endpoints: waypoint_endpoints(state, waypoint),
+            via_waypoint: Some(via),
+        });
+    }
+
     let mut seen = HashSet::new();
     let endpoints = service
         .endpoints
@@ -113,5 +160,57 @@ pub(super) fn resolve(state: &State, key: &ClusterKey) -> Result<ClusterSpec, Un
         destination_rule: rule.map(|dr| dr.key()),
         policy,
         endpoints,
+        via_waypoint: None,
     })
+}
+
+/// The tunnel's `:authority` for `service`'s `port` through `waypoint`: the service's first
+/// VIP (a headless service has none, and a waypoint cannot know it by address).
+fn via_waypoint(
+    state: &State,
+    service: &Service,
+    port: u16,
+    waypoint: &WaypointRef,
+) -> Result<ViaWaypoint, Unresolved> {
+    let vip = service.vips.first().ok_or_else(|| {
+        Unresolved::Invalid(format!(
+            "service {} asks for its waypoint {waypoint} (istio.io/ingress-use-waypoint) but \
+             has no ClusterIP for the waypoint to know it by",
+            service.key()
+        ))
+    })?;
+    if !state.services.contains_key(&waypoint.service_key()) {
+        return Err(Unresolved::Invalid(format!(
+            "service {} asks for its waypoint {waypoint} (istio.io/ingress-use-waypoint), but \
+             no Service {waypoint} exists (check the istio.io/use-waypoint label and the \
+             waypoint's deployment)",
+            service.key()
+        )));
+    }
+    Ok(ViaWaypoint {
+        waypoint: waypoint.clone(),
+        authority: SocketAddr::new(*vip, port),
+    })
+}
+
+/// The ready pods of `waypoint`'s Service, each at its HBONE port.
+fn waypoint_endpoints(state: &State, waypoint: &WaypointRef) -> Vec<ResolvedEndpoint> {
+    let Some(service) = state.services.get(&waypoint.service_key()) else {
+        return Vec::new();
+    };
+    let mut seen = HashSet::new();
+    service
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| {
+            // Without its workload the waypoint's identity is unknown: never dialled.
+            let workload = state.endpoint_workload(e)?;
+            let addr = SocketAddr::new(e.ip, HBONE_PORT);
+            seen.insert(addr).then_some(ResolvedEndpoint {
+                addr,
+                workload: Some(workload),
+            })
+        })
+        .collect()
 }

@@ -1532,3 +1532,193 @@ fn requests_are_adapted_to_the_upstream_protocol() {
     prepare(&mut r, UpstreamProtocol::Http2, endpoint);
     assert_eq!(r.uri().to_string(), "http://10.1.0.5:8080/a");
 }
+
+/// [`state`] plus the waypoint `default/waypoint` (one pod, `waypoint_ip`) serving `svc`, and
+/// `labels` on `svc` and `namespace_labels` on `default`.
+fn state_with_waypoint(
+    server: &TestServer,
+    waypoint_ip: IpAddr,
+    labels: &[(&str, &str)],
+    namespace_labels: &[(&str, &str)],
+) -> State {
+    let mut st = state(&[ep(server)], None);
+    let to_map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let mut svc = (*st.services["default/svc"]).clone();
+    svc.labels = to_map(labels);
+    svc.waypoint = Some(mesh::model::WaypointRef {
+        namespace: "default".into(),
+        name: "waypoint".into(),
+    });
+    st.services.insert(svc.key(), Arc::new(svc));
+    st.namespaces
+        .insert("default".into(), to_map(namespace_labels));
+    let workload = Arc::new(Workload {
+        uid: "default/waypoint-0".into(),
+        name: "waypoint-0".into(),
+        namespace: "default".into(),
+        ips: vec![waypoint_ip],
+        node: "node".into(),
+        service_account: "waypoint".into(),
+        identity: Identity::new("cluster.local", "default", "waypoint").expect("identity"),
+        labels: BTreeMap::new(),
+        // Waypoint pods are not captured.
+        enrolled: false,
+        workload_name: "waypoint".into(),
+        workload_kind: "deployment".into(),
+        canonical_service: "waypoint".into(),
+        canonical_revision: "latest".into(),
+        named_ports: BTreeMap::new(),
+    });
+    st.by_ip.insert(waypoint_ip, workload.clone());
+    st.workloads.insert(workload.uid.clone(), workload);
+    let waypoint = Arc::new(Service {
+        name: "waypoint".into(),
+        namespace: "default".into(),
+        hostname: "waypoint.default.svc.cluster.local".into(),
+        vips: vec![IpAddr::from([10, 96, 0, 2])],
+        ports: vec![ServicePort {
+            name: Some("mesh".into()),
+            port: 15008,
+            target: TargetPort::Number(15008),
+            protocol: "TCP".into(),
+            app_protocol: None,
+        }],
+        endpoints: vec![Endpoint {
+            workload_uid: Some("default/waypoint-0".into()),
+            ip: waypoint_ip,
+            ready: true,
+            ports: BTreeMap::new(),
+        }],
+        labels: BTreeMap::new(),
+        waypoint: None,
+    });
+    st.services.insert(waypoint.key(), waypoint);
+    st
+}
+
+/// The addresses a cluster resolves to and the waypoint it goes through, for `side`.
+fn resolved(st: &State, side: Side) -> (Vec<SocketAddr>, Option<SocketAddr>) {
+    let spec = resolve::resolve(st, &key(), side).expect("resolves");
+    (
+        spec.endpoints.iter().map(|e| e.addr).collect(),
+        spec.via_waypoint.map(|via| via.authority),
+    )
+}
+
+#[tokio::test]
+async fn ingress_use_waypoint_sends_an_ingress_clusters_traffic_to_the_waypoint() {
+    const LABEL: &str = mesh::model::INGRESS_USE_WAYPOINT_LABEL;
+    let server = TestServer::start("a", 1, ServerProto::Http1).await;
+    let waypoint_ip = IpAddr::from([127, 0, 0, 9]);
+    let direct = (vec![server.addr], None);
+    let via = (
+        vec![SocketAddr::new(waypoint_ip, 15008)],
+        Some(SocketAddr::from(([10, 96, 0, 1], 80))),
+    );
+    // Istio's lookup: the Service's label, else its Namespace's; only "true" counts.
+    let cases: [(&[(&str, &str)], &[(&str, &str)], bool); 6] = [
+        (&[], &[], false),
+        (&[(LABEL, "true")], &[], true),
+        (&[], &[(LABEL, "true")], true),
+        (&[(LABEL, "false")], &[(LABEL, "true")], false),
+        (&[(LABEL, "True")], &[], false),
+        (&[], &[(LABEL, "yes")], false),
+    ];
+    for (labels, namespace_labels, through_waypoint) in cases {
+        let st = state_with_waypoint(&server, waypoint_ip, labels, namespace_labels);
+        // A waypoint is the waypoint: it always goes to the endpoints.
+        assert_eq!(resolved(&st, Side::Waypoint), direct, "{labels:?}");
+        let want = if through_waypoint { &via } else { &direct };
+        assert_eq!(
+            &resolved(&st, Side::Ingress),
+            want,
+            "service {labels:?} namespace {namespace_labels:?}"
+        );
+    }
+
+    // A service without a waypoint ignores the label.
+    let mut st = state_with_waypoint(&server, waypoint_ip, &[(LABEL, "true")], &[]);
+    let mut svc = (*st.services["default/svc"]).clone();
+    svc.waypoint = None;
+    st.services.insert(svc.key(), Arc::new(svc));
+    assert_eq!(resolved(&st, Side::Ingress), direct);
+
+    // A waypoint Service that does not exist is an error naming both (never a bypass).
+    let mut st = state_with_waypoint(&server, waypoint_ip, &[(LABEL, "true")], &[]);
+    st.services.remove("default/waypoint");
+    let error = resolve::resolve(&st, &key(), Side::Ingress).expect_err("no waypoint");
+    let resolve::Unresolved::Invalid(message) = error else {
+        panic!("{error:?}");
+    };
+    assert!(
+        message.contains("default/svc") && message.contains("default/waypoint"),
+        "{message}"
+    );
+}
+
+/// Records each target it is asked for and connects to `to` whatever the target.
+struct RecordingConnector {
+    to: SocketAddr,
+    targets: Arc<std::sync::Mutex<Vec<(SocketAddr, Option<SocketAddr>, Option<String>)>>>,
+}
+
+impl Connector for RecordingConnector {
+    fn connect(&self, target: &UpstreamTarget) -> BoxFuture<'static, io::Result<Box<dyn Io>>> {
+        self.targets.lock().expect("targets").push((
+            target.addr,
+            target.authority,
+            target.workload.as_ref().map(|w| w.identity.to_string()),
+        ));
+        let to = self.to;
+        Box::pin(async move {
+            let stream = TcpStream::connect(to).await?;
+            Ok(Box::new(stream) as Box<dyn Io>)
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_ingress_cluster_through_the_waypoint_dials_it_with_the_services_authority() {
+    let server = TestServer::start("waypoint", 1, ServerProto::Http1).await;
+    let waypoint_ip = IpAddr::from([127, 0, 0, 9]);
+    let label = [(mesh::model::INGRESS_USE_WAYPOINT_LABEL, "true")];
+    let st = state_with_waypoint(&server, waypoint_ip, &label, &[]);
+    let targets = Arc::default();
+    let upstreams = Upstreams::for_side(
+        Arc::new(RecordingConnector {
+            to: server.addr,
+            targets: Arc::clone(&targets),
+        }),
+        Side::Ingress,
+    );
+    upstreams.update(&st);
+    assert_eq!(ok(&upstreams, &key(), &[]).await, "waypoint");
+    let seen = targets.lock().expect("targets").clone();
+    assert_eq!(
+        seen,
+        vec![(
+            SocketAddr::new(waypoint_ip, 15008),
+            Some(SocketAddr::from(([10, 96, 0, 1], 80))),
+            Some("spiffe://cluster.local/ns/default/sa/waypoint".to_owned()),
+        )]
+    );
+    let snapshot = cluster_snapshot(&upstreams, &key());
+    assert_eq!(
+        snapshot.via_waypoint.as_deref(),
+        Some("default/waypoint (:authority 10.96.0.1:80)")
+    );
+
+    // The label removed: the cluster goes to the endpoint again, on a connection of its own.
+    upstreams.update(&state_with_waypoint(&server, waypoint_ip, &[], &[]));
+    assert_eq!(ok(&upstreams, &key(), &[]).await, "waypoint");
+    let seen = targets.lock().expect("targets").clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].0, server.addr);
+    assert_eq!(seen[1].1, None);
+    assert_eq!(cluster_snapshot(&upstreams, &key()).via_waypoint, None);
+}
