@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
 fn run_demo(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-demo"))
@@ -47,6 +48,8 @@ fn edited_examples(
     };
     let cluster = std::fs::read_to_string(examples().join("cluster.yaml")).unwrap();
     std::fs::write(dir.path().join("cluster.yaml"), moved(cluster)).unwrap();
+    let ingress = std::fs::read_to_string(examples().join("ingress.yaml")).unwrap();
+    std::fs::write(dir.path().join("ingress.yaml"), moved(ingress)).unwrap();
     let traffic = std::fs::read_to_string(examples().join("traffic.yaml")).unwrap();
     std::fs::write(dir.path().join("traffic.yaml"), edit(traffic)).unwrap();
     for name in extra {
@@ -59,8 +62,10 @@ fn edited_examples(
     dir
 }
 
+/// The demo's traffic enters through the HTTPS ingress gateway and goes on through the
+/// waypoint (`istio.io/ingress-use-waypoint` on the namespace).
 #[test]
-fn demo_runs_the_canary_with_the_delay_through_the_waypoint() {
+fn demo_runs_the_canary_with_the_delay_through_the_ingress_and_the_waypoint() {
     let (ok, stdout, stderr) = run_demo(&["--requests", "60", "--concurrency", "30"]);
     assert!(ok, "demo failed:\n{stdout}\n{stderr}");
     assert!(
@@ -74,10 +79,28 @@ fn demo_runs_the_canary_with_the_delay_through_the_waypoint() {
     // Half the requests carry the injected 3 s delay, the others do not.
     let delayed = count(&stdout, ">= 3 s");
     assert!((10..=50).contains(&delayed), "{stdout}");
-    // Each hop verified the identity of the one before, over mutual TLS.
+    // The command a user can run while it is up.
+    assert!(
+        stdout.contains("curl --resolve echo.example.com:8443:127.0.50.3 --cacert /")
+            && stdout.contains("ingress-ca.crt https://echo.example.com:8443/"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("sending 60 requests to https://echo.example.com:8443/"),
+        "{stdout}"
+    );
+    // The gateway answered them all, and each hop verified the identity of the one before,
+    // over mutual TLS: the waypoint saw the gateway's.
     assert!(
         stdout.contains(
-            "waypoint saw spiffe://cluster.local/ns/demo/sa/sleep -> echo-v1  mutual TLS"
+            "ingress saw  an outside client -> echo.demo.svc.cluster.local  HTTPS  HTTP 200"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "waypoint saw spiffe://cluster.local/ns/istio-ingress/sa/istio-ingress -> echo-v1  \
+             mutual TLS"
         ),
         "{stdout}"
     );
@@ -118,7 +141,7 @@ fn an_l7_deny_policy_makes_the_waypoint_answer_403() {
     let dir = edited_examples(
         52,
         |t| t.replace("value: 50", "value: 0"),
-        &["deny-sleep.yaml"],
+        &["deny-clients.yaml"],
     );
     let (ok, stdout, stderr) =
         run_demo(&["--requests", "20", "--config", dir.path().to_str().unwrap()]);
@@ -128,6 +151,125 @@ fn an_l7_deny_policy_makes_the_waypoint_answer_403() {
         "{stdout}"
     );
     assert_eq!(count(&stdout, "HTTP 403 from the waypoint"), 20, "{stdout}");
+}
+
+#[test]
+fn from_pod_sends_from_the_mesh_pod_through_ztunnel() {
+    let dir = edited_examples(53, |t| t.replace("value: 50", "value: 0"), &[]);
+    let (ok, stdout, stderr) = run_demo(&[
+        "--requests",
+        "20",
+        "--from-pod",
+        "--config",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(ok, "demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("sending 20 requests to http://echo.demo.svc.cluster.local/"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "waypoint saw spiffe://cluster.local/ns/demo/sa/sleep -> echo-v1  mutual TLS"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("ingress saw"), "{stdout}");
+    assert_eq!(count(&stdout, "echo-v1") + count(&stdout, "echo-v2"), 20);
+}
+
+/// With `--serve` the demo stays up, and the printed command (`curl --resolve HOST:PORT:IP
+/// --cacert FILE URL`) reaches the echo service through the gateway: done here with rustls,
+/// from exactly the printed arguments. Ctrl-C (SIGINT) ends it cleanly.
+#[test]
+fn serve_keeps_the_gateway_up_for_the_printed_curl_command() {
+    use std::io::{BufRead, Read, Write};
+    let dir = edited_examples(54, |t| t.replace("value: 50", "value: 0"), &[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-demo"))
+        .args(["--requests", "5", "--serve", "--config"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mesh-demo");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    // Stopped by its PID whatever happens below.
+    struct Stop(nix::unistd::Pid);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let _stop = Stop(pid);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut curl = None;
+    loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "the demo ended before serving:\n{seen}"
+        );
+        seen.push_str(&line);
+        if line.trim_start().starts_with("try it") {
+            curl = Some(line.clone());
+        }
+        if line.starts_with("Up until Ctrl-C") {
+            break;
+        }
+    }
+    let curl = curl.unwrap_or_else(|| panic!("no curl command printed:\n{seen}"));
+    let words: Vec<&str> = curl.split_whitespace().collect();
+    let after = |flag: &str| {
+        let i = words.iter().position(|w| *w == flag).unwrap();
+        words[i + 1]
+    };
+    // HOST:PORT:IP
+    let resolve: Vec<&str> = after("--resolve").split(':').collect();
+    let (host, port, ip) = (resolve[0], resolve[1], resolve[2]);
+    let ca = std::fs::read(after("--cacert")).unwrap();
+    let url = words.iter().find(|w| w.starts_with("https://")).unwrap();
+    assert_eq!(*url, format!("https://{host}:{port}/"));
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        let cert: rustls_pki_types::CertificateDer<'static> = cert.unwrap();
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+    let mut tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(format!("{ip}:{port}")).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    assert!(response.contains("hello from echo-v"), "{response}");
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status}: {stderr}");
 }
 
 #[test]

@@ -1,20 +1,25 @@
 //! The local mesh demo: no cluster, no root, nothing installed.
 //!
 //! It starts the mesh's CA (gRPC over TLS), two real ztunnels (`ztunnel::app::build`, the same
-//! code `ztunnel run` uses) as two "nodes" and a waypoint (`waypoint::app::build`) on loopback,
-//! loads the cluster and its traffic rules from `examples/demo/*.yaml`, and runs the backends
-//! `echo-v1` and `echo-v2` on node B. The client pod `sleep` on node A sends HTTP requests to
-//! `echo.demo.svc.cluster.local` through node A's ztunnel (its SOCKS5 port, since nothing is
-//! captured without root). Because the namespace uses the waypoint, ztunnel carries each
-//! connection over HBONE (HTTP/2 CONNECT over mutual TLS 1.3) to the waypoint, which applies the
-//! VirtualService (a 90/10 canary and a 3 s delay for half of the requests) and the
-//! DestinationRule's subsets, then opens HBONE to the chosen pod's ztunnel on node B. The demo
-//! prints what happened: requests per version, the latency distribution with the injected
-//! delay, the identities each hop verified (from the proxies' Istio metrics), and the
-//! certificates. Edit the YAML and run again to change the result.
+//! code `ztunnel run` uses) as two "nodes", a waypoint and an ingress gateway
+//! (`waypoint::app::build`, as `waypoint run` and `waypoint gateway`) on loopback, loads the
+//! cluster and its traffic rules from `examples/demo/*.yaml`, and runs the backends `echo-v1`
+//! and `echo-v2` on node B. The requests come from outside the mesh: HTTPS to the ingress
+//! gateway (`https://echo.example.com:8443`, on the gateway pod's loopback address, with a
+//! certificate made at start), which terminates TLS, routes by the Istio `Gateway` and the
+//! `VirtualService` bound to it, and, because the namespace carries
+//! `istio.io/ingress-use-waypoint`, carries each request over HBONE (HTTP/2 CONNECT over mutual
+//! TLS 1.3) to the waypoint. The waypoint applies the VirtualService (a 90/10 canary and a 3 s
+//! delay for half of the requests) and the DestinationRule's subsets, then opens HBONE to the
+//! chosen pod's ztunnel on node B. `--from-pod` sends from the mesh pod `sleep` on node A
+//! instead, through node A's ztunnel (its SOCKS5 port, since nothing is captured without root).
+//! The demo prints the `curl` command that reaches the gateway while it is up (`--serve` keeps
+//! it up until Ctrl-C), then what happened: requests per version, the latency distribution with
+//! the injected delay, the identities each hop verified (from the proxies' Istio metrics), and
+//! the certificates. Edit the YAML and run again to change the result.
 //!
 //! Run: `cargo run --release -p mesh-tests --bin mesh-demo -- [--requests N] [--concurrency C]
-//! [--config DIR]`
+//! [--config DIR] [--from-pod] [--serve]`
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +47,10 @@ struct Args {
     requests: usize,
     concurrency: usize,
     config: PathBuf,
+    /// Send from the mesh pod `sleep` (SOCKS5 into node A's ztunnel), not through the ingress.
+    from_pod: bool,
+    /// Stay up after the run, until Ctrl-C, for the printed `curl` command.
+    serve: bool,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
@@ -49,6 +58,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         requests: 100,
         concurrency: 20,
         config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/demo"),
+        from_pod: false,
+        serve: false,
     };
     let positive = |value: Option<String>, flag: &str| -> anyhow::Result<usize> {
         let n: usize = value
@@ -66,10 +77,14 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             "--requests" => args.requests = positive(it.next(), "--requests")?,
             "--concurrency" => args.concurrency = positive(it.next(), "--concurrency")?,
             "--config" => args.config = it.next().context("--config needs a directory")?.into(),
+            "--from-pod" => args.from_pod = true,
+            "--serve" => args.serve = true,
             "-h" | "--help" => {
                 println!(
                     "usage: mesh-demo [--requests N (default 100)] [--concurrency C (default 20)] \
-                     [--config DIR (default examples/demo)]"
+                     [--config DIR (default examples/demo)] [--from-pod (send from the mesh pod \
+                     sleep, not through the ingress gateway)] [--serve (stay up after the run, \
+                     until Ctrl-C)]"
                 );
                 return Ok(None);
             }
@@ -153,34 +168,79 @@ struct Tally {
     failed: Vec<String>,
 }
 
-/// One client connection of pod `sleep`: SOCKS5 to node A's ztunnel, then HTTP/1.1 keep-alive
-/// requests to the service, `count` of them.
-async fn worker(
-    socks: SocketAddr,
-    source: std::net::IpAddr,
-    count: usize,
-    done: Arc<AtomicUsize>,
-    total: usize,
-) -> Tally {
+/// Where the demo's requests enter the mesh.
+#[derive(Clone)]
+enum Entry {
+    /// HTTPS to the ingress gateway at `addr`; `host` is the SNI and `Host`.
+    Ingress {
+        addr: SocketAddr,
+        host: String,
+        tls: Arc<rustls::ClientConfig>,
+    },
+    /// The mesh pod `sleep` at `source`: SOCKS5 into node A's ztunnel.
+    Pod {
+        socks: SocketAddr,
+        source: std::net::IpAddr,
+    },
+}
+
+impl Entry {
+    /// A keep-alive HTTP/1.1 client on a new connection.
+    async fn connect(&self) -> Result<HttpClient, String> {
+        match self {
+            Entry::Ingress { addr, host, tls } => {
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("connecting to the ingress gateway {addr}: {e}"))?;
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| format!("{host}: {e}"))?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with the ingress gateway {addr}: {e}"))?;
+                HttpClient::on(stream, host.clone(), HttpVersion::Http1)
+                    .await
+                    .map_err(|e| format!("HTTP handshake: {e}"))
+            }
+            Entry::Pod { socks, source } => {
+                match mesh_tests::socks5_connect(
+                    *socks,
+                    *source,
+                    mesh_tests::Socks5Target::Name(SERVICE, 80),
+                )
+                .await
+                {
+                    Ok((stream, 0)) => {
+                        HttpClient::on(stream, SERVICE.to_owned(), HttpVersion::Http1)
+                            .await
+                            .map_err(|e| format!("HTTP handshake: {e}"))
+                    }
+                    Ok((_, code)) => Err(format!("SOCKS5 refused: code {code}")),
+                    Err(e) => Err(format!("SOCKS5: {e}")),
+                }
+            }
+        }
+    }
+
+    /// The URL the requests go to.
+    fn url(&self) -> String {
+        match self {
+            Entry::Ingress { addr, host, .. } => format!("https://{host}:{}/", addr.port()),
+            Entry::Pod { .. } => format!("http://{SERVICE}/"),
+        }
+    }
+}
+
+/// One client connection (reopened after a failure): HTTP/1.1 keep-alive requests through
+/// `entry`, `count` of them.
+async fn worker(entry: Entry, count: usize, done: Arc<AtomicUsize>, total: usize) -> Tally {
     let mut tally = Tally::default();
     let mut client = None;
     for _ in 0..count {
         if client.is_none() {
-            match mesh_tests::socks5_connect(
-                socks,
-                source,
-                mesh_tests::Socks5Target::Name(SERVICE, 80),
-            )
-            .await
-            {
-                Ok((stream, 0)) => {
-                    match HttpClient::on(stream, SERVICE.to_owned(), HttpVersion::Http1).await {
-                        Ok(c) => client = Some(c),
-                        Err(e) => tally.failed.push(format!("HTTP handshake: {e}")),
-                    }
-                }
-                Ok((_, code)) => tally.failed.push(format!("SOCKS5 refused: code {code}")),
-                Err(e) => tally.failed.push(format!("SOCKS5: {e}")),
+            match entry.connect().await {
+                Ok(c) => client = Some(c),
+                Err(e) => tally.failed.push(e),
             }
         }
         if let Some(c) = client.as_mut() {
@@ -205,6 +265,88 @@ async fn worker(
         progress(n, total);
     }
     tally
+}
+
+/// The demo's ingress gateway, from the example YAML: a pod labelled `istio: ingress` and the
+/// first HTTPS server (with a `credentialName`) of a Gateway that selects it.
+struct IngressPlan {
+    pod: Arc<mesh::model::Workload>,
+    port: u16,
+    host: String,
+    gateway: String,
+    credential: String,
+}
+
+fn ingress_plan(state: &mesh::model::State) -> Option<IngressPlan> {
+    let pod = state
+        .workloads
+        .values()
+        .find(|w| w.labels.get("istio").map(String::as_str) == Some("ingress"))?;
+    state
+        .ingress_gateways
+        .iter()
+        .filter(|g| g.selects(&pod.labels))
+        .flat_map(|g| g.servers.iter().map(move |s| (g, s)))
+        .find_map(|(g, server)| {
+            let credential = server.tls.as_ref()?.credential.clone()?;
+            let host = server.hosts.iter().find(|h| !h.host.contains('*'))?;
+            (server.protocol == mesh::model::ServerProtocol::Https).then(|| IngressPlan {
+                pod: pod.clone(),
+                port: server.port,
+                host: host.host.clone(),
+                gateway: g.key(),
+                credential,
+            })
+        })
+}
+
+/// `config` (a directory of YAML, or one file) seen through `dir`: a link to each of its files
+/// (so edits reach the running proxies) and `extra` files written beside them.
+fn config_overlay(
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    extra: &[(&str, String)],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let config = config
+        .canonicalize()
+        .with_context(|| format!("reading {}", config.display()))?;
+    let files: Vec<PathBuf> = if config.is_dir() {
+        std::fs::read_dir(&config)
+            .with_context(|| format!("listing {}", config.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![config.clone()]
+    };
+    for file in files {
+        let Some(name) = file.file_name() else {
+            continue;
+        };
+        std::os::unix::fs::symlink(&file, dir.join(name))
+            .with_context(|| format!("linking {}", file.display()))?;
+    }
+    for (name, text) in extra {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(())
+}
+
+/// Reads the state the proxies will start from.
+async fn load_state(config: &std::path::Path) -> anyhow::Result<Arc<mesh::model::State>> {
+    let writer = mesh::discovery::StoreWriter::new();
+    let mut source = mesh::discovery::file::FileSource::new(
+        mesh::discovery::file::FileSourceConfig::new(config.to_owned()),
+        &mut Registry::default(),
+    );
+    let report = source
+        .load_once(&writer)
+        .await
+        .with_context(|| format!("loading {}", config.display()))?;
+    for rejected in &report.rejected {
+        eprintln!("warning: {rejected}");
+    }
+    Ok(writer.store().snapshot())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -237,22 +379,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         request_timeout: mesh::ops::DEFAULT_CA_REQUEST_TIMEOUT,
     };
 
-    // The cluster from the example YAML: pods, their IPs, the service and its waypoint.
-    let state = {
-        let writer = mesh::discovery::StoreWriter::new();
-        let mut source = mesh::discovery::file::FileSource::new(
-            mesh::discovery::file::FileSourceConfig::new(args.config.clone()),
-            &mut Registry::default(),
-        );
-        let report = source
-            .load_once(&writer)
-            .await
-            .with_context(|| format!("loading {}", args.config.display()))?;
-        for rejected in &report.rejected {
-            eprintln!("warning: {rejected}");
-        }
-        writer.store().snapshot()
-    };
+    // The cluster from the example YAML: pods, their IPs, the service, its waypoint and the
+    // ingress gateway. The proxies read it through an overlay directory that adds the gateway's
+    // certificate, made now by a CA of the demo's own (the one `curl --cacert` trusts).
+    let state = load_state(&args.config).await?;
+    let ingress_plan = ingress_plan(&state).filter(|_| !args.from_pod);
+    let config_dir = work.path().join("config");
+    let web_pki = mesh_tests::WebPki::new("mesh-demo ingress CA");
+    let ca_file = work.path().join("ingress-ca.crt");
+    std::fs::write(&ca_file, &web_pki.ca_pem)?;
+    let mut extra = Vec::new();
+    if let Some(plan) = &ingress_plan {
+        extra.push((
+            "zz-ingress-credential.yaml",
+            mesh_tests::WebPki::secret_yaml(
+                &plan.pod.namespace,
+                &plan.credential,
+                &web_pki.server(&[&plan.host]),
+                None,
+            ),
+        ));
+    }
+    config_overlay(&args.config, &config_dir, &extra)?;
     let client = state
         .workloads
         .values()
@@ -280,7 +428,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
         cluster_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
-        config_path: args.config.clone(),
+        config_path: config_dir.clone(),
         ca: ca_config.clone(),
         capture: CaptureMode::None,
         probe_sources: vec![],
@@ -323,7 +471,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
                 cluster_domain: "cluster.local".into(),
                 root_namespace: "istio-system".into(),
-                config_path: args.config.clone(),
+                config_path: config_dir.clone(),
                 ca: ca_config.clone(),
                 hbone_addr: SocketAddr::new(pod.ips[0], mesh::hbone::HBONE_PORT),
                 admin_addr: any,
@@ -343,9 +491,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
         }
     };
+    // The ingress gateway, as `waypoint gateway` runs it: listening on its pod's address.
+    let ingress = match &ingress_plan {
+        None => None,
+        Some(plan) => {
+            let pod = &plan.pod;
+            let config = waypoint::config::Config {
+                waypoint: mesh::model::WaypointRef {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                },
+                identity: mesh::identity::Identity::new(
+                    TRUST_DOMAIN,
+                    &pod.namespace,
+                    &pod.service_account,
+                )?,
+                trust_domain: TRUST_DOMAIN.into(),
+                cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
+                cluster_domain: "cluster.local".into(),
+                root_namespace: "istio-system".into(),
+                config_path: config_dir.clone(),
+                ca: ca_config.clone(),
+                hbone_addr: any,
+                admin_addr: any,
+                metrics_addr: any,
+                readiness_addr: any,
+                operator: Default::default(),
+                drain_deadline: Duration::from_secs(1),
+                workload_cert_ttl: Duration::from_secs(3600),
+                protocol_detection_timeout: None,
+                hbone: Default::default(),
+                ingress: Some(waypoint::config::IngressConfig {
+                    labels: pod.labels.clone(),
+                    bind: pod.ips[0],
+                }),
+            };
+            Some(
+                waypoint::app::build(config, None)
+                    .await
+                    .context("starting the ingress gateway")?,
+            )
+        }
+    };
     let mut readiness = vec![("node-a", a.readiness_addr), ("node-b", b.readiness_addr)];
     if let Some(w) = &waypoint {
         readiness.push(("waypoint", w.readiness_addr));
+    }
+    if let Some(i) = &ingress {
+        readiness.push(("ingress gateway", i.readiness_addr));
     }
     for (name, addr) in readiness {
         let ready = async {
@@ -360,6 +553,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::timeout(Duration::from_secs(10), ready)
             .await
             .with_context(|| format!("{name} did not become ready"))?;
+    }
+
+    let entry = match &ingress_plan {
+        Some(plan) => Entry::Ingress {
+            addr: SocketAddr::new(plan.pod.ips[0], plan.port),
+            host: plan.host.clone(),
+            tls: web_pki.client_config(&[b"http/1.1"], None),
+        },
+        None => Entry::Pod {
+            socks: a.socks5_addr.context("node-a has no SOCKS5 listener")?,
+            source: client.ips[0],
+        },
+    };
+    if let Entry::Ingress { addr, .. } = &entry {
+        // Its listeners follow the state: the port opens once the Gateway is applied.
+        let open = async {
+            while TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), open)
+            .await
+            .with_context(|| format!("the ingress gateway never listened on {addr}"))?;
     }
 
     println!(
@@ -389,14 +605,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let (Some(plan), Entry::Ingress { addr, .. }) = (&ingress_plan, &entry) {
+        println!(
+            "  ingress   {}/{} on {addr} (Gateway {}: HTTPS for {}, a certificate made at \
+             start; then {})",
+            plan.pod.namespace,
+            plan.pod.name,
+            plan.gateway,
+            plan.host,
+            match state.ingress_waypoint(&service) {
+                Some(waypoint) => format!("through the waypoint {waypoint}"),
+                None => "straight to the pods".to_owned(),
+            }
+        );
+        println!(
+            "  try it    curl --resolve {host}:{port}:{ip} --cacert {ca} https://{host}:{port}/ \
+             (while the demo is up; --serve keeps it up)",
+            host = plan.host,
+            port = addr.port(),
+            ip = addr.ip(),
+            ca = ca_file.display()
+        );
+    }
     println!(
-        "  sending {} requests to http://{SERVICE}/ on {} keep-alive connections",
+        "  sending {} requests to {} on {} keep-alive connections",
         args.requests,
+        entry.url(),
         args.concurrency.min(args.requests)
     );
     println!();
 
-    let socks = a.socks5_addr.context("node-a has no SOCKS5 listener")?;
     let started = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
     let workers = args.concurrency.min(args.requests);
@@ -404,8 +642,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..workers {
         let count = args.requests / workers + usize::from(i < args.requests % workers);
         tasks.push(tokio::spawn(worker(
-            socks,
-            client.ips[0],
+            entry.clone(),
             count,
             done.clone(),
             args.requests,
@@ -433,6 +670,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "Hops (each is HBONE: HTTP/2 CONNECT over mutual TLS 1.3, from the proxies' metrics):"
     );
+    if let Some(i) = &ingress {
+        let metrics = http_get(i.metrics_addr, "/metrics").await?;
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+        {
+            println!(
+                "  ingress saw  an outside client -> {}  HTTPS  HTTP {} {}  ({} requests)",
+                label(line, "destination_service").unwrap_or("?"),
+                label(line, "response_code").unwrap_or("?"),
+                label(line, "response_flags").unwrap_or("-"),
+                line.rsplit(' ').next().unwrap_or("?")
+            );
+        }
+    }
     if let Some(w) = &waypoint {
         let metrics = http_get(w.metrics_addr, "/metrics").await?;
         let mut lines: Vec<&str> = metrics
@@ -478,11 +730,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(w) = &waypoint {
         admins.push(("waypoint", w.admin_addr));
     }
+    if let Some(i) = &ingress {
+        admins.push(("ingress", i.admin_addr));
+    }
     for (name, addr) in admins {
         let dump: serde_json::Value = serde_json::from_str(&http_get(addr, "/config_dump").await?)?;
         for c in dump["certificates"].as_array().into_iter().flatten() {
             println!(
-                "  {name:<9} {:<45} {} serial {}",
+                "  {name:<9} {:<56} {} serial {}",
                 c["identity"].as_str().unwrap_or("?"),
                 c["state"].as_str().unwrap_or("?"),
                 c["serial"].as_str().unwrap_or("-")
@@ -490,7 +745,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    // The waypoint first: its pooled tunnels to node B close with it.
+    if args.serve {
+        // Registered before the line that invites the signal.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        println!();
+        println!("Up until Ctrl-C: the curl command above reaches the gateway.");
+        interrupt.recv().await;
+    }
+
+    // The gateway and the waypoint first: their pooled tunnels close with them.
+    if let Some(i) = ingress {
+        i.shutdown_trigger().cancel();
+        i.wait().await?;
+    }
     if let Some(w) = waypoint {
         w.shutdown_trigger().cancel();
         w.wait().await?;
