@@ -1621,7 +1621,9 @@ async fn ingress_use_waypoint_sends_an_ingress_clusters_traffic_to_the_waypoint(
         Some(SocketAddr::from(([10, 96, 0, 1], 80))),
     );
     // Istio's lookup: the Service's label, else its Namespace's; only "true" counts.
-    let cases: [(&[(&str, &str)], &[(&str, &str)], bool); 6] = [
+    // (the Service's labels, the Namespace's labels, through the waypoint)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [(&'a str, &'a str)], bool);
+    let cases: [Case<'_>; 6] = [
         (&[], &[], false),
         (&[(LABEL, "true")], &[], true),
         (&[], &[(LABEL, "true")], true),
@@ -1661,10 +1663,13 @@ async fn ingress_use_waypoint_sends_an_ingress_clusters_traffic_to_the_waypoint(
     );
 }
 
+/// A target as a connector saw it: address, `:authority`, expected identity.
+type SeenTarget = (SocketAddr, Option<SocketAddr>, Option<String>);
+
 /// Records each target it is asked for and connects to `to` whatever the target.
 struct RecordingConnector {
     to: SocketAddr,
-    targets: Arc<std::sync::Mutex<Vec<(SocketAddr, Option<SocketAddr>, Option<String>)>>>,
+    targets: Arc<std::sync::Mutex<Vec<SeenTarget>>>,
 }
 
 impl Connector for RecordingConnector {
