@@ -1445,6 +1445,16 @@ impl ClusterBuilder {
             panic!("label({key:?}) must follow .pod(..)");
         };
         self.pods[i].labels.insert(key.to_owned(), value.to_owned());
+        // An ingress gateway's labels are also its GATEWAY_LABELS.
+        let (namespace, name) = (&self.pods[i].namespace, &self.pods[i].name);
+        if let Some(labels) = self
+            .waypoints
+            .iter_mut()
+            .find(|w| w.namespace == *namespace && w.name == *name)
+            .and_then(|w| w.ingress_labels.as_mut())
+        {
+            labels.insert(key.to_owned(), value.to_owned());
+        }
         self
     }
 

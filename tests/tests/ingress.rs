@@ -888,3 +888,158 @@ spec:
     }
     assert_eq!(versions.len(), 2, "both endpoints serve: {versions:?}");
 }
+
+/// Istio's ambient getting-started `bookinfo-gateway`, as the Gateway API writes it: a
+/// `Gateway` of class `istio` (an HTTP listener, and here an HTTPS one with a `certificateRefs`
+/// Secret) served by the gateway pods of its namespace labelled with its name, and the
+/// `bookinfo` HTTPRoute attached to it. Routes attach per listener: one naming the `https`
+/// listener by `sectionName` is not served on the HTTP port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_api_gateway_with_http_routes_from_the_getting_started_guide() {
+    if !needs_root() {
+        return;
+    }
+    let pki = WebPki::new("example.com root");
+    let gateway = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway, namespace: demo}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 8080
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Same
+  - name: https
+    port: 8443
+    protocol: HTTPS
+    hostname: bookinfo.example.com
+    tls:
+      mode: Terminate
+      certificateRefs: [{name: bookinfo-cert}]
+"#;
+    let routes = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bookinfo, namespace: demo}
+spec:
+  parentRefs:
+  - name: bookinfo-gateway
+  rules:
+  - matches:
+    - path: {type: Exact, value: /productpage}
+    - path: {type: PathPrefix, value: /static}
+    backendRefs:
+    - name: reviews
+      port: 9080
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: secure-only, namespace: demo}
+spec:
+  parentRefs:
+  - {name: bookinfo-gateway, sectionName: https}
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /secure}}]
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{name: x-listener, value: https}]
+    backendRefs: [{name: reviews, port: 9080}]
+"#;
+    // The gateway pod, as Istio deploys one for the Gateway: in its namespace, labelled with
+    // its name, not captured.
+    let bi = start(
+        Cluster::builder()
+            .node("a")
+            .node("b")
+            .namespace("outside")
+            .pod("a", "outside", "curl")
+            .namespace("demo")
+            .ambient()
+            .ingress_gateway("a", "demo", "bookinfo-gateway-istio")
+            .label("gateway.networking.k8s.io/gateway-name", "bookinfo-gateway")
+            .label("istio.io/dataplane-mode", "none")
+            .pod("b", "demo", "reviews-v1")
+            .label("app", "reviews")
+            .label("version", "v1")
+            .pod("b", "demo", "reviews-v2")
+            .label("app", "reviews")
+            .label("version", "v2")
+            .http_service("demo", "reviews", PORT, PORT)
+            .yaml("gateway", gateway)
+            .yaml("routes", routes)
+            .yaml(
+                "cert",
+                &WebPki::secret_yaml("demo", "bookinfo-cert", &pki.server(&[HOST]), None),
+            ),
+    )
+    .await;
+    let ingress = bi.cluster.ingress("bookinfo-gateway-istio");
+    let addr = |port| SocketAddr::new(ingress.ip(), port);
+    let http = || async {
+        let stream = bi.cluster.pod("curl").connect(addr(HTTP_PORT)).await?;
+        HttpClient::on(stream, HOST.to_owned(), HttpVersion::Http1).await
+    };
+    eventually(SHOW_UP, || async {
+        let mut client = http().await.map_err(|e| e.to_string())?;
+        let answer = client
+            .get("/productpage", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        (answer.status == 200)
+            .then_some(())
+            .ok_or_else(|| format!("{} {}", answer.status, answer.text()))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "GET /productpage never answered 200: {e}\n{}",
+            ingress.logs()
+        )
+    });
+
+    let mut client = http().await.unwrap();
+    let mut versions: BTreeMap<String, u32> = BTreeMap::new();
+    for path in ["/productpage", "/static/app.js", "/productpage"] {
+        let answer = client.get(path, &[]).await.unwrap();
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        *versions.entry(answer.version().to_owned()).or_default() += 1;
+    }
+    assert_eq!(versions.values().sum::<u32>(), 3);
+    // Exact /productpage only; nothing else matches: 404.
+    assert_eq!(client.get("/productpage/x", &[]).await.unwrap().status, 404);
+    // The https listener's route is not on the HTTP listener.
+    assert_eq!(client.get("/secure", &[]).await.unwrap().status, 404);
+
+    // Over TLS on the https listener, with the certificateRefs Secret: both routes apply.
+    let config = pki.client_config(&[b"http/1.1"], None);
+    let stream = bi
+        .cluster
+        .pod("curl")
+        .connect(addr(HTTPS_PORT))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from(HOST.to_owned()).unwrap(), stream)
+        .await
+        .unwrap();
+    let mut client = HttpClient::on(tls, HOST.to_owned(), HttpVersion::Http1)
+        .await
+        .unwrap();
+    let answer = client.get("/secure/page", &[]).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-listener"), Some("https"));
+    assert_eq!(client.get("/productpage", &[]).await.unwrap().status, 200);
+
+    let dump = ingress.try_config_dump().await.unwrap();
+    assert_eq!(
+        dump["ingress"]["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{dump}"
+    );
+    assert!(bi.v1.requests() + bi.v2.requests() >= 5);
+}

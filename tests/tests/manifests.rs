@@ -1887,6 +1887,7 @@ fn the_gateway_is_what_the_seeds_istio_gateway_selects() {
         waypoint::config::GATEWAY_NAME,
         waypoint::config::GATEWAY_NAMESPACE,
         waypoint::config::GATEWAY_LABELS,
+        waypoint::config::GATEWAY_CLASS,
         waypoint::config::GATEWAY_BIND_ADDRESS,
         waypoint::config::SERVICE_ACCOUNT,
         waypoint::config::TRUST_DOMAIN,

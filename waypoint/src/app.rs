@@ -81,6 +81,10 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         trust_domain: config.trust_domain.clone(),
         cluster_domain: config.cluster_domain.clone(),
         root_namespace: config.root_namespace.clone(),
+        ingress_gateway_class: config.ingress.as_ref().map_or_else(
+            || mesh::model::translate::DEFAULT_INGRESS_GATEWAY_CLASS.to_owned(),
+            |i| i.class.clone(),
+        ),
     };
     let source = match config.config_source() {
         SourceKind::File => SourceSpec::File(FileSourceConfig {

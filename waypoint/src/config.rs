@@ -40,6 +40,9 @@ pub const GATEWAY_LABELS: &str = "GATEWAY_LABELS";
 /// The address the ingress's server ports are bound on (default `0.0.0.0`); a server's own
 /// `bind` wins.
 pub const GATEWAY_BIND_ADDRESS: &str = "GATEWAY_BIND_ADDRESS";
+/// The `gatewayClassName` of the Gateway API Gateways this ingress serves (default `istio`,
+/// Istio's class).
+pub const GATEWAY_CLASS: &str = "GATEWAY_CLASS";
 /// Worker threads of the runtime (read by `main` before the runtime exists).
 pub const WORKER_THREADS: &str = "WAYPOINT_WORKER_THREADS";
 pub const DEFAULT_WORKER_THREADS: usize = 2;
@@ -95,6 +98,8 @@ pub struct IngressConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// [`GATEWAY_BIND_ADDRESS`].
     pub bind: std::net::IpAddr,
+    /// [`GATEWAY_CLASS`].
+    pub class: String,
 }
 
 /// Which proxy the process is.
@@ -166,6 +171,17 @@ impl Config {
                     &required(env, GATEWAY_LABELS, "the gateway pods' labels, k=v,k=v")?,
                 )?,
                 bind: parse(env, GATEWAY_BIND_ADDRESS, "0.0.0.0")?,
+                class: match env.get(GATEWAY_CLASS)?.filter(|c| !c.is_empty()) {
+                    None => mesh::model::translate::DEFAULT_INGRESS_GATEWAY_CLASS.to_owned(),
+                    Some(class) if class == mesh::model::WAYPOINT_GATEWAY_CLASS => {
+                        return Err(ConfigError::Invalid {
+                            var: GATEWAY_CLASS,
+                            value: class,
+                            why: "is the waypoints' class; an ingress gateway needs its own (Istio's is istio)".into(),
+                        });
+                    }
+                    Some(class) => class,
+                },
             }),
         };
         let service_account = env.get(SERVICE_ACCOUNT)?.unwrap_or_else(|| name.clone());

@@ -35,12 +35,14 @@ enum Command {
     /// 100).
     Run,
     /// Run as an ingress gateway: listen on the servers of the Istio `Gateway`s whose selector
-    /// matches GATEWAY_LABELS, terminate TLS with their credentialName Secrets (read from
-    /// GATEWAY_NAMESPACE), route by the VirtualServices bound to those Gateways and send each
-    /// request into the mesh over HBONE. Configured as `run`, with GATEWAY_NAME,
-    /// GATEWAY_NAMESPACE and GATEWAY_LABELS (`istio=ingress,app=istio-ingress`) in place of
-    /// WAYPOINT_NAME/WAYPOINT_NAMESPACE, and GATEWAY_BIND_ADDRESS (default 0.0.0.0); no HBONE
-    /// listener.
+    /// matches GATEWAY_LABELS and on the listeners of the Gateway API Gateways of class
+    /// GATEWAY_CLASS (default istio) named by the label gateway.networking.k8s.io/gateway-name
+    /// in GATEWAY_NAMESPACE, terminate TLS with their Secrets (read from GATEWAY_NAMESPACE),
+    /// route by the VirtualServices bound to those Gateways and the HTTPRoutes attached to
+    /// those listeners, and send each request into the mesh over HBONE. Configured as `run`,
+    /// with GATEWAY_NAME, GATEWAY_NAMESPACE and GATEWAY_LABELS (`istio=ingress,app=istio-ingress`)
+    /// in place of WAYPOINT_NAME/WAYPOINT_NAMESPACE, and GATEWAY_BIND_ADDRESS (default
+    /// 0.0.0.0); no HBONE listener.
     Gateway,
     /// Show what a running waypoint serves: services with their routes, upstream clusters with
     /// endpoint health and overflows, its certificate (reads its admin port).

@@ -67,6 +67,7 @@ pub async fn build(config: Config, log: Option<LogControl>) -> anyhow::Result<Bo
         trust_domain: config.trust_domain.clone(),
         cluster_domain: config.cluster_domain.clone(),
         root_namespace: config.root_namespace.clone(),
+        ..TranslateConfig::default()
     };
     let source = match config.config_source() {
         SourceKind::File => SourceSpec::File(FileSourceConfig {

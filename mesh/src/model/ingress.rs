@@ -19,6 +19,21 @@ pub struct IngressGateway {
     /// `metadata.creationTimestamp` (RFC 3339): of two Gateways claiming one port and host,
     /// the older wins.
     pub created: Option<String>,
+    /// Which API wrote it.
+    pub api: IngressApi,
+}
+
+/// The API an ingress Gateway comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum IngressApi {
+    /// Istio's `Gateway` (`networking.istio.io`): applies to every gateway pod its selector
+    /// matches, in any namespace; its routes are VirtualServices.
+    Istio,
+    /// The Gateway API's `Gateway` (`gateway.networking.k8s.io`) of the ingress class: applies
+    /// to the gateway pods of its own namespace labelled
+    /// `gateway.networking.k8s.io/gateway-name: <name>` (as Istio deploys them); its servers
+    /// are its listeners and their routes the HTTPRoutes attached to each.
+    GatewayApi,
 }
 
 impl IngressGateway {
@@ -32,6 +47,20 @@ impl IngressGateway {
         self.selector
             .iter()
             .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+    }
+
+    /// Whether a gateway pod with `labels` in `namespace` serves it: its selector matches and,
+    /// for a Gateway API Gateway, the pod is in the Gateway's namespace.
+    pub fn applies_to(&self, labels: &BTreeMap<String, String>, namespace: &str) -> bool {
+        self.selects(labels) && (self.api == IngressApi::Istio || self.namespace == namespace)
+    }
+
+    /// The field its servers are written in, for messages.
+    pub fn servers_field(&self) -> &'static str {
+        match self.api {
+            IngressApi::Istio => "spec.servers",
+            IngressApi::GatewayApi => "spec.listeners",
+        }
     }
 }
 
@@ -51,6 +80,11 @@ pub struct GatewayServer {
     pub tls: Option<ServerTls>,
     /// `tls.httpsRedirect`: an HTTP server answering every request with a 301 to `https://`.
     pub https_redirect: bool,
+    /// The key of [`super::State::gateway_virtual_services`] its routes are under: the
+    /// Gateway's `namespace/name` for an Istio Gateway (every server shares its
+    /// VirtualServices), `namespace/name:listener` for a Gateway API listener (routes attach
+    /// per listener).
+    pub routes: String,
 }
 
 /// `port.protocol`.

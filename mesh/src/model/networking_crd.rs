@@ -10,8 +10,10 @@
 //! translation says it ignores them. Values stay as written (durations are strings, enums are
 //! strings, integers are signed) so the translation's errors can name the field and the value.
 //!
-//! The Gateway API schema is not Istio's and keeps growing, so [`GatewaySpec`] is open: only
-//! `gatewayClassName` is read.
+//! The Gateway API schema is not Istio's and keeps growing, so [`GatewaySpec`] is open: the
+//! translation reads `gatewayClassName` and, for an ingress Gateway, `listeners` (name,
+//! hostname, port, protocol, `tls`, `allowedRoutes`); other fields (`addresses`,
+//! `infrastructure`, a listener's `tls.options`) are for the controller or not applied.
 
 use std::collections::BTreeMap;
 
@@ -529,4 +531,80 @@ pub struct Gateway {
 pub struct GatewaySpec {
     #[serde(default)]
     pub gateway_class_name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub listeners: Vec<GatewayListener>,
+}
+
+/// `spec.listeners[]` (open, as the spec).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayListener {
+    /// The `sectionName` routes attach to.
+    #[serde(default)]
+    pub name: String,
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub port: i64,
+    /// `HTTP`, `HTTPS`, `TLS`, `TCP`, `UDP`.
+    #[serde(default)]
+    pub protocol: String,
+    pub tls: Option<GatewayTlsConfig>,
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTlsConfig {
+    /// `Terminate` (the default) or `Passthrough`.
+    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub certificate_refs: Vec<SecretObjectReference>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretObjectReference {
+    /// Default `""` (core).
+    pub group: Option<String>,
+    /// Default `Secret`.
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    /// Default: the Gateway's namespace.
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedRoutes {
+    pub namespaces: Option<RouteNamespaces>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub kinds: Vec<RouteGroupKind>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteNamespaces {
+    /// `Same` (the default), `All` or `Selector`.
+    pub from: Option<String>,
+    pub selector: Option<LabelSelector>,
+}
+
+/// A Kubernetes label selector.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub match_expressions: Vec<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteGroupKind {
+    /// Default `gateway.networking.k8s.io`.
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: String,
 }

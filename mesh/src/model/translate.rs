@@ -81,7 +81,13 @@ pub struct TranslateConfig {
     pub cluster_domain: String,
     /// Istio's root namespace: policies there without a selector apply mesh-wide.
     pub root_namespace: String,
+    /// The `gatewayClassName` of Gateway API Gateways served by ingress gateways (Istio's
+    /// `istio`).
+    pub ingress_gateway_class: String,
 }
+
+/// Istio's GatewayClass for ingress Gateways.
+pub const DEFAULT_INGRESS_GATEWAY_CLASS: &str = "istio";
 
 impl Default for TranslateConfig {
     fn default() -> Self {
@@ -89,6 +95,7 @@ impl Default for TranslateConfig {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+            ingress_gateway_class: DEFAULT_INGRESS_GATEWAY_CLASS.to_owned(),
         }
     }
 }
@@ -668,6 +675,8 @@ enum Accepted {
     HttpRoute(Box<gateway_routes::AcceptedHttpRoute>),
     ReferenceGrant(gateway_routes::Grant),
     IstioGateway(IngressGateway),
+    /// A Gateway API Gateway of the ingress class.
+    ApiGateway(Box<ingress::ApiGateway>),
     /// `None`: not a TLS Secret.
     Secret(Option<Arc<TlsSecret>>),
 }
@@ -716,6 +725,11 @@ fn accept(
         Object::Secret(secret) => Accepted::Secret(ingress::tls_secret(key, secret)?.map(Arc::new)),
         Object::DestinationRule(dr) => {
             Accepted::DestinationRule(Box::new(networking::destination_rule(config, key, dr)?))
+        }
+        Object::Gateway(gateway)
+            if gateway.spec.gateway_class_name == config.ingress_gateway_class =>
+        {
+            Accepted::ApiGateway(Box::new(ingress::api_gateway(key, gateway)?))
         }
         Object::Gateway(gateway) => Accepted::Gateway(networking::waypoint_gateway(key, gateway)),
         Object::HttpRoute(route) => {
@@ -1437,6 +1451,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     let mut rate_limit_policies = Vec::new();
     let mut gateway_bound = Vec::new();
     let mut ingress_gateways: Vec<&IngressGateway> = Vec::new();
+    let mut api_gateways: Vec<&ingress::ApiGateway> = Vec::new();
     for (key, accepted) in in_force {
         match accepted.as_ref() {
             Accepted::Namespace(_)
@@ -1501,6 +1516,10 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
                 gateway_bound.extend(gateways.iter().map(|(g, vs)| (g.as_str(), vs)));
             }
             Accepted::IstioGateway(gateway) => ingress_gateways.push(gateway),
+            Accepted::ApiGateway(gateway) => {
+                ingress_gateways.push(&gateway.gateway);
+                api_gateways.push(gateway);
+            }
             Accepted::Secret(Some(secret)) => {
                 state.secrets.insert(secret.key(), secret.clone());
             }
@@ -1568,6 +1587,14 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     state.destination_rules = routes.destination_rules;
     state.warnings = routes.warnings;
     state.gateway_virtual_services = ingress::assemble(gateway_bound);
+    state
+        .gateway_virtual_services
+        .extend(gateway_routes::attach_to_gateways(
+            &api_gateways,
+            &state.namespaces,
+            &http_routes,
+            &grants,
+        ));
     // Oldest first: of two Gateways claiming one port and host, the older wins.
     ingress_gateways.sort_by(|a, b| {
         a.created

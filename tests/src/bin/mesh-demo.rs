@@ -524,6 +524,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ingress: Some(waypoint::config::IngressConfig {
                     labels: pod.labels.clone(),
                     bind: pod.ips[0],
+                    class: mesh::model::translate::DEFAULT_INGRESS_GATEWAY_CLASS.to_owned(),
                 }),
             };
             Some(

@@ -707,7 +707,7 @@ async fn read_client_hello(stream: &mut TcpStream) -> std::io::Result<(Bytes, Op
 
 fn scoped(s: &PlannedServer) -> ScopedServer {
     ScopedServer {
-        gateway: s.gateway.clone(),
+        gateway: s.server.routes.clone(),
         hosts: s.server.hosts.clone(),
         https_redirect: s.server.https_redirect,
         passthrough: s

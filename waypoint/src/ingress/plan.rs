@@ -35,6 +35,8 @@ pub struct PortPlan {
 pub struct PlannedServer {
     /// `namespace/name` of the Gateway.
     pub gateway: String,
+    /// `spec.servers` (Istio) or `spec.listeners` (Gateway API).
+    pub field: &'static str,
     pub server: GatewayServer,
     /// The `credentialName` Secret (TLS servers).
     pub credential: Option<Arc<TlsSecret>>,
@@ -47,8 +49,8 @@ impl PlannedServer {
     /// `gateway/server-name`, for logs.
     pub fn describe(&self) -> String {
         format!(
-            "Gateway {} server {:?} (spec.servers[{}], port {})",
-            self.gateway, self.server.name, self.server.index, self.server.port
+            "Gateway {} server {:?} ({}[{}], port {})",
+            self.gateway, self.server.name, self.field, self.server.index, self.server.port
         )
     }
 }
@@ -87,7 +89,11 @@ pub fn plan(
     default_bind: IpAddr,
 ) -> Plan {
     let mut out = Plan::default();
-    for gateway in state.ingress_gateways.iter().filter(|g| g.selects(labels)) {
+    for gateway in state
+        .ingress_gateways
+        .iter()
+        .filter(|g| g.applies_to(labels, namespace))
+    {
         let key = gateway.key();
         for server in &gateway.servers {
             let problem = |reason: &'static str, secret: String, message: String| Problem {
@@ -146,6 +152,7 @@ pub fn plan(
             }
             port.servers.push(PlannedServer {
                 gateway: key.clone(),
+                field: gateway.servers_field(),
                 server: server.clone(),
                 credential,
                 client_ca,

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mesh::model::{
-    GatewayServer, IngressGateway, ServerHost, ServerProtocol, ServerTls, State, TlsMode, TlsSecret,
+    GatewayServer, IngressApi, IngressGateway, ServerHost, ServerProtocol, ServerTls, State,
+    TlsMode, TlsSecret,
 };
 
 use super::plan::{self, plan};
@@ -33,6 +34,7 @@ fn server(port: u16, host: &str, credential: Option<&str>) -> GatewayServer {
             subject_alt_names: Vec::new(),
         }),
         https_redirect: false,
+        routes: String::new(),
     }
 }
 
@@ -41,8 +43,15 @@ fn gateway(name: &str, created: &str, servers: Vec<GatewayServer>) -> Arc<Ingres
         namespace: "demo".into(),
         name: name.into(),
         selector: BTreeMap::from([("istio".into(), "ingress".into())]),
-        servers,
+        servers: servers
+            .into_iter()
+            .map(|s| GatewayServer {
+                routes: format!("demo/{name}"),
+                ..s
+            })
+            .collect(),
         created: Some(created.into()),
+        api: IngressApi::Istio,
     })
 }
 

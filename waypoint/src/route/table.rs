@@ -80,7 +80,8 @@ pub struct ServerScope {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScopedServer {
-    /// `namespace/name` of the Gateway.
+    /// The key its routes are under: the Gateway's `namespace/name`, or
+    /// `namespace/name:listener` for a Gateway API listener ([`mesh::model::GatewayServer::routes`]).
     pub gateway: String,
     pub hosts: Vec<mesh::model::ServerHost>,
     /// `tls.httpsRedirect`: requests this server takes are answered 301 to `https://`.

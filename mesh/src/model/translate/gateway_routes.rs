@@ -10,7 +10,11 @@
 //!   (GEP-1294): it applies only to clients in the route's namespace and takes precedence over
 //!   the Service's own (*producer*) routes for them. `hostnames` are not used for Service
 //!   parents ("GAMMA implementations SHOULD NOT infer any functionality from the hostnames
-//!   field"). `Gateway` parents are the ingress's (not served yet); other kinds attach nothing.
+//!   field"). A `Gateway` parent of the ingress class attaches the route to its listeners
+//!   ([`attach_to_gateways`]): the one named by `sectionName` and/or with `port`, else every
+//!   listener, each only where its `allowedRoutes` admit the route's namespace and kind and
+//!   where the route's `hostnames` meet the listener's `hostname` ("Listener" hostname
+//!   matching; no hostnames: the listener's). Other kinds attach nothing.
 //! - `HTTPRouteRule.matches`: none means one match on path prefix `/`. A path match is `Exact`,
 //!   `PathPrefix` (the default; element-wise: `/abc` matches `/abc`, `/abc/` and `/abc/def`,
 //!   not `/abcd`; a trailing `/` in the value is ignored) or `RegularExpression`. Header
@@ -66,8 +70,20 @@ pub(super) struct AcceptedHttpRoute {
     key: ObjectKey,
     created_at: Option<Timestamp>,
     parents: Vec<ServiceParent>,
+    gateway_parents: Vec<GatewayParent>,
+    /// `spec.hostnames`, lower case (used for Gateway parents only).
+    hostnames: Vec<String>,
     /// One entry per (rule, match), in the route's order.
     routes: Vec<(Rank, HttpRoute)>,
+}
+
+/// A `parentRefs` entry naming a Gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GatewayParent {
+    /// `namespace/name`.
+    gateway: String,
+    section: Option<String>,
+    port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +116,7 @@ pub(super) fn http_route(
     };
     let spec = &route.spec;
     let mut parents = Vec::new();
+    let mut gateway_parents = Vec::new();
     for (i, parent) in spec.parent_refs.iter().enumerate() {
         let p = format!("spec.parentRefs[{i}]");
         if parent.name.is_empty() {
@@ -123,15 +140,33 @@ pub(super) fn http_route(
                 name: parent.name.clone(),
                 port,
             }),
-            ("gateway.networking.k8s.io", "Gateway") => debug!(
-                http_route = %key, gateway = %parent.name,
-                "attached to a Gateway: ingress listeners are not served yet; only Service parents apply"
-            ),
+            ("gateway.networking.k8s.io", "Gateway") => gateway_parents.push(GatewayParent {
+                gateway: format!(
+                    "{}/{}",
+                    parent.namespace.as_deref().unwrap_or(&key.namespace),
+                    parent.name
+                ),
+                section: parent.section_name.clone().filter(|s| !s.is_empty()),
+                port,
+            }),
             _ => debug!(
                 http_route = %key, group, kind,
                 "parentRef of a kind routes cannot attach to (Service or Gateway); ignored"
             ),
         }
+    }
+    let mut hostnames = Vec::new();
+    for (i, h) in spec.hostnames.iter().enumerate() {
+        let lower = h.to_ascii_lowercase();
+        if !super::ingress::is_host_name(&lower) {
+            return Err(ctx.invalid(
+                format!("spec.hostnames[{i}]"),
+                format!(
+                    "{h:?} is not a hostname: `example.com` or `*.example.com` (no IP, no port)"
+                ),
+            ));
+        }
+        hostnames.push(lower);
     }
     let mut routes = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
@@ -141,6 +176,8 @@ pub(super) fn http_route(
         key: key.clone(),
         created_at: route.metadata.creation_timestamp.as_ref().map(|t| t.0),
         parents,
+        gateway_parents,
+        hostnames,
         routes,
     })
 }
@@ -666,14 +703,7 @@ pub(super) fn attach(
     routes: &[&AcceptedHttpRoute],
     grants: &[Grant],
 ) -> Vec<VirtualService> {
-    // Oldest first, then namespace/name: the order ties fall back to.
-    let mut routes: Vec<&&AcceptedHttpRoute> = routes.iter().collect();
-    routes.sort_by(|a, b| {
-        a.created_at
-            .cmp(&b.created_at)
-            .then_with(|| a.key.namespace.cmp(&b.key.namespace))
-            .then_with(|| a.key.name.cmp(&b.key.name))
-    });
+    let routes = oldest_first(routes);
     let mut by_service: BTreeMap<String, Vec<(bool, Rank, HttpRoute)>> = BTreeMap::new();
     let mut sources: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for route in routes {
@@ -723,6 +753,138 @@ pub(super) fn attach(
             }
         })
         .collect()
+}
+
+/// Oldest first, then namespace/name: the order ties in precedence fall back to.
+fn oldest_first<'a>(routes: &[&'a AcceptedHttpRoute]) -> Vec<&'a AcceptedHttpRoute> {
+    let mut routes = routes.to_vec();
+    routes.sort_by(|a, b| {
+        a.created_at
+            .cmp(&b.created_at)
+            .then_with(|| a.key.namespace.cmp(&b.key.namespace))
+            .then_with(|| a.key.name.cmp(&b.key.name))
+    });
+    routes
+}
+
+/// The hostnames a request may carry to match both a listener's `hostname` and a route's
+/// (Gateway API, "Listener.hostname" and "HTTPRoute.hostnames"): `*.example.com` covers
+/// `a.example.com` and `a.b.example.com`, not `example.com`. `None`: they do not meet.
+fn intersect(listener: Option<&str>, route: &str) -> Option<String> {
+    let Some(listener) = listener else {
+        return Some(route.to_owned());
+    };
+    let covers = |wildcard: &str, name: &str| {
+        wildcard
+            .strip_prefix('*')
+            .is_some_and(|suffix| name.len() > suffix.len() && name.ends_with(suffix))
+    };
+    if listener == route || covers(listener, route) {
+        Some(route.to_owned())
+    } else if covers(route, listener) {
+        Some(listener.to_owned())
+    } else {
+        None
+    }
+}
+
+/// The routes of every Gateway API listener (of the ingress class) that some HTTPRoute
+/// attaches to, keyed by the listener's routes key (`namespace/name:listener`): one
+/// VirtualService-shaped list per hostname, sorted by the Gateway API's precedence. The
+/// gateway picks the list of the most specific hostname a request matches, as Istio turns
+/// each hostname into one of Envoy's virtual hosts. A route attaches to a listener when it
+/// names the Gateway (and the listener's `sectionName` / `port`, if given), the listener's
+/// `allowedRoutes` admit its namespace and kind, and a hostname meets the listener's; routes
+/// that attach nowhere are logged with the reason (the specification's `NoMatchingParent`,
+/// `NotAllowedByListeners`, `NoMatchingListenerHostname`).
+pub(super) fn attach_to_gateways(
+    gateways: &[&super::ingress::ApiGateway],
+    namespaces: &BTreeMap<String, crate::model::Labels>,
+    routes: &[&AcceptedHttpRoute],
+    grants: &[Grant],
+) -> BTreeMap<String, Vec<Arc<VirtualService>>> {
+    let by_key: BTreeMap<String, &super::ingress::ApiGateway> =
+        gateways.iter().map(|g| (g.gateway.key(), *g)).collect();
+    // (listener routes key, hostname) -> the routes, and the HTTPRoutes they come from.
+    type Lists = BTreeMap<(String, String), (Vec<(Rank, HttpRoute)>, Vec<String>)>;
+    let mut lists: Lists = BTreeMap::new();
+    for route in oldest_first(routes) {
+        for parent in &route.gateway_parents {
+            let Some(gateway) = by_key.get(&parent.gateway) else {
+                debug!(http_route = %route.key, gateway = parent.gateway, "no ingress Gateway of that name (NoMatchingParent)");
+                continue;
+            };
+            let mut attached = false;
+            for listener in gateway.listeners.iter().filter(|l| {
+                parent.section.as_ref().is_none_or(|s| *s == l.name)
+                    && parent.port.is_none_or(|p| p == l.port)
+            }) {
+                let allowed = listener.http_routes
+                    && listener.namespaces.allow(
+                        &gateway.gateway.namespace,
+                        &route.key.namespace,
+                        namespaces.get(&route.key.namespace),
+                    );
+                if !allowed {
+                    debug!(http_route = %route.key, gateway = parent.gateway, listener = listener.name, "the listener's allowedRoutes do not admit this route (NotAllowedByListeners)");
+                    continue;
+                }
+                let hosts: Vec<String> = if route.hostnames.is_empty() {
+                    vec![listener.hostname.clone().unwrap_or_else(|| "*".to_owned())]
+                } else {
+                    route
+                        .hostnames
+                        .iter()
+                        .filter_map(|h| intersect(listener.hostname.as_deref(), h))
+                        .collect()
+                };
+                if hosts.is_empty() {
+                    debug!(http_route = %route.key, gateway = parent.gateway, listener = listener.name, "no hostname of the route meets the listener's (NoMatchingListenerHostname)");
+                    continue;
+                }
+                attached = true;
+                for host in hosts {
+                    let (list, sources) = lists
+                        .entry((listener.routes_key.clone(), host))
+                        .or_default();
+                    for (rank, r) in &route.routes {
+                        let mut r = r.clone();
+                        check_grants(&route.key, &mut r, grants);
+                        list.push((*rank, r));
+                    }
+                    let name = route.key.namespace_name();
+                    if !sources.contains(&name) {
+                        sources.push(name);
+                    }
+                }
+            }
+            if !attached {
+                debug!(http_route = %route.key, gateway = parent.gateway, "attached to no listener of the Gateway");
+            }
+        }
+    }
+    let mut out: BTreeMap<String, Vec<Arc<VirtualService>>> = BTreeMap::new();
+    for ((routes_key, host), (mut list, sources)) in lists {
+        // Stable: equal ranks keep the oldest-route, rule and match order.
+        list.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
+        let (namespace, name) = routes_key
+            .split_once('/')
+            .map(|(ns, rest)| (ns.to_owned(), rest.to_owned()))
+            .unwrap_or_default();
+        out.entry(routes_key)
+            .or_default()
+            .push(Arc::new(VirtualService {
+                name,
+                namespace,
+                hosts: vec![host],
+                http: list.into_iter().map(|(_, r)| r).collect(),
+                tcp: Vec::new(),
+                tls: Vec::new(),
+                created: None,
+                origin: VirtualServiceOrigin::HttpRoutes(sources),
+            }));
+    }
+    out
 }
 
 /// A `ReferenceGrant`, validated: who (`from`: group, kind, namespace) may refer to what in

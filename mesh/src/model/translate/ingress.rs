@@ -20,8 +20,8 @@ use super::{ObjectKey, TranslateConfig, TranslateError, invalid, port_number};
 use crate::model::ingress_crd as icrd;
 use crate::model::networking_crd as ncrd;
 use crate::model::{
-    GatewayServer, IngressGateway, ServerHost, ServerProtocol, ServerTls, TlsMode, TlsSecret,
-    TlsVersion, VirtualService,
+    GatewayServer, IngressApi, IngressGateway, Labels, ServerHost, ServerProtocol, ServerTls,
+    TlsMode, TlsSecret, TlsVersion, VirtualService,
 };
 
 type Result<T> = std::result::Result<T, TranslateError>;
@@ -70,6 +70,7 @@ pub(super) fn istio_gateway(
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.to_string()),
+        api: IngressApi::Istio,
     })
 }
 
@@ -186,6 +187,7 @@ fn server(key: &ObjectKey, i: usize, s: &icrd::Server) -> Result<GatewayServer> 
         hosts,
         tls,
         https_redirect,
+        routes: key.namespace_name(),
     })
 }
 
@@ -209,10 +211,7 @@ fn server_host(key: &ObjectKey, field: &str, written: &str) -> Result<ServerHost
         }
     };
     let host = host.to_ascii_lowercase();
-    let name = host.strip_prefix("*.").unwrap_or(&host);
-    let valid =
-        host == "*" || (host.len() <= 253 && !name.is_empty() && name.split('.').all(is_dns_label));
-    if !valid {
+    if host != "*" && !is_host_name(&host) {
         return Err(invalid(
             key,
             field,
@@ -222,6 +221,12 @@ fn server_host(key: &ObjectKey, field: &str, written: &str) -> Result<ServerHost
         ));
     }
     Ok(ServerHost { namespace, host })
+}
+
+/// `example.com` or `*.example.com` (lower case; no port, no scheme, not `*` alone).
+pub(super) fn is_host_name(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    host.len() <= 253 && !name.is_empty() && name.split('.').all(is_dns_label)
 }
 
 fn is_dns_label(l: &str) -> bool {
@@ -465,4 +470,377 @@ pub(super) fn assemble(
             (gateway, routes)
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway API `Gateway` of the ingress class
+
+/// A Gateway API `Gateway` of the ingress class: the [`IngressGateway`] its listeners make, and
+/// what each listener lets attach (routes are attached in `gateway_routes::attach_to_gateways`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ApiGateway {
+    pub(super) gateway: IngressGateway,
+    pub(super) listeners: Vec<ApiListener>,
+}
+
+/// One listener, as routes see it (Gateway API, "Listener" and "AllowedRoutes").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ApiListener {
+    /// The `sectionName` of `parentRefs`.
+    pub(super) name: String,
+    pub(super) port: u16,
+    /// Lower case; `None`: every hostname.
+    pub(super) hostname: Option<String>,
+    pub(super) namespaces: AllowedNamespaces,
+    /// `HTTPRoute`s may attach (an `HTTP` or `HTTPS` listener whose `allowedRoutes.kinds` is
+    /// empty or names `HTTPRoute`).
+    pub(super) http_routes: bool,
+    /// The key its routes go under ([`GatewayServer::routes`]).
+    pub(super) routes_key: String,
+}
+
+/// `allowedRoutes.namespaces.from`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum AllowedNamespaces {
+    /// The Gateway's namespace (the default).
+    Same,
+    All,
+    /// Namespaces carrying every label of `selector.matchLabels`.
+    Selector(Labels),
+}
+
+impl AllowedNamespaces {
+    /// Whether a route in `namespace` (labels `labels`) may attach to a listener of a Gateway
+    /// in `gateway_namespace`.
+    pub(super) fn allow(
+        &self,
+        gateway_namespace: &str,
+        namespace: &str,
+        labels: Option<&Labels>,
+    ) -> bool {
+        match self {
+            AllowedNamespaces::Same => namespace == gateway_namespace,
+            AllowedNamespaces::All => true,
+            AllowedNamespaces::Selector(selector) => labels.is_some_and(|labels| {
+                selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+            }),
+        }
+    }
+}
+
+/// Validates a Gateway API `Gateway` of the ingress class (Gateway API v1.2, "Gateway" and
+/// "Listener"): listeners `HTTP`, `HTTPS` (TLS `Terminate`) and `TLS` (`Terminate` or
+/// `Passthrough`) with a `hostname`, one `certificateRefs` Secret of the Gateway's namespace
+/// and `allowedRoutes`. The Gateway applies to the gateway pods of its namespace labelled
+/// `gateway.networking.k8s.io/gateway-name: <name>`, as Istio deploys them. What this gateway
+/// cannot serve is refused naming the field (the last good version stays), never dropped.
+pub(super) fn api_gateway(key: &ObjectKey, gw: &ncrd::Gateway) -> Result<ApiGateway> {
+    let spec = &gw.spec;
+    if spec.listeners.is_empty() {
+        return Err(invalid(
+            key,
+            "spec.listeners",
+            "at least one listener is required (name, port, protocol)",
+        ));
+    }
+    let mut servers: Vec<GatewayServer> = Vec::new();
+    let mut listeners: Vec<ApiListener> = Vec::new();
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let p = format!("spec.listeners[{i}]");
+        if l.name.is_empty() {
+            return Err(invalid(key, format!("{p}.name"), "a listener needs a name"));
+        }
+        if let Some(other) = listeners.iter().position(|o| o.name == l.name) {
+            return Err(invalid(
+                key,
+                format!("{p}.name"),
+                format!(
+                    "{:?} is already the name of spec.listeners[{other}]; names are unique",
+                    l.name
+                ),
+            ));
+        }
+        let port = port_number(l.port).ok_or_else(|| TranslateError::NotAPort {
+            object: Box::new(key.clone()),
+            field: format!("{p}.port"),
+            value: l.port.to_string(),
+        })?;
+        let hostname = match l.hostname.as_deref().filter(|h| !h.is_empty()) {
+            None => None,
+            Some(h) => {
+                let lower = h.to_ascii_lowercase();
+                if !is_host_name(&lower) {
+                    return Err(invalid(
+                        key,
+                        format!("{p}.hostname"),
+                        format!(
+                            "{h:?} is not a hostname: `example.com` or `*.example.com` (no IP, no port; leave it out for any)"
+                        ),
+                    ));
+                }
+                Some(lower)
+            }
+        };
+        let (protocol, tls) = listener_tls(key, &p, l)?;
+        let http = matches!(protocol, ServerProtocol::Http | ServerProtocol::Https);
+        let (namespaces, http_routes) = allowed_routes(key, &p, l, http)?;
+        if let Some(other) = servers
+            .iter()
+            .find(|s| s.port == port && s.protocol.port_class() != protocol.port_class())
+        {
+            return Err(invalid(
+                key,
+                format!("{p}.port"),
+                format!(
+                    "port {port} is already a {} listener ({:?}); one port serves one of plain HTTP or TLS (HTTPS and TLS, told apart by SNI)",
+                    other.protocol.port_class(),
+                    other.name
+                ),
+            ));
+        }
+        let routes_key = format!("{}:{}", key.namespace_name(), l.name);
+        servers.push(GatewayServer {
+            index: i,
+            name: l.name.clone(),
+            port,
+            bind: None,
+            protocol,
+            hosts: vec![ServerHost {
+                namespace: None,
+                host: hostname.clone().unwrap_or_else(|| "*".to_owned()),
+            }],
+            tls,
+            https_redirect: false,
+            routes: routes_key.clone(),
+        });
+        listeners.push(ApiListener {
+            name: l.name.clone(),
+            port,
+            hostname,
+            namespaces,
+            http_routes,
+            routes_key,
+        });
+    }
+    Ok(ApiGateway {
+        gateway: IngressGateway {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            selector: [(super::GATEWAY_NAME_LABEL.to_owned(), key.name.clone())].into(),
+            servers,
+            created: gw
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
+            api: IngressApi::GatewayApi,
+        },
+        listeners,
+    })
+}
+
+/// A listener's protocol and TLS settings.
+fn listener_tls(
+    key: &ObjectKey,
+    p: &str,
+    l: &ncrd::GatewayListener,
+) -> Result<(ServerProtocol, Option<ServerTls>)> {
+    let protocol = match l.protocol.as_str() {
+        "HTTP" => ServerProtocol::Http,
+        "HTTPS" => ServerProtocol::Https,
+        "TLS" => ServerProtocol::Tls,
+        "TCP" | "UDP" => {
+            return Err(invalid(
+                key,
+                format!("{p}.protocol"),
+                format!(
+                    "{} listeners are not served by this gateway yet (TCPRoute/UDPRoute); use an Istio Gateway with a TCP server",
+                    l.protocol
+                ),
+            ));
+        }
+        other => {
+            return Err(TranslateError::NotOneOf {
+                object: Box::new(key.clone()),
+                field: format!("{p}.protocol"),
+                value: other.to_owned(),
+                expected: "HTTP, HTTPS, TLS".to_owned(),
+            });
+        }
+    };
+    let tls = match (&l.tls, protocol) {
+        (None, ServerProtocol::Http) => return Ok((protocol, None)),
+        (Some(_), ServerProtocol::Http) => {
+            return Err(invalid(
+                key,
+                format!("{p}.tls"),
+                "an HTTP listener takes no tls; use protocol HTTPS",
+            ));
+        }
+        (None, _) => {
+            return Err(invalid(
+                key,
+                format!("{p}.tls"),
+                format!(
+                    "a {} listener needs tls (certificateRefs, or mode: Passthrough for TLS)",
+                    l.protocol
+                ),
+            ));
+        }
+        (Some(tls), _) => tls,
+    };
+    let mode = match tls.mode.as_deref().unwrap_or("Terminate") {
+        "Terminate" => TlsMode::Simple,
+        "Passthrough" if protocol == ServerProtocol::Tls => TlsMode::Passthrough,
+        "Passthrough" => {
+            return Err(invalid(
+                key,
+                format!("{p}.tls.mode"),
+                "an HTTPS listener terminates TLS; pass TLS through with protocol TLS",
+            ));
+        }
+        other => {
+            return Err(TranslateError::NotOneOf {
+                object: Box::new(key.clone()),
+                field: format!("{p}.tls.mode"),
+                value: other.to_owned(),
+                expected: "Terminate, Passthrough".to_owned(),
+            });
+        }
+    };
+    let credential = if mode == TlsMode::Passthrough {
+        if !tls.certificate_refs.is_empty() {
+            debug!(gateway = %key, listener = l.name, "certificateRefs of a Passthrough listener are not used");
+        }
+        None
+    } else {
+        let refs = &tls.certificate_refs;
+        let Some(first) = refs.first() else {
+            return Err(invalid(
+                key,
+                format!("{p}.tls.certificateRefs"),
+                "a listener that terminates TLS needs a certificateRef: a Secret with tls.crt and tls.key",
+            ));
+        };
+        if refs.len() > 1 {
+            return Err(invalid(
+                key,
+                format!("{p}.tls.certificateRefs[1]"),
+                "one certificate per listener is served; name one Secret",
+            ));
+        }
+        let r = format!("{p}.tls.certificateRefs[0]");
+        let (group, kind) = (
+            first.group.as_deref().unwrap_or(""),
+            first.kind.as_deref().unwrap_or("Secret"),
+        );
+        if (group, kind) != ("", "Secret") {
+            return Err(invalid(
+                key,
+                format!("{r}.kind"),
+                format!("{group}/{kind} is not a Secret (InvalidCertificateRef)"),
+            ));
+        }
+        if first
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| ns != key.namespace)
+        {
+            return Err(invalid(
+                key,
+                format!("{r}.namespace"),
+                "a Secret of another namespace is not served yet: the gateway reads Secrets of its own namespace (the Gateway's); create the Secret there",
+            ));
+        }
+        if first.name.is_empty() || !first.name.split('.').all(is_dns_label) {
+            return Err(invalid(
+                key,
+                format!("{r}.name"),
+                format!("{:?} is not a Secret name", first.name),
+            ));
+        }
+        Some(first.name.clone())
+    };
+    Ok((
+        protocol,
+        Some(ServerTls {
+            mode,
+            credential,
+            min_version: None,
+            max_version: None,
+            cipher_suites: Vec::new(),
+            subject_alt_names: Vec::new(),
+        }),
+    ))
+}
+
+/// `allowedRoutes`: which namespaces, and whether HTTPRoutes may attach.
+fn allowed_routes(
+    key: &ObjectKey,
+    p: &str,
+    l: &ncrd::GatewayListener,
+    http: bool,
+) -> Result<(AllowedNamespaces, bool)> {
+    let Some(allowed) = &l.allowed_routes else {
+        return Ok((AllowedNamespaces::Same, http));
+    };
+    let namespaces = match &allowed.namespaces {
+        None => AllowedNamespaces::Same,
+        Some(ns) => match ns.from.as_deref().unwrap_or("Same") {
+            "Same" => AllowedNamespaces::Same,
+            "All" => AllowedNamespaces::All,
+            "Selector" => {
+                let Some(selector) = &ns.selector else {
+                    return Err(invalid(
+                        key,
+                        format!("{p}.allowedRoutes.namespaces.selector"),
+                        "from: Selector needs a selector",
+                    ));
+                };
+                if !selector.match_expressions.is_empty() {
+                    return Err(invalid(
+                        key,
+                        format!("{p}.allowedRoutes.namespaces.selector.matchExpressions"),
+                        "not supported; select namespaces with matchLabels",
+                    ));
+                }
+                AllowedNamespaces::Selector(selector.match_labels.clone())
+            }
+            other => {
+                return Err(TranslateError::NotOneOf {
+                    object: Box::new(key.clone()),
+                    field: format!("{p}.allowedRoutes.namespaces.from"),
+                    value: other.to_owned(),
+                    expected: "Same, All, Selector".to_owned(),
+                });
+            }
+        },
+    };
+    if allowed.kinds.is_empty() {
+        return Ok((namespaces, http));
+    }
+    let mut http_routes = false;
+    for (j, k) in allowed.kinds.iter().enumerate() {
+        let group = k.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+        match (group, k.kind.as_str(), http) {
+            ("gateway.networking.k8s.io", "HTTPRoute", true) => http_routes = true,
+            ("gateway.networking.k8s.io", "GRPCRoute", true)
+            | ("gateway.networking.k8s.io", "TLSRoute" | "TCPRoute", false) => {
+                debug!(gateway = %key, listener = l.name, kind = k.kind, "route kind allowed but not served at the ingress yet");
+            }
+            _ => {
+                return Err(invalid(
+                    key,
+                    format!("{p}.allowedRoutes.kinds[{j}]"),
+                    format!(
+                        "{group}/{} cannot attach to a {} listener (InvalidRouteKinds)",
+                        k.kind, l.protocol
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((namespaces, http_routes))
 }

@@ -159,3 +159,238 @@ fn tls_secrets_are_read_and_never_serialized() {
     assert!(dump.contains("istio-ingress/cred"));
     assert!(!format!("{:?}", t.state.secrets).contains("PRIVATE KEY"));
 }
+
+/// Istio's getting-started `bookinfo-gateway` (Gateway API, class `istio`) with an HTTPS
+/// listener beside it, and `listeners` given.
+fn api_gateway(listeners: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: bookinfo-gateway, namespace: default}}\nspec:\n  gatewayClassName: istio\n  listeners:\n{listeners}---\n"
+    )
+}
+
+fn http_route(name: &str, namespace: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}---\n"
+    )
+}
+
+const BOOKINFO_LISTENERS: &str = "  - {name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Same}}}\n  - name: https\n    port: 443\n    protocol: HTTPS\n    hostname: \"*.example.com\"\n    tls: {mode: Terminate, certificateRefs: [{name: bookinfo-cert}]}\n    allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {shared-gateway: \"true\"}}}}\n";
+
+/// The routes list (host, route names) of a listener.
+fn listener_routes(t: &super::Translation, key: &str) -> Vec<(String, Vec<String>)> {
+    t.state
+        .gateway_virtual_services
+        .get(key)
+        .into_iter()
+        .flatten()
+        .map(|vs| {
+            (
+                vs.hosts[0].clone(),
+                vs.http.iter().filter_map(|r| r.name.clone()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_gateway_api_gateway_of_class_istio_becomes_listeners_with_their_routes() {
+    let yaml = format!(
+        "{}{}{}{}",
+        api_gateway(BOOKINFO_LISTENERS),
+        // The getting-started route: no hostnames, every listener that admits it.
+        http_route(
+            "bookinfo",
+            "default",
+            "  parentRefs: [{name: bookinfo-gateway}]\n  rules:\n  - matches: [{path: {type: Exact, value: /productpage}}, {path: {type: PathPrefix, value: /static}}]\n    backendRefs: [{name: productpage, port: 9080}]\n",
+        ),
+        // Only the https listener, by sectionName, from a namespace its selector admits.
+        http_route(
+            "shop",
+            "shop",
+            "  parentRefs: [{name: bookinfo-gateway, namespace: default, sectionName: https}]\n  hostnames: [shop.example.com, other.org]\n  rules:\n  - backendRefs: [{name: shop, port: 80}]\n",
+        ),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {shared-gateway: \"true\"}}\n---\n",
+    );
+    let t = translate(&yaml);
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    let gw = &t.state.ingress_gateways[0];
+    assert_eq!(gw.api, crate::model::IngressApi::GatewayApi);
+    assert_eq!(
+        gw.selector,
+        [(
+            "gateway.networking.k8s.io/gateway-name".to_owned(),
+            "bookinfo-gateway".to_owned()
+        )]
+        .into()
+    );
+    let labels = gw.selector.clone();
+    assert!(gw.applies_to(&labels, "default"));
+    assert!(
+        !gw.applies_to(&labels, "elsewhere"),
+        "only its own namespace"
+    );
+    let [http, https] = &gw.servers[..] else {
+        panic!("{:?}", gw.servers)
+    };
+    assert_eq!((http.port, http.hosts[0].host.as_str()), (80, "*"));
+    assert_eq!(http.routes, "default/bookinfo-gateway:http");
+    assert_eq!(https.protocol, crate::model::ServerProtocol::Https);
+    assert_eq!(https.hosts[0].host, "*.example.com");
+    let tls = https.tls.as_ref().unwrap();
+    assert_eq!(tls.credential.as_deref(), Some("bookinfo-cert"));
+
+    // `bookinfo` (namespace default) attaches to http (Same) but not to https (Selector:
+    // default lacks the label); `shop` to https only, for the hostname within *.example.com.
+    assert_eq!(
+        listener_routes(&t, "default/bookinfo-gateway:http"),
+        [(
+            "*".to_owned(),
+            vec![
+                "HTTPRoute:default/bookinfo:0".to_owned(),
+                "HTTPRoute:default/bookinfo:0".to_owned()
+            ]
+        )]
+    );
+    assert_eq!(
+        listener_routes(&t, "default/bookinfo-gateway:https"),
+        [(
+            "shop.example.com".to_owned(),
+            vec!["HTTPRoute:shop/shop:0".to_owned()]
+        )]
+    );
+    // The Service parents' view is unchanged: no Service was named.
+    assert!(t.state.virtual_services.is_empty());
+}
+
+#[test]
+fn gateway_api_listeners_attach_by_section_port_hostname_and_allowed_routes() {
+    let listeners = "  - {name: a, port: 8080, protocol: HTTP, hostname: a.example.com}\n  - {name: b, port: 8081, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}\n  - {name: c, port: 8082, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}}\n";
+    // (parentRef, hostnames, route namespace) -> the listeners and hosts it lands on
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: [Case<'_>; 7] = [
+        (
+            "{name: gw}",
+            "[]",
+            "default",
+            &[("a", "a.example.com"), ("b", "*")],
+        ),
+        ("{name: gw, sectionName: b}", "[]", "default", &[("b", "*")]),
+        (
+            "{name: gw, port: 8080}",
+            "[]",
+            "default",
+            &[("a", "a.example.com")],
+        ),
+        (
+            "{name: gw, sectionName: a, port: 8081}",
+            "[]",
+            "default",
+            &[],
+        ),
+        (
+            "{name: gw}",
+            "[\"*.example.com\", x.org]",
+            "default",
+            &[
+                ("a", "a.example.com"),
+                ("b", "*.example.com"),
+                ("b", "x.org"),
+            ],
+        ),
+        (
+            "{name: gw, namespace: default}",
+            "[]",
+            "other",
+            &[("b", "*")],
+        ),
+        ("{name: nope}", "[]", "default", &[]),
+    ];
+    for (parent, hostnames, namespace, expected) in cases {
+        let yaml = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: default}}\nspec:\n  gatewayClassName: istio\n  listeners:\n{listeners}---\n{}",
+            http_route(
+                "r",
+                namespace,
+                &format!(
+                    "  parentRefs: [{parent}]\n  hostnames: {hostnames}\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n"
+                ),
+            )
+        );
+        let t = translate(&yaml);
+        assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+        let mut got: Vec<(String, String)> = Vec::new();
+        for listener in ["a", "b", "c"] {
+            for (host, _) in listener_routes(&t, &format!("default/gw:{listener}")) {
+                got.push((listener.to_owned(), host));
+            }
+        }
+        let want: Vec<(String, String)> = expected
+            .iter()
+            .map(|(l, h)| ((*l).to_owned(), (*h).to_owned()))
+            .collect();
+        assert_eq!(got, want, "{parent} {hostnames} from {namespace}");
+    }
+}
+
+#[test]
+fn bad_gateway_api_gateways_are_refused_naming_the_field_and_other_classes_ignored() {
+    for (listeners, expected) in [
+        (
+            "    []\n",
+            "spec.listeners: at least one listener is required",
+        ),
+        (
+            "  - {name: x, port: 80, protocol: HTTP}\n  - {name: x, port: 81, protocol: HTTP}\n",
+            "spec.listeners[1].name: \"x\" is already the name of spec.listeners[0]",
+        ),
+        (
+            "  - {name: x, port: 443, protocol: HTTPS}\n",
+            "spec.listeners[0].tls: a HTTPS listener needs tls",
+        ),
+        (
+            "  - {name: x, port: 443, protocol: HTTPS, tls: {certificateRefs: []}}\n",
+            "spec.listeners[0].tls.certificateRefs: a listener that terminates TLS needs a certificateRef",
+        ),
+        (
+            "  - {name: x, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: c, namespace: other}]}}\n",
+            "spec.listeners[0].tls.certificateRefs[0].namespace: a Secret of another namespace is not served yet",
+        ),
+        (
+            "  - {name: x, port: 443, protocol: HTTPS, tls: {mode: Passthrough}}\n",
+            "spec.listeners[0].tls.mode: an HTTPS listener terminates TLS",
+        ),
+        (
+            "  - {name: x, port: 80, protocol: HTTP, hostname: \"10.0.0.1:80\"}\n",
+            "spec.listeners[0].hostname: \"10.0.0.1:80\" is not a hostname",
+        ),
+        (
+            "  - {name: x, port: 9000, protocol: TCP}\n",
+            "spec.listeners[0].protocol: TCP listeners are not served by this gateway yet",
+        ),
+        (
+            "  - {name: x, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: TLSRoute}]}}\n",
+            "spec.listeners[0].allowedRoutes.kinds[0]: gateway.networking.k8s.io/TLSRoute cannot attach to a HTTP listener",
+        ),
+        (
+            "  - {name: x, port: 80, protocol: HTTP}\n  - {name: y, port: 80, protocol: TLS, tls: {mode: Passthrough}}\n",
+            "spec.listeners[1].port: port 80 is already a plain HTTP listener",
+        ),
+    ] {
+        let t = translate(&api_gateway(listeners));
+        let m = messages(&t).join("\n");
+        assert!(m.contains(expected), "{listeners}\n=> {m}");
+        assert!(t.state.ingress_gateways.is_empty());
+    }
+    // A class that is not the ingress class (nor the waypoints') is not ours.
+    let other = api_gateway("  - {name: x, port: 80, protocol: HTTP}\n")
+        .replace("gatewayClassName: istio", "gatewayClassName: nginx");
+    let t = translate(&other);
+    assert!(t.rejections.is_empty() && t.state.ingress_gateways.is_empty());
+    // The class is configurable.
+    let config = super::TranslateConfig {
+        ingress_gateway_class: "nginx".into(),
+        ..super::TranslateConfig::default()
+    };
+    let t = super::Translator::new(config).translate(super::tests::parse(&other));
+    assert_eq!(t.state.ingress_gateways.len(), 1);
+}

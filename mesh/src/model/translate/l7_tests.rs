@@ -1351,7 +1351,7 @@ fn waypoint_gateways_and_waypoint_pods() {
     let yaml = [
         namespace("shop", AMBIENT),
         gateway("shop", "waypoint", "istio-waypoint"),
-        gateway("istio-ingress", "public", "istio"),
+        gateway("istio-ingress", "public", "example.com/other"),
         pod(
             "shop",
             "waypoint-5d7f",

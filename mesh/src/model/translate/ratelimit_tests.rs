@@ -414,7 +414,7 @@ fn a_missing_target_is_accepted_but_reported_until_it_appears() {
     }));
 
     // A Gateway of another class is not a waypoint.
-    let other_class = waypoint("demo", "waypoint").replace("istio-waypoint", "istio");
+    let other_class = waypoint("demo", "waypoint").replace("istio-waypoint", "example.com/other");
     let t = translator.translate(parse(&format!(
         "{}{}{other_class}{yaml}",
         service("demo", "reviews"),
