@@ -1,6 +1,6 @@
 //! `waypoint config`: the operator's view of a running waypoint. It reads the admin port's
 //! `/config_dump` and prints the services the waypoint serves (with their VirtualService and
-//! DestinationRule) and the health of every upstream cluster (endpoints, ejections, pools,
+//! DestinationRule), each Gateway API route's status per parent, and the health of every upstream cluster (endpoints, ejections, pools,
 //! circuit-breaker overflows), as a table, JSON or YAML.
 
 use std::net::SocketAddr;
@@ -11,7 +11,8 @@ use serde_json::Value;
 /// What to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
-    /// Services served, with the VirtualService and DestinationRule that apply.
+    /// Services served, with the VirtualService and DestinationRule that apply, and each
+    /// Gateway API route's status (`Accepted`, `ResolvedRefs`) per parent.
     Routes,
     /// Upstream clusters: endpoints with health, connections, overflows.
     Upstreams,
@@ -51,6 +52,7 @@ pub fn render(dump: &Value, section: Section, output: Output) -> Result<String, 
     let mut out = String::new();
     if matches!(section, Section::Routes | Section::All) {
         routes(dump, &mut out);
+        route_statuses(dump, &mut out);
     }
     if matches!(section, Section::Upstreams | Section::All) {
         upstreams(dump, &mut out);
@@ -104,6 +106,60 @@ fn routes(dump: &Value, out: &mut String) {
         ],
         rows,
     );
+}
+
+/// Each Gateway API route's `status.parents[]`: one row per parent, `Accepted` and
+/// `ResolvedRefs` as `True` or the reason they are not (the message follows).
+fn route_statuses(dump: &Value, out: &mut String) {
+    let mut rows = Vec::new();
+    for route in dump["state"]["route_statuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for parent in route["parents"].as_array().into_iter().flatten() {
+            let p = &parent["parent_ref"];
+            let mut name = format!(
+                "{} {}/{}",
+                cell(&p["kind"]),
+                cell(&p["namespace"]),
+                cell(&p["name"])
+            );
+            if let Some(section) = p["section_name"].as_str() {
+                name.push_str(&format!(" ({section})"));
+            }
+            let condition = |kind: &str| {
+                parent["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["type"] == kind)
+                    .map_or("-".to_owned(), |c| match c["status"].as_str() {
+                        Some("True") => "True".to_owned(),
+                        _ => format!("{}: {}", cell(&c["reason"]), cell(&c["message"])),
+                    })
+            };
+            rows.push(vec![
+                format!(
+                    "{} {}/{}",
+                    cell(&route["kind"]),
+                    cell(&route["namespace"]),
+                    cell(&route["name"])
+                ),
+                name,
+                condition("Accepted"),
+                condition("ResolvedRefs"),
+            ]);
+        }
+    }
+    if !rows.is_empty() {
+        table(
+            out,
+            "ROUTE STATUS",
+            &["ROUTE", "PARENT", "ACCEPTED", "RESOLVEDREFS"],
+            rows,
+        );
+    }
 }
 
 fn upstreams(dump: &Value, out: &mut String) {
@@ -214,7 +270,13 @@ mod tests {
                           "virtual_service": "demo/reviews", "routed_by": "VirtualService demo/reviews",
                           "destination_rule": "demo/reviews"}],
             "state": {"virtual_services": [{"namespace": "demo", "name": "reviews",
-                                            "http": [{}, {}], "tcp": []}]},
+                                            "http": [{}, {}], "tcp": []}],
+                      "route_statuses": [{"kind": "HTTPRoute", "namespace": "demo", "name": "reviews",
+                          "parents": [{"parent_ref": {"kind": "Service", "namespace": "demo", "name": "reviews"},
+                                       "conditions": [
+                                          {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "attached"},
+                                          {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound",
+                                           "message": "backend Service demo/gone does not exist"}]}]}]},
             "upstreams": {"clusters": [
                 {"service": "demo/reviews", "subset": "v1", "port": 9080,
                  "load_balancer": "LeastRequest", "error": null,
@@ -255,6 +317,25 @@ mod tests {
         let ejected = text.lines().find(|l| l.contains("10.0.1.3:9080")).unwrap();
         assert!(ejected.contains("ejected (30s left)"), "{ejected}");
         assert!(text.contains("error: no subset v9"), "{text}");
+        let status = text
+            .lines()
+            .find(|l| l.starts_with("HTTPRoute demo/reviews"))
+            .unwrap();
+        let cells: Vec<&str> = status
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                "HTTPRoute demo/reviews",
+                "Service demo/reviews",
+                "True",
+                "BackendNotFound: backend Service demo/gone does not exist"
+            ],
+            "{status}"
+        );
         let json = render(&dump(), Section::Upstreams, Output::Json).unwrap();
         assert!(json.starts_with("{\n  \"clusters\""), "{json}");
     }

@@ -14,10 +14,12 @@ mod l7;
 pub mod networking_crd;
 mod ratelimit;
 pub mod ratelimit_crd;
+mod route_status;
 pub mod translate;
 mod types;
 
 pub use ingress::*;
 pub use l7::*;
 pub use ratelimit::*;
+pub use route_status::*;
 pub use types::*;

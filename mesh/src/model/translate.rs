@@ -1587,6 +1587,14 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
     state.destination_rules = routes.destination_rules;
     state.warnings = routes.warnings;
     state.gateway_virtual_services = ingress::assemble(gateway_bound);
+    state.route_statuses = gateway_routes::route_statuses(
+        &state.services,
+        &api_gateways,
+        &state.waypoint_gateways,
+        &state.namespaces,
+        &http_routes,
+        &grants,
+    );
     state
         .gateway_virtual_services
         .extend(gateway_routes::attach_to_gateways(

@@ -333,6 +333,8 @@ pub struct State {
     pub secrets: BTreeMap<String, Arc<super::TlsSecret>>,
     /// What applies but looks wrong (see [`ConfigWarning`]), sorted.
     pub warnings: Vec<ConfigWarning>,
+    /// The status of each Gateway API route (`status.parents[]`), by kind, namespace, name.
+    pub route_statuses: Vec<super::RouteStatus>,
     #[serde(skip)]
     pub by_ip: HashMap<IpAddr, Arc<Workload>>,
     #[serde(skip)]

@@ -73,6 +73,11 @@ pub(super) struct AcceptedHttpRoute {
     gateway_parents: Vec<GatewayParent>,
     /// `spec.hostnames`, lower case (used for Gateway parents only).
     hostnames: Vec<String>,
+    /// For the status: `metadata.generation`, the Service and Gateway parents as written
+    /// (defaults filled in), and every rule's backends (group, kind, namespace, name).
+    generation: Option<i64>,
+    status_parents: Vec<crate::model::ParentRef>,
+    backends: Vec<(String, String, String, String)>,
     /// One entry per (rule, match), in the route's order.
     routes: Vec<(Rank, HttpRoute)>,
 }
@@ -117,6 +122,7 @@ pub(super) fn http_route(
     let spec = &route.spec;
     let mut parents = Vec::new();
     let mut gateway_parents = Vec::new();
+    let mut status_parents = Vec::new();
     for (i, parent) in spec.parent_refs.iter().enumerate() {
         let p = format!("spec.parentRefs[{i}]");
         if parent.name.is_empty() {
@@ -131,6 +137,22 @@ pub(super) fn http_route(
             .port
             .map(|n| ctx.port(format!("{p}.port"), n))
             .transpose()?;
+        if matches!(
+            (group, kind),
+            ("", "Service") | ("gateway.networking.k8s.io", "Gateway")
+        ) {
+            status_parents.push(crate::model::ParentRef {
+                group: group.to_owned(),
+                kind: kind.to_owned(),
+                namespace: parent
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| key.namespace.clone()),
+                name: parent.name.clone(),
+                section_name: parent.section_name.clone().filter(|s| !s.is_empty()),
+                port,
+            });
+        }
         match (group, kind) {
             ("", "Service") => parents.push(ServiceParent {
                 namespace: parent
@@ -172,12 +194,28 @@ pub(super) fn http_route(
     for (i, rule) in spec.rules.iter().enumerate() {
         rule_routes(&ctx, &format!("spec.rules[{i}]"), i, rule, &mut routes)?;
     }
+    let backends = spec
+        .rules
+        .iter()
+        .flat_map(|r| &r.backend_refs)
+        .map(|b| {
+            (
+                b.group.clone().unwrap_or_default(),
+                b.kind.clone().unwrap_or_else(|| "Service".to_owned()),
+                b.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
+                b.name.clone(),
+            )
+        })
+        .collect();
     Ok(AcceptedHttpRoute {
         key: key.clone(),
         created_at: route.metadata.creation_timestamp.as_ref().map(|t| t.0),
         parents,
         gateway_parents,
         hostnames,
+        generation: route.metadata.generation,
+        status_parents,
+        backends,
         routes,
     })
 }
@@ -814,35 +852,14 @@ pub(super) fn attach_to_gateways(
                 debug!(http_route = %route.key, gateway = parent.gateway, "no ingress Gateway of that name (NoMatchingParent)");
                 continue;
             };
-            let mut attached = false;
-            for listener in gateway.listeners.iter().filter(|l| {
-                parent.section.as_ref().is_none_or(|s| *s == l.name)
-                    && parent.port.is_none_or(|p| p == l.port)
-            }) {
-                let allowed = listener.http_routes
-                    && listener.namespaces.allow(
-                        &gateway.gateway.namespace,
-                        &route.key.namespace,
-                        namespaces.get(&route.key.namespace),
-                    );
-                if !allowed {
-                    debug!(http_route = %route.key, gateway = parent.gateway, listener = listener.name, "the listener's allowedRoutes do not admit this route (NotAllowedByListeners)");
+            let listeners = match attachment(gateway, parent, route, namespaces) {
+                Ok(listeners) => listeners,
+                Err((reason, why)) => {
+                    debug!(http_route = %route.key, gateway = parent.gateway, reason, "{why}");
                     continue;
                 }
-                let hosts: Vec<String> = if route.hostnames.is_empty() {
-                    vec![listener.hostname.clone().unwrap_or_else(|| "*".to_owned())]
-                } else {
-                    route
-                        .hostnames
-                        .iter()
-                        .filter_map(|h| intersect(listener.hostname.as_deref(), h))
-                        .collect()
-                };
-                if hosts.is_empty() {
-                    debug!(http_route = %route.key, gateway = parent.gateway, listener = listener.name, "no hostname of the route meets the listener's (NoMatchingListenerHostname)");
-                    continue;
-                }
-                attached = true;
+            };
+            for (listener, hosts) in listeners {
                 for host in hosts {
                     let (list, sources) = lists
                         .entry((listener.routes_key.clone(), host))
@@ -857,9 +874,6 @@ pub(super) fn attach_to_gateways(
                         sources.push(name);
                     }
                 }
-            }
-            if !attached {
-                debug!(http_route = %route.key, gateway = parent.gateway, "attached to no listener of the Gateway");
             }
         }
     }
@@ -884,6 +898,212 @@ pub(super) fn attach_to_gateways(
                 origin: VirtualServiceOrigin::HttpRoutes(sources),
             }));
     }
+    out
+}
+
+/// The listeners a route attaches to, each with its hostnames; or why none (the
+/// specification's reason and a message).
+type Attachment<'g> = std::result::Result<
+    Vec<(&'g super::ingress::ApiListener, Vec<String>)>,
+    (&'static str, String),
+>;
+
+/// The listeners of `gateway` that `route` attaches to through `parent`, each with the
+/// hostnames it is served for; or why none (the specification's reason and a message).
+fn attachment<'g>(
+    gateway: &'g super::ingress::ApiGateway,
+    parent: &GatewayParent,
+    route: &AcceptedHttpRoute,
+    namespaces: &BTreeMap<String, crate::model::Labels>,
+) -> Attachment<'g> {
+    let named: Vec<&super::ingress::ApiListener> = gateway
+        .listeners
+        .iter()
+        .filter(|l| {
+            parent.section.as_ref().is_none_or(|s| *s == l.name)
+                && parent.port.is_none_or(|p| p == l.port)
+        })
+        .collect();
+    if named.is_empty() {
+        return Err((
+            "NoMatchingParent",
+            format!(
+                "Gateway {} has no listener {}",
+                parent.gateway,
+                match (&parent.section, parent.port) {
+                    (Some(s), Some(p)) => format!("named {s:?} on port {p}"),
+                    (Some(s), None) => format!("named {s:?}"),
+                    (None, Some(p)) => format!("on port {p}"),
+                    (None, None) => "at all".to_owned(),
+                }
+            ),
+        ));
+    }
+    let allowed: Vec<&super::ingress::ApiListener> = named
+        .into_iter()
+        .filter(|l| {
+            l.http_routes
+                && l.namespaces.allow(
+                    &gateway.gateway.namespace,
+                    &route.key.namespace,
+                    namespaces.get(&route.key.namespace),
+                )
+        })
+        .collect();
+    if allowed.is_empty() {
+        return Err((
+            "NotAllowedByListeners",
+            format!(
+                "no listener of Gateway {} admits HTTPRoutes of namespace {} (check its allowedRoutes)",
+                parent.gateway, route.key.namespace
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    for listener in allowed {
+        let hosts: Vec<String> = if route.hostnames.is_empty() {
+            vec![listener.hostname.clone().unwrap_or_else(|| "*".to_owned())]
+        } else {
+            route
+                .hostnames
+                .iter()
+                .filter_map(|h| intersect(listener.hostname.as_deref(), h))
+                .collect()
+        };
+        if !hosts.is_empty() {
+            out.push((listener, hosts));
+        }
+    }
+    if out.is_empty() {
+        return Err((
+            "NoMatchingListenerHostname",
+            format!(
+                "no hostname of the route meets a listener hostname of Gateway {}",
+                parent.gateway
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Each HTTPRoute's `status.parents[]` (Gateway API, "RouteParentStatus"): per Service or
+/// Gateway parent, `Accepted` (`Accepted`, or `NoMatchingParent`: no such Service, port,
+/// Gateway or listener, `NotAllowedByListeners`, `NoMatchingListenerHostname`) and
+/// `ResolvedRefs` (`ResolvedRefs`, or the first failing backend's `InvalidKind`,
+/// `RefNotPermitted`: another namespace without a ReferenceGrant, `BackendNotFound`). A parent
+/// of another kind is not this implementation's and gets no entry. Pure; sorted by namespace
+/// and name.
+pub(super) fn route_statuses(
+    services: &BTreeMap<String, Arc<Service>>,
+    gateways: &[&super::ingress::ApiGateway],
+    waypoint_gateways: &BTreeMap<String, crate::model::WaypointGateway>,
+    namespaces: &BTreeMap<String, crate::model::Labels>,
+    routes: &[&AcceptedHttpRoute],
+    grants: &[Grant],
+) -> Vec<crate::model::RouteStatus> {
+    use crate::model::{RouteCondition, RouteParentStatus, RouteStatus};
+    let resolved = |route: &AcceptedHttpRoute| -> RouteCondition {
+        for (group, kind, namespace, name) in &route.backends {
+            if (group.as_str(), kind.as_str()) != ("", "Service") {
+                return RouteCondition::new(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidKind",
+                    format!("backend {name} is a {group}/{kind}, not a Service"),
+                );
+            }
+            if !granted(grants, &route.key.namespace, namespace, name) {
+                return RouteCondition::new(
+                    "ResolvedRefs",
+                    false,
+                    "RefNotPermitted",
+                    format!(
+                        "backend Service {namespace}/{name} is in another namespace and no ReferenceGrant there allows HTTPRoutes of {}",
+                        route.key.namespace
+                    ),
+                );
+            }
+            if !services.contains_key(&format!("{namespace}/{name}")) {
+                return RouteCondition::new(
+                    "ResolvedRefs",
+                    false,
+                    "BackendNotFound",
+                    format!("backend Service {namespace}/{name} does not exist"),
+                );
+            }
+        }
+        RouteCondition::new(
+            "ResolvedRefs",
+            true,
+            "ResolvedRefs",
+            "every backend resolves".to_owned(),
+        )
+    };
+    let by_key: BTreeMap<String, &super::ingress::ApiGateway> =
+        gateways.iter().map(|g| (g.gateway.key(), *g)).collect();
+    let mut out: Vec<RouteStatus> = routes
+        .iter()
+        .map(|route| {
+            let refs = resolved(route);
+            let parents = route
+                .status_parents
+                .iter()
+                .map(|p| {
+                    let key = format!("{}/{}", p.namespace, p.name);
+                    let accepted = if p.kind == "Service" {
+                        match services.get(&key) {
+                            None => Err(("NoMatchingParent", format!("Service {key} does not exist"))),
+                            Some(s) if p.port.is_some_and(|port| !s.ports.iter().any(|sp| sp.port == port)) => Err((
+                                "NoMatchingParent",
+                                format!("Service {key} has no port {}", p.port.unwrap_or_default()),
+                            )),
+                            Some(_) => Ok(()),
+                        }
+                    } else if let Some(gateway) = by_key.get(&key) {
+                        let parent = GatewayParent {
+                            gateway: key.clone(),
+                            section: p.section_name.clone(),
+                            port: p.port,
+                        };
+                        attachment(gateway, &parent, route, namespaces).map(|_| ())
+                    } else if waypoint_gateways.contains_key(&key) {
+                        Err((
+                            "NoMatchingParent",
+                            format!("Gateway {key} is a waypoint: HTTPRoutes attached to it are not applied yet; attach the route to the Service"),
+                        ))
+                    } else {
+                        Err((
+                            "NoMatchingParent",
+                            format!("no Gateway {key} of the ingress class"),
+                        ))
+                    };
+                    let accepted = match accepted {
+                        Ok(()) => RouteCondition::new(
+                            "Accepted",
+                            true,
+                            "Accepted",
+                            "attached".to_owned(),
+                        ),
+                        Err((reason, message)) => {
+                            RouteCondition::new("Accepted", false, reason, message)
+                        }
+                    };
+                    RouteParentStatus {
+                        parent_ref: p.clone(),
+                        conditions: vec![accepted, refs.clone()],
+                    }
+                })
+                .collect();
+            RouteStatus {
+                kind: "HTTPRoute".to_owned(),
+                namespace: route.key.namespace.clone(),
+                name: route.key.name.clone(),
+                generation: route.generation,
+                parents,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out
 }
 

@@ -386,3 +386,136 @@ fn cross_namespace_backends_need_a_reference_grant() {
         );
     }
 }
+
+/// `(type, status, reason)` of each condition of the route's one parent.
+fn conditions(t: &Translation, name: &str) -> Vec<(&'static str, &'static str, &'static str)> {
+    assert!(t.rejections.is_empty(), "{:?}", messages(t));
+    let status = t
+        .state
+        .route_statuses
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no status for {name}: {:?}", t.state.route_statuses));
+    assert_eq!(status.parents.len(), 1, "{status:?}");
+    status.parents[0]
+        .conditions
+        .iter()
+        .map(|c| (c.kind, c.status, c.reason))
+        .collect()
+}
+
+#[test]
+fn route_status_names_the_specifications_reasons_per_parent() {
+    let objects = [
+        service("bookinfo", "reviews"),
+        service("other", "ratings"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: bookinfo}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {name: http, port: 80, protocol: HTTP, hostname: bookinfo.example.com}\n---\n".to_owned(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: bookinfo}\nspec: {gatewayClassName: istio-waypoint}\n---\n".to_owned(),
+    ]
+    .concat();
+    let backend = "  rules:\n  - backendRefs: [{name: reviews, port: 9080}]\n";
+    let accepted = ("Accepted", "True", "Accepted");
+    let resolved = ("ResolvedRefs", "True", "ResolvedRefs");
+    type Condition<'a> = (&'a str, &'a str, &'a str);
+    let cases: [(&str, String, [Condition<'_>; 2]); 11] = [
+        ("mesh", format!("{PARENT}{backend}"), [accepted, resolved]),
+        (
+            "no-service",
+            format!("  parentRefs: [{{group: \"\", kind: Service, name: nope}}]\n{backend}"),
+            [("Accepted", "False", "NoMatchingParent"), resolved],
+        ),
+        (
+            "no-port",
+            format!(
+                "  parentRefs: [{{group: \"\", kind: Service, name: reviews, port: 1}}]\n{backend}"
+            ),
+            [("Accepted", "False", "NoMatchingParent"), resolved],
+        ),
+        (
+            "ingress",
+            format!("  parentRefs: [{{name: edge}}]\n{backend}"),
+            [accepted, resolved],
+        ),
+        (
+            "no-listener",
+            format!("  parentRefs: [{{name: edge, sectionName: https}}]\n{backend}"),
+            [("Accepted", "False", "NoMatchingParent"), resolved],
+        ),
+        (
+            "other-host",
+            format!("  parentRefs: [{{name: edge}}]\n  hostnames: [shop.example.com]\n{backend}"),
+            [
+                ("Accepted", "False", "NoMatchingListenerHostname"),
+                resolved,
+            ],
+        ),
+        (
+            "waypoint",
+            format!("  parentRefs: [{{name: waypoint}}]\n{backend}"),
+            [("Accepted", "False", "NoMatchingParent"), resolved],
+        ),
+        (
+            "no-gateway",
+            format!("  parentRefs: [{{name: nope}}]\n{backend}"),
+            [("Accepted", "False", "NoMatchingParent"), resolved],
+        ),
+        (
+            "bad-kind",
+            format!(
+                "{PARENT}  rules:\n  - backendRefs: [{{group: example.com, kind: Bucket, name: b}}]\n"
+            ),
+            [accepted, ("ResolvedRefs", "False", "InvalidKind")],
+        ),
+        (
+            "not-permitted",
+            format!(
+                "{PARENT}  rules:\n  - backendRefs: [{{name: ratings, namespace: other, port: 9080}}]\n"
+            ),
+            [accepted, ("ResolvedRefs", "False", "RefNotPermitted")],
+        ),
+        (
+            "not-found",
+            format!("{PARENT}  rules:\n  - backendRefs: [{{name: gone, port: 9080}}]\n"),
+            [accepted, ("ResolvedRefs", "False", "BackendNotFound")],
+        ),
+    ];
+    for (name, spec, expected) in cases {
+        let t = translate(&format!(
+            "{objects}{}",
+            route("bookinfo", name, "2026-01-01T00:00:00Z", &spec)
+        ));
+        assert_eq!(conditions(&t, name), expected, "{name}");
+    }
+    // An HTTPRoute of another namespace than the Gateway: not admitted by the default `Same`.
+    let t = translate(&format!(
+        "{objects}{}",
+        route(
+            "other",
+            "elsewhere",
+            "2026-01-01T00:00:00Z",
+            "  parentRefs: [{name: edge, namespace: bookinfo}]\n  rules:\n  - backendRefs: [{name: ratings, port: 9080}]\n",
+        )
+    ));
+    assert_eq!(
+        conditions(&t, "elsewhere"),
+        [("Accepted", "False", "NotAllowedByListeners"), resolved]
+    );
+    // The status carries the generation it describes and the parent as written, defaults
+    // filled in; it is part of the state /config_dump shows.
+    let t = translate(&format!(
+        "{objects}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: g, namespace: bookinfo, generation: 7}}\nspec:\n  parentRefs: [{{name: edge}}]\n{backend}---\n"
+    ));
+    let status = &t.state.route_statuses[0];
+    assert_eq!(status.generation, Some(7));
+    assert_eq!(
+        status.parents[0].parent_ref.group,
+        "gateway.networking.k8s.io"
+    );
+    assert_eq!(status.parents[0].parent_ref.kind, "Gateway");
+    assert_eq!(status.parents[0].parent_ref.namespace, "bookinfo");
+    let dump = serde_json::to_value(&t.state).unwrap();
+    assert_eq!(
+        dump["route_statuses"][0]["parents"][0]["conditions"][0]["type"],
+        "Accepted"
+    );
+}
