@@ -449,6 +449,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("starting ztunnel node-b")?;
 
+    // A waypoint or ingress gateway `name` for `pod`, configured as `waypoint run` / `waypoint
+    // gateway` would be, on loopback ports the OS picks.
+    let proxy = |name: mesh::model::WaypointRef,
+                 pod: &mesh::model::Workload,
+                 hbone_addr: SocketAddr,
+                 ingress: Option<waypoint::config::IngressConfig>|
+     -> anyhow::Result<waypoint::config::Config> {
+        Ok(waypoint::config::Config {
+            waypoint: name,
+            identity: mesh::identity::Identity::new(
+                TRUST_DOMAIN,
+                &pod.namespace,
+                &pod.service_account,
+            )?,
+            trust_domain: TRUST_DOMAIN.into(),
+            cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
+            cluster_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            config_path: config_dir.clone(),
+            ca: ca_config.clone(),
+            hbone_addr,
+            admin_addr: any,
+            metrics_addr: any,
+            readiness_addr: any,
+            operator: Default::default(),
+            drain_deadline: Duration::from_secs(1),
+            workload_cert_ttl: Duration::from_secs(3600),
+            protocol_detection_timeout: None,
+            hbone: Default::default(),
+            ingress,
+        })
+    };
     // The waypoint, if the service uses one: on its pod's IP, as in a cluster.
     let waypoint = match &service.waypoint {
         None => None,
@@ -462,28 +494,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             == Some(&waypoint.name)
                 })
                 .with_context(|| format!("no pod for waypoint {waypoint} in the example YAML"))?;
-            let identity =
-                mesh::identity::Identity::new(TRUST_DOMAIN, &pod.namespace, &pod.service_account)?;
-            let config = waypoint::config::Config {
-                waypoint: waypoint.clone(),
-                identity,
-                trust_domain: TRUST_DOMAIN.into(),
-                cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
-                cluster_domain: "cluster.local".into(),
-                root_namespace: "istio-system".into(),
-                config_path: config_dir.clone(),
-                ca: ca_config.clone(),
-                hbone_addr: SocketAddr::new(pod.ips[0], mesh::hbone::HBONE_PORT),
-                admin_addr: any,
-                metrics_addr: any,
-                readiness_addr: any,
-                operator: Default::default(),
-                drain_deadline: Duration::from_secs(1),
-                workload_cert_ttl: Duration::from_secs(3600),
-                protocol_detection_timeout: None,
-                hbone: Default::default(),
-                ingress: None,
-            };
+            let config = proxy(
+                waypoint.clone(),
+                pod,
+                SocketAddr::new(pod.ips[0], mesh::hbone::HBONE_PORT),
+                None,
+            )?;
             Some(
                 waypoint::app::build(config, None)
                     .await
@@ -496,37 +512,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
         Some(plan) => {
             let pod = &plan.pod;
-            let config = waypoint::config::Config {
-                waypoint: mesh::model::WaypointRef {
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                },
-                identity: mesh::identity::Identity::new(
-                    TRUST_DOMAIN,
-                    &pod.namespace,
-                    &pod.service_account,
-                )?,
-                trust_domain: TRUST_DOMAIN.into(),
-                cluster_id: mesh::ops::DEFAULT_CLUSTER_ID.into(),
-                cluster_domain: "cluster.local".into(),
-                root_namespace: "istio-system".into(),
-                config_path: config_dir.clone(),
-                ca: ca_config.clone(),
-                hbone_addr: any,
-                admin_addr: any,
-                metrics_addr: any,
-                readiness_addr: any,
-                operator: Default::default(),
-                drain_deadline: Duration::from_secs(1),
-                workload_cert_ttl: Duration::from_secs(3600),
-                protocol_detection_timeout: None,
-                hbone: Default::default(),
-                ingress: Some(waypoint::config::IngressConfig {
+            let name = mesh::model::WaypointRef {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+            };
+            let config = proxy(
+                name,
+                pod,
+                any,
+                Some(waypoint::config::IngressConfig {
                     labels: pod.labels.clone(),
                     bind: pod.ips[0],
                     class: mesh::model::translate::DEFAULT_INGRESS_GATEWAY_CLASS.to_owned(),
                 }),
-            };
+            )?;
             Some(
                 waypoint::app::build(config, None)
                     .await
