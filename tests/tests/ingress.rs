@@ -1043,3 +1043,161 @@ spec:
     );
     assert!(bi.v1.requests() + bi.v2.requests() >= 5);
 }
+
+/// A Gateway with 1,000 HTTPS servers on one port, each its own host and certificate: every
+/// name gets its own certificate by SNI and its request routed; a name no server has is
+/// refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sni_names_each_get_their_own_certificate() {
+    if !needs_root() {
+        return;
+    }
+    const N: usize = 1_000;
+    let pki = WebPki::new("example.com root");
+    let mut servers = String::new();
+    let mut secrets = String::new();
+    let mut issued = Vec::new();
+    for i in 0..N {
+        let host = format!("h{i}.example.com");
+        servers.push_str(&format!(
+            "  - port: {{number: 8443, name: s{i}, protocol: HTTPS}}\n    hosts: [\"{host}\"]\n    tls: {{mode: SIMPLE, credentialName: c{i}}}\n"
+        ));
+        let cert = pki.server(&[&host]);
+        secrets.push_str(&WebPki::secret_yaml(
+            "istio-ingress",
+            &format!("c{i}"),
+            &cert,
+            None,
+        ));
+        secrets.push_str("\n---\n");
+        issued.push(cert);
+    }
+    let routes = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: many, namespace: demo}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [bookinfo-gateway]
+  http:
+  - route:
+    - destination: {host: reviews, port: {number: 9080}}
+"#;
+    let bi = start(
+        bookinfo()
+            .yaml("gateway", &gateway(&servers))
+            .yaml("vs", routes)
+            .yaml("credentials", &secrets),
+    )
+    .await;
+    let config = pki.client_config(&[b"http/1.1"], None);
+    for i in [0, 1, N / 2, N - 1] {
+        let host = format!("h{i}.example.com");
+        let (mut client, presented) = eventually(SHOW_UP, || async {
+            bi.https(config.clone(), &host, HttpVersion::Http1)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{host}: {e}\n{}",
+                bi.cluster.ingress("istio-ingress").logs()
+            )
+        });
+        use rustls_pki_types::pem::PemObject;
+        let expected =
+            rustls_pki_types::CertificateDer::from_pem_slice(issued[i].cert.as_bytes()).unwrap();
+        assert_eq!(
+            presented,
+            expected.to_vec(),
+            "{host} got another certificate"
+        );
+        let answer = client.get("/", &[]).await.unwrap();
+        assert_eq!(answer.status, 200, "{host}: {}", answer.text());
+    }
+    assert!(
+        bi.https(config, "nope.example.com", HttpVersion::Http1)
+            .await
+            .is_err(),
+        "a name no server has is refused"
+    );
+    let dump = bi.config_dump().await;
+    assert_eq!(
+        dump["ingress"]["problems"].as_array().map(Vec::len),
+        Some(0)
+    );
+    let _ = (&bi.v1, &bi.v2);
+}
+
+/// Two Gateways claim one host on one port: the older serves it, the younger's server is not
+/// served there, and the conflict is reported (log, `/config_dump`, metric) naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_claiming_one_port_and_host_the_older_wins_and_it_is_reported() {
+    if !needs_root() {
+        return;
+    }
+    let gateway_at = |name: &str, created: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: {name}, namespace: demo, creationTimestamp: "{created}"}}
+spec:
+  selector: {{istio: ingress}}
+  servers:
+  - port: {{number: 8080, name: http, protocol: HTTP}}
+    hosts: ["{HOST}"]
+"#
+        )
+    };
+    let bound = |name: &str, gateway: &str, subset: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  hosts: ["{HOST}"]
+  gateways: [{gateway}]
+  http:
+  - route:
+    - destination: {{host: reviews, port: {{number: 9080}}, subset: {subset}}}
+"#
+        )
+    };
+    let bi = start(
+        bookinfo()
+            .yaml(
+                "old",
+                &gateway_at("bookinfo-gateway", "2026-01-01T00:00:00Z"),
+            )
+            .yaml("young", &gateway_at("intruder", "2026-06-01T00:00:00Z"))
+            .yaml("to-v1", &bound("to-v1", "bookinfo-gateway", "v1"))
+            .yaml("to-v2", &bound("to-v2", "intruder", "v2")),
+    )
+    .await;
+    bi.until_http_status(200).await;
+    let mut client = bi.http(HOST).await.unwrap();
+    for _ in 0..20 {
+        let answer = client.get("/", &[]).await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.version(), "v1", "the older Gateway's routes serve");
+    }
+    assert_eq!(bi.v2.requests(), 0);
+    let dump = bi.config_dump().await;
+    let problems = dump["ingress"]["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0]["gateway"], "demo/intruder");
+    assert_eq!(problems[0]["reason"], "host_conflict");
+    let metrics = bi.cluster.ingress("istio-ingress").metrics().await;
+    assert_eq!(
+        metrics.sum(
+            "gateway_server_problems",
+            &[("gateway", "demo/intruder"), ("reason", "host_conflict")]
+        ),
+        1.0,
+        "{}",
+        metrics.text()
+    );
+}
