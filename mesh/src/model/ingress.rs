@@ -157,9 +157,13 @@ impl fmt::Display for ServerHost {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ServerTls {
     pub mode: TlsMode,
-    /// The Secret with the certificate, in the Gateway's namespace (`credentialName`). `None`
+    /// The Secret with the certificate, in the gateway's namespace (`credentialName`). `None`
     /// only for PASSTHROUGH.
     pub credential: Option<String>,
+    /// `caCertCredentialName`: the Secret with the CA client certificates are verified against
+    /// (MUTUAL, OPTIONAL_MUTUAL); `None`: the credential's `ca.crt`, else the
+    /// `<credentialName>-cacert` Secret.
+    pub ca_credential: Option<String>,
     pub min_version: Option<TlsVersion>,
     pub max_version: Option<TlsVersion>,
     /// Names as Istio/BoringSSL spell them (`ECDHE-ECDSA-AES128-GCM-SHA256`, ...); empty: the

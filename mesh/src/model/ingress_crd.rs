@@ -81,6 +81,10 @@ pub struct ServerTls {
     /// Istio's list form (a certificate per key type); the first is used.
     #[serde(default)]
     pub credential_names: Vec<String>,
+    /// Istio 1.28: the Secret holding the CA that client certificates are verified against
+    /// (MUTUAL, OPTIONAL_MUTUAL), instead of the credential's `ca.crt`.
+    #[serde(default)]
+    pub ca_cert_credential_name: Option<String>,
     /// File paths inside the gateway pod: refused (use `credentialName`).
     #[serde(default)]
     pub server_certificate: Option<String>,

@@ -41,7 +41,8 @@ pub struct PlannedServer {
     /// The `credentialName` Secret (TLS servers).
     pub credential: Option<Arc<TlsSecret>>,
     /// The CA bundle client certificates are verified against (MUTUAL, OPTIONAL_MUTUAL): the
-    /// credential's `ca.crt`, else the `<credentialName>-cacert` Secret.
+    /// `caCertCredentialName` Secret when named, else the credential's `ca.crt`, else the
+    /// `<credentialName>-cacert` Secret.
     pub client_ca: Option<Arc<TlsSecret>>,
 }
 
@@ -195,6 +196,24 @@ fn credentials(
         ));
     }
     let client_ca = match tls.mode {
+        TlsMode::Mutual | TlsMode::OptionalMutual if tls.ca_credential.is_some() => {
+            let ca_key = format!(
+                "{namespace}/{}",
+                tls.ca_credential.as_deref().unwrap_or_default()
+            );
+            match state.secrets.get(&ca_key).filter(|s| s.ca_bundle.is_some()) {
+                Some(ca) => Some(ca.clone()),
+                None => {
+                    return Err((
+                        MISSING_CA,
+                        ca_key.clone(),
+                        format!(
+                            "Secret {ca_key} (caCertCredentialName) does not exist or holds no ca.crt; create it in the gateway's namespace {namespace}"
+                        ),
+                    ));
+                }
+            }
+        }
         TlsMode::Mutual | TlsMode::OptionalMutual => {
             if secret.ca_bundle.is_some() {
                 Some(secret.clone())

@@ -28,6 +28,7 @@ fn server(port: u16, host: &str, credential: Option<&str>) -> GatewayServer {
         tls: credential.map(|c| ServerTls {
             mode: TlsMode::Simple,
             credential: Some(c.into()),
+            ca_credential: None,
             min_version: None,
             max_version: None,
             cipher_suites: Vec::new(),
@@ -143,6 +144,7 @@ fn https_and_passthrough_share_a_port_by_sni_and_tcp_ports_stand_alone() {
         tls: Some(ServerTls {
             mode: TlsMode::Passthrough,
             credential: None,
+            ca_credential: None,
             min_version: None,
             max_version: None,
             cipher_suites: Vec::new(),
@@ -205,5 +207,48 @@ fn https_and_passthrough_share_a_port_by_sni_and_tcp_ports_stand_alone() {
         p.problems[0].message.contains("already served as TLS"),
         "{}",
         p.problems[0].message
+    );
+}
+
+#[test]
+fn ca_cert_credential_name_names_the_client_ca_secret() {
+    let secret = |name: &str, ca: bool, keys: bool| {
+        Arc::new(TlsSecret {
+            namespace: "istio-ingress".into(),
+            name: name.into(),
+            version: "1".into(),
+            cert_chain: keys.then(|| b"cert".to_vec()),
+            private_key: keys.then(|| b"key".to_vec()),
+            ca_bundle: ca.then(|| b"ca".to_vec()),
+        })
+    };
+    let mut mutual = server(443, "*", Some("cred"));
+    if let Some(tls) = mutual.tls.as_mut() {
+        tls.mode = TlsMode::Mutual;
+        tls.ca_credential = Some("client-ca".into());
+    }
+    let mut state = State {
+        ingress_gateways: vec![gateway("gw", "2026-01-01", vec![mutual])],
+        ..State::default()
+    };
+    // The credential has a ca.crt of its own, but the named CA Secret is what counts.
+    state
+        .secrets
+        .insert("istio-ingress/cred".into(), secret("cred", true, true));
+    let p = plan(&state, &labels(), "istio-ingress", [0, 0, 0, 0].into());
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert_eq!(p.problems[0].reason, plan::MISSING_CA);
+    assert_eq!(p.problems[0].secret, "istio-ingress/client-ca");
+    assert!(p.problems[0].message.contains("caCertCredentialName"));
+    state.secrets.insert(
+        "istio-ingress/client-ca".into(),
+        secret("client-ca", true, false),
+    );
+    let p = plan(&state, &labels(), "istio-ingress", [0, 0, 0, 0].into());
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    let served = &p.ports.values().next().unwrap().servers[0];
+    assert_eq!(
+        served.client_ca.as_ref().map(|s| s.name.as_str()),
+        Some("client-ca")
     );
 }

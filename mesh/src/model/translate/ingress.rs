@@ -368,9 +368,39 @@ fn server_tls(
             "is above maxProtocolVersion",
         ));
     }
+    let ca_credential = match tls
+        .ca_cert_credential_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+    {
+        None => None,
+        Some(_) if !matches!(mode, TlsMode::Mutual | TlsMode::OptionalMutual) => {
+            return Err(invalid(
+                key,
+                format!("{p}.caCertCredentialName"),
+                format!(
+                    "only MUTUAL and OPTIONAL_MUTUAL verify client certificates; mode is {written_mode}"
+                ),
+            ));
+        }
+        Some(name) => {
+            let name = name.strip_prefix("kubernetes://").unwrap_or(name);
+            if !name.split('.').all(is_dns_label) || name.contains('/') {
+                return Err(invalid(
+                    key,
+                    format!("{p}.caCertCredentialName"),
+                    format!(
+                        "{name:?} is not a Secret name (read from the gateway's own namespace; ConfigMaps are not read)"
+                    ),
+                ));
+            }
+            Some(name.to_owned())
+        }
+    };
     Ok(Some(ServerTls {
         mode,
         credential,
+        ca_credential,
         min_version,
         max_version,
         cipher_suites: tls.cipher_suites.clone(),
@@ -768,6 +798,7 @@ fn listener_tls(
         Some(ServerTls {
             mode,
             credential,
+            ca_credential: None,
             min_version: None,
             max_version: None,
             cipher_suites: Vec::new(),

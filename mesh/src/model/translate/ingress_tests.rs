@@ -11,7 +11,7 @@ fn gateway(spec: &str) -> String {
 #[test]
 fn servers_hosts_and_tls_are_read_as_istio_writes_them() {
     let yaml = gateway(
-        "  selector: {istio: ingress}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*/bookinfo.example.com\", \"./*.local.example.com\"]\n    tls: {httpsRedirect: true}\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"bookinfo.example.com\"]\n    tls: {mode: MUTUAL, credentialName: bookinfo, minProtocolVersion: TLSV1_2}\n  - port: {number: 8443, name: pass, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: PASSTHROUGH}\n",
+        "  selector: {istio: ingress}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*/bookinfo.example.com\", \"./*.local.example.com\"]\n    tls: {httpsRedirect: true}\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"bookinfo.example.com\"]\n    tls: {mode: MUTUAL, credentialName: bookinfo, caCertCredentialName: bookinfo-clients, minProtocolVersion: TLSV1_2}\n  - port: {number: 8443, name: pass, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: PASSTHROUGH}\n",
     );
     let t = translate(&yaml);
     assert!(t.rejections.is_empty(), "{:?}", messages(&t));
@@ -28,6 +28,7 @@ fn servers_hosts_and_tls_are_read_as_istio_writes_them() {
     let tls = https.tls.as_ref().unwrap();
     assert_eq!(tls.mode, crate::model::TlsMode::Mutual);
     assert_eq!(tls.credential.as_deref(), Some("bookinfo"));
+    assert_eq!(tls.ca_credential.as_deref(), Some("bookinfo-clients"));
     // HTTPS passed through is a TLS server routed by SNI, as Istio treats it.
     assert_eq!(pass.protocol, crate::model::ServerProtocol::Tls);
 }
@@ -62,6 +63,10 @@ fn bad_gateways_are_refused_naming_the_field() {
         (
             "  servers:\n  - port: {number: 80, name: http, protocol: QUIC}\n    hosts: [\"*\"]\n",
             "spec.servers[0].port.protocol: \"QUIC\" is not one of",
+        ),
+        (
+            "  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: c, caCertCredentialName: ca}\n",
+            "spec.servers[0].tls.caCertCredentialName: only MUTUAL and OPTIONAL_MUTUAL verify client certificates",
         ),
     ] {
         let t = translate(&gateway(spec));
