@@ -28,11 +28,20 @@ const SHOW_UP: Duration = Duration::from_secs(10);
 /// Node a: the ingress gateway `istio-ingress` and the outside client `curl`; node b: `reviews`
 /// v1 and v2 in the ambient namespace `demo`.
 fn bookinfo() -> ClusterBuilder {
-    Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("istio-ingress")
-        .ingress_gateway("a", "istio-ingress", "istio-ingress")
+    reviews(
+        Cluster::builder()
+            .node("a")
+            .node("b")
+            .namespace("istio-ingress")
+            .ingress_gateway("a", "istio-ingress", "istio-ingress"),
+    )
+    .yaml("subsets", SUBSETS)
+}
+
+/// `builder` plus the outside client `curl` on node a and, in the ambient namespace `demo`,
+/// `reviews` v1 and v2 on node b behind the Service `reviews`.
+fn reviews(builder: ClusterBuilder) -> ClusterBuilder {
+    builder
         .namespace("outside")
         .pod("a", "outside", "curl")
         .namespace("demo")
@@ -44,7 +53,6 @@ fn bookinfo() -> ClusterBuilder {
         .label("app", "reviews")
         .label("version", "v2")
         .http_service("demo", "reviews", PORT, PORT)
-        .yaml("subsets", SUBSETS)
 }
 
 const SUBSETS: &str = r#"
@@ -953,23 +961,10 @@ spec:
     // The gateway pod, as Istio deploys one for the Gateway: in its namespace, labelled with
     // its name, not captured.
     let bi = start(
-        Cluster::builder()
-            .node("a")
-            .node("b")
-            .namespace("outside")
-            .pod("a", "outside", "curl")
-            .namespace("demo")
-            .ambient()
+        reviews(Cluster::builder().node("a").node("b"))
             .ingress_gateway("a", "demo", "bookinfo-gateway-istio")
             .label("gateway.networking.k8s.io/gateway-name", "bookinfo-gateway")
             .label("istio.io/dataplane-mode", "none")
-            .pod("b", "demo", "reviews-v1")
-            .label("app", "reviews")
-            .label("version", "v1")
-            .pod("b", "demo", "reviews-v2")
-            .label("app", "reviews")
-            .label("version", "v2")
-            .http_service("demo", "reviews", PORT, PORT)
             .yaml("gateway", gateway)
             .yaml("routes", routes)
             .yaml(

@@ -1815,30 +1815,12 @@ fn the_waypoint_is_what_ztunnel_recognises_as_one() {
         .as_ref()
         .unwrap();
     assert_eq!(probe.port, IntOrString::Int(15021));
-    let known: BTreeSet<String> = [
+    let known = proxy_env(&[
         waypoint::config::WAYPOINT_NAME,
         waypoint::config::WAYPOINT_NAMESPACE,
-        waypoint::config::SERVICE_ACCOUNT,
-        waypoint::config::TRUST_DOMAIN,
-        waypoint::config::CLUSTER_ID,
-        waypoint::config::CLUSTER_DOMAIN,
-        waypoint::config::ROOT_NAMESPACE,
         waypoint::config::CONFIG_PATH,
         waypoint::config::HBONE_ADDR,
-        waypoint::config::DRAIN_DEADLINE,
-        waypoint::config::WORKLOAD_CERT_TTL,
-        waypoint::config::PROTOCOL_DETECTION_TIMEOUT_MS,
-        waypoint::config::WORKER_THREADS,
-        mesh::ops::CA_ADDRESS,
-        mesh::ops::CA_ROOT_CERT,
-        mesh::ops::CA_SERVER_NAME,
-        mesh::ops::CA_TOKEN_FILE,
-        mesh::discovery::CONFIG_SOURCE,
-        "RUST_LOG",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
+    ]);
     let unknown: Vec<_> = env_names(c).difference(&known).cloned().collect();
     assert!(unknown.is_empty(), "the waypoint does not read {unknown:?}");
     // ztunnel sends the waypoint's traffic to its Service's port 15008.
@@ -1883,31 +1865,13 @@ fn the_gateway_is_what_the_seeds_istio_gateway_selects() {
     assert_eq!(c.args.as_deref(), Some(&["gateway".to_owned()][..]));
 
     // Every variable is one `waypoint gateway` reads (a typo would be silently ignored) ...
-    let known: BTreeSet<String> = [
+    let known = proxy_env(&[
         waypoint::config::GATEWAY_NAME,
         waypoint::config::GATEWAY_NAMESPACE,
         waypoint::config::GATEWAY_LABELS,
         waypoint::config::GATEWAY_CLASS,
         waypoint::config::GATEWAY_BIND_ADDRESS,
-        waypoint::config::SERVICE_ACCOUNT,
-        waypoint::config::TRUST_DOMAIN,
-        waypoint::config::CLUSTER_ID,
-        waypoint::config::CLUSTER_DOMAIN,
-        waypoint::config::ROOT_NAMESPACE,
-        waypoint::config::DRAIN_DEADLINE,
-        waypoint::config::WORKLOAD_CERT_TTL,
-        waypoint::config::PROTOCOL_DETECTION_TIMEOUT_MS,
-        waypoint::config::WORKER_THREADS,
-        mesh::ops::CA_ADDRESS,
-        mesh::ops::CA_ROOT_CERT,
-        mesh::ops::CA_SERVER_NAME,
-        mesh::ops::CA_TOKEN_FILE,
-        mesh::discovery::CONFIG_SOURCE,
-        "RUST_LOG",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
+    ]);
     let unknown: Vec<_> = env_names(c).difference(&known).cloned().collect();
     assert!(unknown.is_empty(), "the gateway does not read {unknown:?}");
     // ... and the environment, with the downward API resolved as the kubelet does, is a valid
@@ -2450,4 +2414,29 @@ fn kind_e2e_skips_cleanly_without_docker_or_kind() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("skipped: kind not found"), "{stdout}");
+}
+
+/// The variables the `waypoint` binary reads in either role, plus `own` (the role's).
+fn proxy_env(own: &[&str]) -> BTreeSet<String> {
+    [
+        waypoint::config::SERVICE_ACCOUNT,
+        waypoint::config::TRUST_DOMAIN,
+        waypoint::config::CLUSTER_ID,
+        waypoint::config::CLUSTER_DOMAIN,
+        waypoint::config::ROOT_NAMESPACE,
+        waypoint::config::DRAIN_DEADLINE,
+        waypoint::config::WORKLOAD_CERT_TTL,
+        waypoint::config::PROTOCOL_DETECTION_TIMEOUT_MS,
+        waypoint::config::WORKER_THREADS,
+        mesh::ops::CA_ADDRESS,
+        mesh::ops::CA_ROOT_CERT,
+        mesh::ops::CA_SERVER_NAME,
+        mesh::ops::CA_TOKEN_FILE,
+        mesh::discovery::CONFIG_SOURCE,
+        "RUST_LOG",
+    ]
+    .into_iter()
+    .chain(own.iter().copied())
+    .map(str::to_owned)
+    .collect()
 }

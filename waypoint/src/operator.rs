@@ -1,7 +1,8 @@
 //! `waypoint config`: the operator's view of a running waypoint. It reads the admin port's
 //! `/config_dump` and prints the services the waypoint serves (with their VirtualService and
-//! DestinationRule), each Gateway API route's status per parent, and the health of every upstream cluster (endpoints, ejections, pools,
-//! circuit-breaker overflows), as a table, JSON or YAML.
+//! DestinationRule), each Gateway API route's status per parent, and the health of every
+//! upstream cluster (endpoints, ejections, pools, circuit-breaker overflows), as a table, JSON
+//! or YAML.
 
 use std::net::SocketAddr;
 

@@ -196,45 +196,46 @@ fn credentials(
         ));
     }
     let client_ca = match tls.mode {
-        TlsMode::Mutual | TlsMode::OptionalMutual if tls.ca_credential.is_some() => {
-            let ca_key = format!(
-                "{namespace}/{}",
-                tls.ca_credential.as_deref().unwrap_or_default()
-            );
-            match state.secrets.get(&ca_key).filter(|s| s.ca_bundle.is_some()) {
-                Some(ca) => Some(ca.clone()),
-                None => {
-                    return Err((
-                        MISSING_CA,
-                        ca_key.clone(),
-                        format!(
-                            "Secret {ca_key} (caCertCredentialName) does not exist or holds no ca.crt; create it in the gateway's namespace {namespace}"
-                        ),
-                    ));
-                }
-            }
-        }
         TlsMode::Mutual | TlsMode::OptionalMutual => {
-            if secret.ca_bundle.is_some() {
-                Some(secret.clone())
-            } else {
-                let ca_key = format!("{key}-cacert");
-                match state.secrets.get(&ca_key).filter(|s| s.ca_bundle.is_some()) {
-                    Some(ca) => Some(ca.clone()),
-                    None => {
-                        return Err((
-                            MISSING_CA,
-                            key.clone(),
-                            format!(
-                                "mode {:?} needs a CA to verify clients: ca.crt in Secret {key}, or a Secret {ca_key} with ca.crt",
-                                tls.mode
-                            ),
-                        ));
-                    }
-                }
-            }
+            Some(client_ca(state, namespace, &key, secret, tls)?)
         }
         TlsMode::Simple | TlsMode::Passthrough => None,
     };
     Ok((Some(secret.clone()), client_ca))
+}
+
+/// The CA bundle that verifies client certificates of a MUTUAL / OPTIONAL_MUTUAL server whose
+/// credential is `secret` (Secret `key`): the `caCertCredentialName` Secret when named, else the
+/// credential's own `ca.crt`, else the `<credentialName>-cacert` Secret (Istio's order).
+fn client_ca(
+    state: &State,
+    namespace: &str,
+    key: &str,
+    secret: &Arc<TlsSecret>,
+    tls: &mesh::model::ServerTls,
+) -> Result<Arc<TlsSecret>, (&'static str, String, String)> {
+    let (ca_key, named, message) = match &tls.ca_credential {
+        Some(name) => {
+            let ca_key = format!("{namespace}/{name}");
+            let message = format!(
+                "Secret {ca_key} (caCertCredentialName) does not exist or holds no ca.crt; create it in the gateway's namespace {namespace}"
+            );
+            (ca_key.clone(), ca_key, message)
+        }
+        None if secret.ca_bundle.is_some() => return Ok(secret.clone()),
+        None => {
+            let ca_key = format!("{key}-cacert");
+            let message = format!(
+                "mode {:?} needs a CA to verify clients: ca.crt in Secret {key}, or a Secret {ca_key} with ca.crt",
+                tls.mode
+            );
+            (ca_key, key.to_owned(), message)
+        }
+    };
+    state
+        .secrets
+        .get(&ca_key)
+        .filter(|s| s.ca_bundle.is_some())
+        .cloned()
+        .ok_or((MISSING_CA, named, message))
 }

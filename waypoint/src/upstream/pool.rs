@@ -911,25 +911,23 @@ impl ClusterState {
         if let Some(reason) = &self.error {
             return Err(Failure::NoCluster(reason.clone()));
         }
-        if self.endpoints.is_empty()
-            && let Some(via) = &self.via_waypoint
-        {
-            return Err(Failure::NoHealthy(format!(
-                "service {} goes through its waypoint {} (istio.io/ingress-use-waypoint), which \
-                 has no ready pod",
-                self.hostname, via.waypoint
-            )));
-        }
         if self.endpoints.is_empty() {
-            return Err(Failure::NoHealthy(format!(
-                "service {} has no ready endpoint for this port{}",
-                self.hostname,
-                if self.destination_rule.is_some() {
-                    " and subset"
-                } else {
-                    ""
-                }
-            )));
+            return Err(Failure::NoHealthy(match &self.via_waypoint {
+                Some(via) => format!(
+                    "service {} goes through its waypoint {} (istio.io/ingress-use-waypoint), \
+                     which has no ready pod",
+                    self.hostname, via.waypoint
+                ),
+                None => format!(
+                    "service {} has no ready endpoint for this port{}",
+                    self.hostname,
+                    if self.destination_rule.is_some() {
+                        " and subset"
+                    } else {
+                        ""
+                    }
+                ),
+            }));
         }
         if let Some(config) = &self.policy.outlier_detection {
             for endpoint in &mut self.endpoints {

@@ -122,12 +122,12 @@ pub(super) fn resolve(
     if side == Side::Ingress
         && let Some(waypoint) = state.ingress_waypoint(service)
     {
-        let via = via_waypoint(state, service, key.port, waypoint)?;
+        let (via, waypoint_service) = via_waypoint(state, service, key.port, waypoint)?;
         return Ok(ClusterSpec {
             hostname: service.hostname.clone(),
             destination_rule: rule.map(|dr| dr.key()),
             policy,
-            endpoints: waypoint_endpoints(state, waypoint),
+            endpoints: waypoint_endpoints(state, waypoint_service),
             via_waypoint: Some(via),
         });
     }
@@ -165,13 +165,14 @@ pub(super) fn resolve(
 }
 
 /// The tunnel's `:authority` for `service`'s `port` through `waypoint`: the service's first
-/// VIP (a headless service has none, and a waypoint cannot know it by address).
-fn via_waypoint(
-    state: &State,
+/// VIP (a headless service has none, and a waypoint cannot know it by address); and the
+/// waypoint's own Service.
+fn via_waypoint<'s>(
+    state: &'s State,
     service: &Service,
     port: u16,
     waypoint: &WaypointRef,
-) -> Result<ViaWaypoint, Unresolved> {
+) -> Result<(ViaWaypoint, &'s Service), Unresolved> {
     let vip = service.vips.first().ok_or_else(|| {
         Unresolved::Invalid(format!(
             "service {} asks for its waypoint {waypoint} (istio.io/ingress-use-waypoint) but \
@@ -179,25 +180,23 @@ fn via_waypoint(
             service.key()
         ))
     })?;
-    if !state.services.contains_key(&waypoint.service_key()) {
-        return Err(Unresolved::Invalid(format!(
+    let waypoint_service = state.services.get(&waypoint.service_key()).ok_or_else(|| {
+        Unresolved::Invalid(format!(
             "service {} asks for its waypoint {waypoint} (istio.io/ingress-use-waypoint), but \
              no Service {waypoint} exists (check the istio.io/use-waypoint label and the \
              waypoint's deployment)",
             service.key()
-        )));
-    }
-    Ok(ViaWaypoint {
+        ))
+    })?;
+    let via = ViaWaypoint {
         waypoint: waypoint.clone(),
         authority: SocketAddr::new(*vip, port),
-    })
+    };
+    Ok((via, waypoint_service))
 }
 
-/// The ready pods of `waypoint`'s Service, each at its HBONE port.
-fn waypoint_endpoints(state: &State, waypoint: &WaypointRef) -> Vec<ResolvedEndpoint> {
-    let Some(service) = state.services.get(&waypoint.service_key()) else {
-        return Vec::new();
-    };
+/// The ready pods of a waypoint's Service, each at its HBONE port.
+fn waypoint_endpoints(state: &State, service: &Service) -> Vec<ResolvedEndpoint> {
     let mut seen = HashSet::new();
     service
         .endpoints

@@ -841,8 +841,7 @@ pub(super) fn attach_to_gateways(
     routes: &[&AcceptedHttpRoute],
     grants: &[Grant],
 ) -> BTreeMap<String, Vec<Arc<VirtualService>>> {
-    let by_key: BTreeMap<String, &super::ingress::ApiGateway> =
-        gateways.iter().map(|g| (g.gateway.key(), *g)).collect();
+    let by_key = by_key(gateways);
     // (listener routes key, hostname) -> the routes, and the HTTPRoutes they come from.
     type Lists = BTreeMap<(String, String), (Vec<(Rank, HttpRoute)>, Vec<String>)>;
     let mut lists: Lists = BTreeMap::new();
@@ -899,6 +898,13 @@ pub(super) fn attach_to_gateways(
             }));
     }
     out
+}
+
+/// The ingress Gateways by `namespace/name`, as parentRefs name them.
+fn by_key<'g>(
+    gateways: &[&'g super::ingress::ApiGateway],
+) -> BTreeMap<String, &'g super::ingress::ApiGateway> {
+    gateways.iter().map(|g| (g.gateway.key(), *g)).collect()
 }
 
 /// The listeners a route attaches to, each with its hostnames; or why none (the
@@ -1039,8 +1045,7 @@ pub(super) fn route_statuses(
             "every backend resolves".to_owned(),
         )
     };
-    let by_key: BTreeMap<String, &super::ingress::ApiGateway> =
-        gateways.iter().map(|g| (g.gateway.key(), *g)).collect();
+    let by_key = by_key(gateways);
     let mut out: Vec<RouteStatus> = routes
         .iter()
         .map(|route| {
