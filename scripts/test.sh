@@ -66,7 +66,8 @@ for target in $(cargo fuzz list); do
     RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$target" \
         "$fuzz_work/$target" "fuzz/corpus/$target" -- \
         -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 2>"$fuzz_work/$target.log" \
-        || { tail -n 60 "$fuzz_work/$target.log"; echo "fuzz target $target failed" >&2; exit 1; }
+        || { grep -m1 -A3 'panicked at' "$fuzz_work/$target.log" || true
+             tail -n 60 "$fuzz_work/$target.log"; echo "fuzz target $target failed" >&2; exit 1; }
     echo "$target: $(grep -E '^stat::number_of_executed_units' "$fuzz_work/$target.log" | awk '{print $2}') inputs in ${FUZZ_SECONDS}s, $(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$fuzz_work/$target.log" | tail -n 1)"
 done
 

@@ -478,19 +478,34 @@ fn size_limit(request: &Message, protocol: Protocol) -> usize {
 }
 
 /// Encodes `response`, truncated (header, question, TC bit) when it exceeds what the client
-/// takes, so it retries over TCP.
+/// takes, so it retries over TCP. When even the question section does not fit (a query with
+/// many questions, answered FORMERR with them echoed), the questions go too: header, OPT and
+/// TC, which always fit in 512 bytes. The client never gets more than its buffer.
 fn encode(response: &Message, request: &Message, protocol: Protocol) -> Option<Vec<u8>> {
     let bytes = match response.to_vec() {
         Ok(bytes) => bytes,
         Err(e) => {
             tracing::warn!(error = %e, "cannot encode a DNS response; answering SERVFAIL");
-            return reply_to(request, ResponseCode::ServFail).to_vec().ok();
+            let servfail = reply_to(request, ResponseCode::ServFail);
+            return fitted(&servfail, size_limit(request, protocol));
         }
     };
-    if bytes.len() <= size_limit(request, protocol) {
+    let limit = size_limit(request, protocol);
+    if bytes.len() <= limit {
         return Some(bytes);
     }
-    response.truncate().to_vec().ok()
+    fitted(&response.truncate(), limit)
+}
+
+/// `response` encoded within `limit` bytes: as it is, or without its questions (TC set).
+fn fitted(response: &Message, limit: usize) -> Option<Vec<u8>> {
+    let bytes = response.to_vec().ok()?;
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    let mut bare = response.truncate();
+    bare.take_queries();
+    bare.to_vec().ok().filter(|bytes| bytes.len() <= limit)
 }
 
 /// A response to `request` with `code`, echoing its id, question, RD and CD bits, and an
@@ -533,7 +548,8 @@ fn overloaded(request: &[u8]) -> Option<Vec<u8>> {
     if message.message_type() != MessageType::Query {
         return None;
     }
-    reply_to(&message, ResponseCode::ServFail).to_vec().ok()
+    let limit = size_limit(&message, Protocol::Udp);
+    fitted(&reply_to(&message, ResponseCode::ServFail), limit)
 }
 
 /// The authoritative answer for a mesh name: the addresses (shuffled, as Istio, so clients

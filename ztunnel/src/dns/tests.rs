@@ -811,13 +811,44 @@ async fn malformed_and_odd_messages() {
     )
     .unwrap();
     assert_eq!(reply.response_code(), ResponseCode::FormErr);
+    // Forty long questions (found by the dns_message fuzz target): the FORMERR echoing them
+    // would exceed a UDP client's 512 bytes, and so would the question section alone. The
+    // client gets the header with TC and FORMERR, within its buffer; over TCP all of them.
+    let mut many = query("reviews.", RecordType::A);
+    for i in 0..40 {
+        many.add_query(Query::query(
+            name(&format!("a-rather-long-label-{i}.demo.svc.cluster.local.")),
+            RecordType::AAAA,
+        ));
+    }
+    let bytes = many.to_vec().unwrap();
+    assert!(bytes.len() > 512);
+    let reply = h.dns.handle(&bytes, Protocol::Udp).await.unwrap();
+    assert!(
+        reply.len() <= 512,
+        "{} bytes to a 512-byte client",
+        reply.len()
+    );
+    let reply = Message::from_vec(&reply).unwrap();
+    assert_eq!(reply.id(), many.id());
+    assert_eq!(reply.response_code(), ResponseCode::FormErr);
+    assert!(reply.truncated(), "TC, so the client may retry over TCP");
+    let reply = h.dns.handle(&bytes, Protocol::Tcp).await.unwrap();
+    let reply = Message::from_vec(&reply).unwrap();
+    assert_eq!(
+        reply.queries().len(),
+        41,
+        "over TCP the questions are echoed"
+    );
+    assert!(!reply.truncated());
 
-    // Counted: garbage with a header and two questions answered FORMERR; the short message
-    // and both responses dropped. NOTIMP is an answer to a well-formed query: not counted.
-    assert_eq!(h.dropped("formerr"), 2.0);
+    // Counted: garbage with a header, two questions and forty-one (twice) answered FORMERR;
+    // the short message and both responses dropped. NOTIMP is an answer to a well-formed
+    // query: not counted.
+    assert_eq!(h.dropped("formerr"), 4.0);
     assert_eq!(h.dropped("malformed"), 3.0);
     assert_eq!(h.dropped("overload"), 0.0);
-    assert_eq!(h.metric("mesh_dns_dropped_total"), 5.0);
+    assert_eq!(h.metric("mesh_dns_dropped_total"), 7.0);
 }
 
 #[tokio::test]
