@@ -381,6 +381,9 @@ impl LogFilter for ReloadableFilter {
     }
 }
 
+/// Log lines queued for the writer thread before logging waits for it (see [`init_logging`]).
+pub const LOG_QUEUE_LINES: usize = 8192;
+
 /// The process' logging: the control `/logging` uses to change the filter at run time, and the
 /// guard that flushes buffered lines when dropped (keep it until the process ends).
 #[allow(missing_debug_implementations)]
@@ -394,6 +397,10 @@ pub struct Logging {
 /// proxy's worker threads: with one access-log line per request, a `write(2)` each on the data
 /// path cost about 10% of the waypoint's CPU in the benchmark. The queue is not lossy: when the
 /// writer falls behind, logging waits rather than dropping lines an operator needs.
+/// The queue holds [`LOG_QUEUE_LINES`] lines: its slots are allocated and touched up front, so
+/// tracing-appender's default of 128,000 was 4 MiB of every idle proxy's RSS (heaptrack, `cargo
+/// bench -p mesh-tests --bench vcluster`); 8,192 lines are over half a second of access log at
+/// the benchmark's request rate, for a writer thread that only copies them to stdout.
 pub fn init_logging(filter: &str) -> anyhow::Result<Logging> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -401,6 +408,7 @@ pub fn init_logging(filter: &str) -> anyhow::Result<Logging> {
     let (filter, handle) = reload::Layer::new(EnvFilter::try_new(filter)?);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(false)
         .finish(std::io::stdout());
     tracing_subscriber::registry()
