@@ -53,10 +53,23 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.inner.conns).remove(&self.id);
+        {
+            let mut conns = lock(&self.inner.conns);
+            conns.remove(&self.id);
+            // A wave of connections grows the table; it is given back once three quarters of
+            // it is empty (halving, so a steady count does not resize back and forth), so RSS
+            // returns to idle after the wave instead of keeping its peak.
+            if conns.capacity() > SHRINK_ABOVE && conns.len() * 4 < conns.capacity() {
+                let keep = conns.len() * 2;
+                conns.shrink_to(keep);
+            }
+        }
         self.inner.changed.notify_waiters();
     }
 }
+
+/// Below this many slots the table is left as it is.
+const SHRINK_ABOVE: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Single inserts and removes: a panic elsewhere cannot leave the map inconsistent.
@@ -154,5 +167,47 @@ impl LiveConnections {
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(live: &LiveConnections, n: u16) -> Registration {
+        live.register(
+            None,
+            IpAddr::from([10, 0, 0, 1]),
+            format!("demo/pod-{n}"),
+            SocketAddr::from(([10, 0, 0, 2], n)),
+            Arc::default(),
+        )
+    }
+
+    /// After a wave of connections closes, the table is given back (RSS returns to idle), and
+    /// the connections still open are all still there.
+    #[test]
+    fn the_table_shrinks_after_a_wave_and_keeps_what_is_open() {
+        let live = LiveConnections::default();
+        let mut wave: Vec<_> = (0..5000).map(|n| register(&live, n)).collect();
+        let peak = lock(&live.inner.conns).capacity();
+        assert!(peak >= 5000);
+        let kept = wave.split_off(4990);
+        drop(wave);
+        assert_eq!(live.len(), 10);
+        let after = lock(&live.inner.conns).capacity();
+        assert!(
+            after <= 2 * SHRINK_ABOVE,
+            "{after} slots kept for 10 connections (peak {peak})"
+        );
+        let mut open: Vec<_> = live
+            .snapshot()
+            .into_iter()
+            .map(|c| c.destination_addr.port())
+            .collect();
+        open.sort_unstable();
+        assert_eq!(open, (4990..5000).collect::<Vec<u16>>());
+        drop(kept);
+        assert!(live.is_empty());
     }
 }
