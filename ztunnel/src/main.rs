@@ -3,6 +3,9 @@
 /// The data path allocates a buffer per chunk it moves; glibc's allocator serves chunks of a
 /// few hundred KiB with fresh mmaps (a page fault per page, every time), which the benchmark
 /// showed dominating bulk transfers. mimalloc keeps such memory pooled per thread.
+/// The `system-allocator` feature keeps glibc's, for heap profilers that hook `malloc`
+/// (heaptrack, valgrind): `cargo build -p ztunnel --features system-allocator`.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
