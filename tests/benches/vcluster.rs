@@ -164,32 +164,41 @@ fn spawn_idle_echo(netns: &str) -> std::process::Child {
     child
 }
 
-/// RSS of ztunnel A and B in KiB.
-fn rss_kib(pids: [u32; 2]) -> [u64; 2] {
-    pids.map(|pid| load::status_kib(pid, "VmRSS").unwrap_or(0))
+/// RSS of ztunnel A and B in KiB: (all of it, its anonymous part). The rest is file-backed,
+/// mostly the binary's code pages, which the kernel can drop and read again.
+fn rss_kib(pids: [u32; 2]) -> [(u64, u64); 2] {
+    pids.map(|pid| {
+        let kib = |field| load::status_kib(pid, field).unwrap_or(0);
+        (kib("VmRSS"), kib("RssAnon"))
+    })
 }
 
 /// The ztunnels' RSS once they have been quiet long enough for their parked workers to hand
 /// freed memory back (`mesh::alloc::COLLECT_INTERVAL` is 2 s): the lowest of a few readings.
-async fn settled_rss(pids: [u32; 2]) -> [u64; 2] {
-    let mut low = [u64::MAX; 2];
+async fn settled_rss(pids: [u32; 2]) -> [(u64, u64); 2] {
+    let mut low = [(u64::MAX, u64::MAX); 2];
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(750)).await;
         let now = rss_kib(pids);
-        low = [low[0].min(now[0]), low[1].min(now[1])];
+        for (low, now) in low.iter_mut().zip(now) {
+            *low = (low.0.min(now.0), low.1.min(now.1));
+        }
     }
     low
 }
 
 /// Memory of the two ztunnels around waves of idle tunnels.
+/// RSS of ztunnel A and B, KiB: (all, anonymous).
+type Rss = [(u64, u64); 2];
+
 struct Memory {
-    idle: [u64; 2],
+    idle: Rss,
     /// (tunnels held open, RSS with them open).
-    waves: Vec<(usize, [u64; 2])>,
-    after: [u64; 2],
+    waves: Vec<(usize, Rss)>,
+    after: Rss,
     /// Once the pooled HBONE connections the waves opened were idle for longer than the
     /// pool's idle timeout (60 s) and closed.
-    after_reaped: [u64; 2],
+    after_reaped: Rss,
 }
 
 /// Opens connections to the echo server at `addr` until `held` has `target`, each carrying one
@@ -469,10 +478,14 @@ async fn run() {
 fn print_memory(memory: &Memory) {
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!();
-    println!("ztunnel memory (RSS, MiB), client pod on node A -> server pod on node B");
-    println!("{:<34}{:>10}{:>10}", "", "A", "B");
-    let row = |name: String, rss: [u64; 2]| {
-        println!("{name:<34}{:>10.1}{:>10.1}", mib(rss[0]), mib(rss[1]));
+    println!(
+        "ztunnel memory (RSS MiB, its anonymous part in brackets; the rest is the binary's \
+         code pages), client pod on node A -> server pod on node B"
+    );
+    println!("{:<34}{:>14}{:>14}", "", "A", "B");
+    let row = |name: String, rss: Rss| {
+        let cell = |(all, anon): (u64, u64)| format!("{:.1} ({:.1})", mib(all), mib(anon));
+        println!("{name:<34}{:>14}{:>14}", cell(rss[0]), cell(rss[1]));
     };
     row("idle (one tunnel warmed the path)".into(), memory.idle);
     for (n, rss) in &memory.waves {
@@ -484,9 +497,9 @@ fn print_memory(memory: &Memory) {
         memory.after_reaped,
     );
     for (n, rss) in &memory.waves {
-        let per = |i: usize| (rss[i] as f64 - memory.idle[i] as f64) / *n as f64;
+        let per = |i: usize| (rss[i].0 as f64 - memory.idle[i].0 as f64) / *n as f64;
         println!(
-            "{:<34}{:>10.1}{:>10.1}",
+            "{:<34}{:>14.1}{:>14.1}",
             format!("KiB per idle tunnel ({n} open)"),
             per(0),
             per(1)
