@@ -34,39 +34,46 @@ impl Reporter {
     }
 }
 
-/// One side of a connection, as the metrics label it.
+/// One side of a connection, as the metrics label it: its workload when known (shared with the
+/// state it came from: an open connection holds a reference, not copies of its names, which
+/// were a few hundred bytes of every idle tunnel) and the identity it proved or must prove.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Peer {
-    pub workload: String,
-    pub namespace: String,
+    workload: Option<Arc<crate::model::Workload>>,
     pub principal: Option<Identity>,
-    pub app: String,
-    pub version: String,
-    /// Empty: the proxy's own cluster ([`TcpMetrics::new`]) when the workload is known (the
-    /// state holds only this cluster's workloads), else `unknown`.
-    pub cluster: String,
 }
 
 impl Peer {
     /// How the metrics label a side: from its workload when known, else from its identity.
-    pub fn of(workload: Option<&crate::model::Workload>, identity: Option<&Identity>) -> Peer {
-        match workload {
-            Some(w) => Peer {
-                workload: w.workload_name.clone(),
-                namespace: w.namespace.clone(),
-                principal: identity.cloned().or_else(|| Some(w.identity.clone())),
-                app: w.canonical_service.clone(),
-                version: w.canonical_revision.clone(),
-                cluster: String::new(),
-            },
-            None => Peer {
-                principal: identity.cloned(),
-                namespace: identity
-                    .map(|i| i.namespace().to_owned())
-                    .unwrap_or_default(),
-                ..Peer::default()
-            },
+    pub fn of(workload: Option<&Arc<crate::model::Workload>>, identity: Option<&Identity>) -> Peer {
+        Peer {
+            principal: identity
+                .cloned()
+                .or_else(|| workload.map(|w| w.identity.clone())),
+            workload: workload.cloned(),
         }
+    }
+
+    /// The workload's name; empty when unknown.
+    pub fn workload_name(&self) -> &str {
+        self.workload.as_ref().map_or("", |w| &w.workload_name)
+    }
+
+    /// The workload's namespace, else the identity's; empty when neither is known.
+    pub fn namespace(&self) -> &str {
+        match (&self.workload, &self.principal) {
+            (Some(w), _) => &w.namespace,
+            (None, Some(identity)) => identity.namespace(),
+            (None, None) => "",
+        }
+    }
+
+    fn app(&self) -> &str {
+        self.workload.as_ref().map_or("", |w| &w.canonical_service)
+    }
+
+    fn version(&self) -> &str {
+        self.workload.as_ref().map_or("", |w| &w.canonical_revision)
     }
 }
 
@@ -114,8 +121,8 @@ pub struct ConnectionInfo {
     pub reporter: Reporter,
     pub source: Peer,
     pub destination: Peer,
-    /// (hostname, name, namespace) of the service the client dialled, when it dialled one.
-    pub service: Option<(String, String, String)>,
+    /// The service the client dialled, when it dialled one.
+    pub service: Option<Arc<crate::model::Service>>,
     pub mutual_tls: bool,
     /// Client and server addresses, for the access log.
     pub source_addr: std::net::SocketAddr,
@@ -124,10 +131,9 @@ pub struct ConnectionInfo {
 
 impl ConnectionInfo {
     fn labels(&self, response_flags: &'static str, local_cluster: &str) -> TcpLabels {
+        // The state holds only this cluster's workloads: a known one is in the proxy's own.
         let cluster = |p: &Peer| {
-            if !p.cluster.is_empty() {
-                p.cluster.clone()
-            } else if !p.workload.is_empty() {
+            if p.workload.is_some() {
                 or_unknown(local_cluster)
             } else {
                 UNKNOWN.to_owned()
@@ -138,30 +144,30 @@ impl ConnectionInfo {
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| UNKNOWN.to_owned())
         };
-        let (svc, svc_name, svc_ns) = self
-            .service
-            .clone()
-            .unwrap_or_else(|| (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()));
+        let (svc, svc_name, svc_ns) = match &self.service {
+            Some(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
+            None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
+        };
         TcpLabels {
             reporter: self.reporter.as_str(),
-            source_workload: or_unknown(&self.source.workload),
-            source_workload_namespace: or_unknown(&self.source.namespace),
+            source_workload: or_unknown(self.source.workload_name()),
+            source_workload_namespace: or_unknown(self.source.namespace()),
             source_principal: principal(&self.source.principal),
-            source_app: or_unknown(&self.source.app),
-            source_version: or_unknown(&self.source.version),
-            source_canonical_service: or_unknown(&self.source.app),
-            source_canonical_revision: or_unknown(&self.source.version),
+            source_app: or_unknown(self.source.app()),
+            source_version: or_unknown(self.source.version()),
+            source_canonical_service: or_unknown(self.source.app()),
+            source_canonical_revision: or_unknown(self.source.version()),
             source_cluster: cluster(&self.source),
-            destination_workload: or_unknown(&self.destination.workload),
-            destination_workload_namespace: or_unknown(&self.destination.namespace),
+            destination_workload: or_unknown(self.destination.workload_name()),
+            destination_workload_namespace: or_unknown(self.destination.namespace()),
             destination_principal: principal(&self.destination.principal),
-            destination_app: or_unknown(&self.destination.app),
-            destination_version: or_unknown(&self.destination.version),
+            destination_app: or_unknown(self.destination.app()),
+            destination_version: or_unknown(self.destination.version()),
             destination_service: svc,
             destination_service_name: svc_name,
             destination_service_namespace: svc_ns,
-            destination_canonical_service: or_unknown(&self.destination.app),
-            destination_canonical_revision: or_unknown(&self.destination.version),
+            destination_canonical_service: or_unknown(self.destination.app()),
+            destination_canonical_revision: or_unknown(self.destination.version()),
             destination_cluster: cluster(&self.destination),
             request_protocol: "tcp",
             response_flags,
@@ -284,11 +290,11 @@ impl Drop for ConnectionGuard {
             target: "access",
             reporter = info.reporter.as_str(),
             src.addr = %info.source_addr,
-            src.workload = %info.source.workload,
+            src.workload = info.source.workload_name(),
             src.identity = ident(&info.source).as_deref().unwrap_or("-"),
             dst.addr = %info.destination_addr,
-            dst.service = info.service.as_ref().map_or("-", |s| s.0.as_str()),
-            dst.workload = %info.destination.workload,
+            dst.service = info.service.as_ref().map_or("-", |s| s.hostname.as_str()),
+            dst.workload = info.destination.workload_name(),
             dst.identity = ident(&info.destination).as_deref().unwrap_or("-"),
             mtls = info.mutual_tls,
             bytes_sent = sent,

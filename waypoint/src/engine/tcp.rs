@@ -23,18 +23,14 @@ where
     // The record is opened once the endpoint is known, so that it names the destination
     // workload (as Istio's waypoint reports it); a connection that fails before that is
     // recorded without one.
-    let info = |destination: Peer, service: &Service| ConnectionInfo {
+    let info = |destination: Peer, service: &std::sync::Arc<Service>| ConnectionInfo {
         reporter: engine.identity.reporter,
         source: Peer::of(
-            downstream.source.workload.as_deref(),
+            downstream.source.workload.as_ref(),
             downstream.source.identity.as_ref(),
         ),
         destination,
-        service: Some((
-            service.hostname.clone(),
-            service.name.clone(),
-            service.namespace.clone(),
-        )),
+        service: Some(service.clone()),
         mutual_tls: downstream.mutual_tls,
         source_addr: std::net::SocketAddr::new(
             downstream.source.ip.unwrap_or(downstream.peer_addr.ip()),
@@ -138,7 +134,7 @@ where
     let mut guard = ConnectionGuard::new(
         &engine.tcp_metrics,
         info(
-            Peer::of(workload.as_deref(), workload.as_ref().map(|w| &w.identity)),
+            Peer::of(workload.as_ref(), workload.as_ref().map(|w| &w.identity)),
             // The ingress names the service it routed to (its own is what the client dialled),
             // as the waypoint names the service it serves.
             if downstream.scope.is_some() {

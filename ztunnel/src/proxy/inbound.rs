@@ -94,7 +94,7 @@ async fn admit_hbone(
         &ctx.metrics,
         ConnectionInfo {
             reporter: Reporter::Destination,
-            source: super::peer_of(source_workload.as_deref(), Some(&tunnel.peer_identity)),
+            source: super::peer_of(source_workload.as_ref(), Some(&tunnel.peer_identity)),
             destination: super::peer_of(Some(&destination), Some(&destination.identity)),
             service: None,
             mutual_tls: true,
@@ -203,7 +203,7 @@ async fn admit_plaintext(
         &ctx.metrics,
         ConnectionInfo {
             reporter: Reporter::Destination,
-            source: super::peer_of(source_workload.as_deref(), None),
+            source: super::peer_of(source_workload.as_ref(), None),
             destination: super::peer_of(Some(&destination), Some(&destination.identity)),
             service: None,
             mutual_tls: false,

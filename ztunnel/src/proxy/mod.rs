@@ -92,7 +92,7 @@ pub(crate) fn accept_headers(ctx: &Context, destination: &Workload) -> http::Hea
 }
 
 /// How the metrics label one side of a connection.
-pub(crate) fn peer_of(workload: Option<&Workload>, identity: Option<&Identity>) -> Peer {
+pub(crate) fn peer_of(workload: Option<&Arc<Workload>>, identity: Option<&Identity>) -> Peer {
     Peer::of(workload, identity)
 }
 

@@ -70,10 +70,6 @@ pub async fn establish(
         .cloned()
         .unwrap_or_else(|| pod.workload.clone());
     let plan = plan_outbound(&state, original_destination, |n| fastrand::usize(..n));
-    let service = |s: &Option<Arc<mesh::model::Service>>| {
-        s.as_ref()
-            .map(|s| (s.hostname.clone(), s.name.clone(), s.namespace.clone()))
-    };
     let source_peer = super::peer_of(Some(&source), Some(&source.identity));
     // Outbound connections are registered (for drain and the operator view) once established;
     // they carry no destination workload, so policy re-checks skip them.
@@ -104,7 +100,7 @@ pub async fn establish(
                     reporter: Reporter::Source,
                     source: source_peer,
                     destination: super::peer_of(Some(&workload), Some(&identity)),
-                    service: service(&svc),
+                    service: svc.clone(),
                     mutual_tls: true,
                     source_addr: client_addr,
                     destination_addr: authority,
@@ -167,8 +163,8 @@ pub async fn establish(
                 ConnectionInfo {
                     reporter: Reporter::Source,
                     source: source_peer,
-                    destination: super::peer_of(destination.as_deref(), None),
-                    service: service(&svc),
+                    destination: super::peer_of(destination.as_ref(), None),
+                    service: svc,
                     mutual_tls: false,
                     source_addr: client_addr,
                     destination_addr: addr,
