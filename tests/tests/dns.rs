@@ -802,15 +802,22 @@ async fn a_flood_and_bad_input_from_one_pod_leave_its_neighbours_resolving() {
         netns.run(|| {
             let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
             socket.connect(server).unwrap();
-            socket.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
             let mut buffer = [0u8; 512];
             for _ in 0..PACED {
-                socket.send(&[0xde, 0xad]).unwrap();
-                socket.send(&formerr_bait()).unwrap();
-                // The FORMERR answer, with the bait's id.
-                let len = socket
-                    .recv(&mut buffer)
-                    .expect("FORMERR for a query with a readable header");
+                // The FORMERR answer, with the bait's id. On a loaded machine the flood's
+                // queries still queued in the socket can fill the in-flight cap again, and an
+                // unparseable message that finds it full is dropped unanswered (there is no
+                // question to SERVFAIL): the pair is sent again, a few times.
+                let len = (0..10)
+                    .find_map(|_| {
+                        socket.send(&[0xde, 0xad]).unwrap();
+                        socket.send(&formerr_bait()).unwrap();
+                        socket.recv(&mut buffer).ok()
+                    })
+                    .expect("FORMERR for a query with a readable header, within 10 tries");
                 let reply = Message::from_vec(&buffer[..len]).unwrap();
                 assert_eq!(reply.response_code(), ResponseCode::FormErr);
                 assert_eq!(reply.id(), 0x1234);
