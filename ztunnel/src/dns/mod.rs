@@ -482,19 +482,15 @@ fn size_limit(request: &Message, protocol: Protocol) -> usize {
 /// many questions, answered FORMERR with them echoed), the questions go too: header, OPT and
 /// TC, which always fit in 512 bytes. The client never gets more than its buffer.
 fn encode(response: &Message, request: &Message, protocol: Protocol) -> Option<Vec<u8>> {
-    let bytes = match response.to_vec() {
-        Ok(bytes) => bytes,
+    let limit = size_limit(request, protocol);
+    match response.to_vec() {
+        Ok(bytes) if bytes.len() <= limit => Some(bytes),
+        Ok(_) => fitted(&response.truncate(), limit),
         Err(e) => {
             tracing::warn!(error = %e, "cannot encode a DNS response; answering SERVFAIL");
-            let servfail = reply_to(request, ResponseCode::ServFail);
-            return fitted(&servfail, size_limit(request, protocol));
+            fitted(&reply_to(request, ResponseCode::ServFail), limit)
         }
-    };
-    let limit = size_limit(request, protocol);
-    if bytes.len() <= limit {
-        return Some(bytes);
     }
-    fitted(&response.truncate(), limit)
 }
 
 /// `response` encoded within `limit` bytes: as it is, or without its questions (TC set).
