@@ -289,3 +289,136 @@ pub struct ReferenceGrantTo {
     /// None: every object of the kind in the grant's namespace.
     pub name: Option<String>,
 }
+
+/// The apiVersions accepted for `GRPCRoute` (one schema; v1alpha2 is the experimental
+/// version of Gateway API v1.0 and earlier).
+pub const GRPC_ROUTE_API_VERSIONS: [&str; 2] = [
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1alpha2",
+];
+
+/// `kind: GRPCRoute`: HTTP/2 requests matched by gRPC service and method.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRoute {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub spec: GrpcRouteSpec,
+    /// Written by the route's controllers; not read.
+    #[serde(default)]
+    pub status: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub hostnames: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteRule {
+    pub name: Option<String>,
+    /// Empty: every gRPC request.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestMirror`, `ExtensionRef`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub filters: Vec<HttpRouteFilter>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub backend_refs: Vec<HttpBackendRef>,
+    /// Experimental channel; not applied (reported).
+    pub session_persistence: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub headers: Vec<HttpValueMatch>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    /// `Exact` (the default) or `RegularExpression`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The fully qualified service, `package.Service`.
+    pub service: Option<String>,
+    pub method: Option<String>,
+}
+
+/// The apiVersions accepted for `TCPRoute` (experimental channel).
+pub const TCP_ROUTE_API_VERSIONS: [&str; 1] = ["gateway.networking.k8s.io/v1alpha2"];
+
+/// The apiVersions accepted for `TLSRoute`: v1alpha2 and v1alpha3 (experimental channel) and
+/// v1 (standard channel from Gateway API v1.5) share these fields.
+pub const TLS_ROUTE_API_VERSIONS: [&str; 3] = [
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1alpha3",
+    "gateway.networking.k8s.io/v1alpha2",
+];
+
+/// `kind: TCPRoute` and `kind: TLSRoute`: connections forwarded as bytes to weighted
+/// backends (TLSRoute: chosen by the ClientHello's SNI, matched against `hostnames`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4Route {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub spec: L4RouteSpec,
+    /// Written by the route's controllers; not read.
+    #[serde(default)]
+    pub status: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4RouteSpec {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub parent_refs: Vec<ParentReference>,
+    /// TLSRoute only (a TCPRoute with hostnames is refused by the translation).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub hostnames: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub rules: Vec<L4RouteRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4RouteRule {
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+/// A weighted backend without filters (`TCPRoute`, `TLSRoute`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<i64>,
+    /// Default 1.
+    pub weight: Option<i64>,
+}

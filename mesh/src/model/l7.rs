@@ -401,9 +401,10 @@ pub enum VirtualServiceOrigin {
     /// A `VirtualService` object of that name.
     #[default]
     VirtualService,
-    /// The Gateway API `HTTPRoute`s (`namespace/name`) attached to the Service the
-    /// VirtualService is named after, merged in precedence order.
-    HttpRoutes(Vec<String>),
+    /// The Gateway API routes (`HTTPRoute namespace/name`, `GRPCRoute ...`, `TCPRoute ...`,
+    /// `TLSRoute ...`) attached to the Service or listener the VirtualService is named after,
+    /// merged in precedence order.
+    GatewayRoutes(Vec<String>),
 }
 
 impl VirtualService {
@@ -412,12 +413,12 @@ impl VirtualService {
     }
 
     /// What the routes are, for logs and conflict reports: `VirtualService ns/name` or
-    /// `HTTPRoutes ns/a, ns/b (Service ns/name)`.
+    /// `HTTPRoute ns/a, GRPCRoute ns/b (Service ns/name)`.
     pub fn describe(&self) -> String {
         match &self.origin {
             VirtualServiceOrigin::VirtualService => format!("VirtualService {}", self.key()),
-            VirtualServiceOrigin::HttpRoutes(routes) => {
-                format!("HTTPRoute {} (Service {})", routes.join(", "), self.key())
+            VirtualServiceOrigin::GatewayRoutes(routes) => {
+                format!("{} (Service {})", routes.join(", "), self.key())
             }
         }
     }

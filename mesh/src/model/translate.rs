@@ -119,6 +119,12 @@ pub enum Kind {
     HttpRoute,
     /// Gateway API `ReferenceGrant` (cross-namespace backends of routes).
     ReferenceGrant,
+    /// Gateway API `GRPCRoute`.
+    GrpcRoute,
+    /// Gateway API `TCPRoute` (experimental channel).
+    TcpRoute,
+    /// Gateway API `TLSRoute`.
+    TlsRoute,
     /// Istio's `Gateway` (`networking.istio.io`): the servers of an ingress gateway.
     IstioGateway,
     /// A Secret with TLS material an ingress gateway's server names (`credentialName`).
@@ -127,7 +133,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, so metrics can report zero for kinds that have no objects.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -140,6 +146,9 @@ impl Kind {
         Kind::RateLimitPolicy,
         Kind::HttpRoute,
         Kind::ReferenceGrant,
+        Kind::GrpcRoute,
+        Kind::TcpRoute,
+        Kind::TlsRoute,
         Kind::IstioGateway,
         Kind::Secret,
     ];
@@ -163,6 +172,9 @@ impl Kind {
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::TlsRoute => "TLSRoute",
             Kind::IstioGateway => "Gateway",
             Kind::Secret => corev1::Secret::KIND,
         }
@@ -200,7 +212,12 @@ impl Kind {
             Kind::VirtualService | Kind::DestinationRule | Kind::IstioGateway => {
                 ncrd::NETWORKING_GROUP
             }
-            Kind::Gateway | Kind::HttpRoute | Kind::ReferenceGrant => ncrd::GATEWAY_API_GROUP,
+            Kind::Gateway
+            | Kind::HttpRoute
+            | Kind::ReferenceGrant
+            | Kind::GrpcRoute
+            | Kind::TcpRoute
+            | Kind::TlsRoute => ncrd::GATEWAY_API_GROUP,
             Kind::RateLimitPolicy => rcrd::MESH_GROUP,
         }
     }
@@ -229,6 +246,9 @@ impl Kind {
             Kind::RateLimitPolicy => &rcrd::RATE_LIMIT_API_VERSIONS,
             Kind::HttpRoute => &gw::HTTP_ROUTE_API_VERSIONS,
             Kind::ReferenceGrant => &gw::REFERENCE_GRANT_API_VERSIONS,
+            Kind::GrpcRoute => &gw::GRPC_ROUTE_API_VERSIONS,
+            Kind::TcpRoute => &gw::TCP_ROUTE_API_VERSIONS,
+            Kind::TlsRoute => &gw::TLS_ROUTE_API_VERSIONS,
         }
     }
 }
@@ -313,6 +333,9 @@ pub enum Object {
     RateLimitPolicy(Box<rcrd::RateLimitPolicy>),
     HttpRoute(Box<gw::HttpRoute>),
     ReferenceGrant(Box<gw::ReferenceGrant>),
+    GrpcRoute(Box<gw::GrpcRoute>),
+    TcpRoute(Box<gw::L4Route>),
+    TlsRoute(Box<gw::L4Route>),
     IstioGateway(Box<icrd::IstioGateway>),
     Secret(Box<corev1::Secret>),
 }
@@ -332,6 +355,9 @@ impl Object {
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
+            Object::GrpcRoute(_) => Kind::GrpcRoute,
+            Object::TcpRoute(_) => Kind::TcpRoute,
+            Object::TlsRoute(_) => Kind::TlsRoute,
             Object::IstioGateway(_) => Kind::IstioGateway,
             Object::Secret(_) => Kind::Secret,
         }
@@ -351,6 +377,8 @@ impl Object {
             Object::RateLimitPolicy(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
+            Object::GrpcRoute(o) => &o.metadata,
+            Object::TcpRoute(o) | Object::TlsRoute(o) => &o.metadata,
             Object::IstioGateway(o) => &o.metadata,
             Object::Secret(o) => &o.metadata,
         }
@@ -415,6 +443,9 @@ impl Object {
             Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(key, value, strict)?),
             Kind::HttpRoute => Object::HttpRoute(typed(key, value, strict)?),
             Kind::ReferenceGrant => Object::ReferenceGrant(typed(key, value, strict)?),
+            Kind::GrpcRoute => Object::GrpcRoute(typed(key, value, strict)?),
+            Kind::TcpRoute => Object::TcpRoute(typed(key, value, strict)?),
+            Kind::TlsRoute => Object::TlsRoute(typed(key, value, strict)?),
             Kind::IstioGateway => Object::IstioGateway(typed(key, value, strict)?),
             Kind::Secret => Object::Secret(typed(key, value, strict)?),
         })
@@ -672,7 +703,8 @@ enum Accepted {
     /// Targets not resolved yet (assembly does it).
     RateLimitPolicy(RateLimitPolicy),
     /// Not attached yet (assembly does it).
-    HttpRoute(Box<gateway_routes::AcceptedHttpRoute>),
+    /// An HTTPRoute, GRPCRoute, TCPRoute or TLSRoute.
+    GatewayRoute(Box<gateway_routes::AcceptedGatewayRoute>),
     ReferenceGrant(gateway_routes::Grant),
     IstioGateway(IngressGateway),
     /// A Gateway API Gateway of the ingress class.
@@ -733,7 +765,13 @@ fn accept(
         }
         Object::Gateway(gateway) => Accepted::Gateway(networking::waypoint_gateway(key, gateway)),
         Object::HttpRoute(route) => {
-            Accepted::HttpRoute(Box::new(gateway_routes::http_route(config, key, route)?))
+            Accepted::GatewayRoute(Box::new(gateway_routes::http_route(config, key, route)?))
+        }
+        Object::GrpcRoute(route) => {
+            Accepted::GatewayRoute(Box::new(gateway_routes::grpc_route(config, key, route)?))
+        }
+        Object::TcpRoute(route) | Object::TlsRoute(route) => {
+            Accepted::GatewayRoute(Box::new(gateway_routes::l4_route(config, key, route)?))
         }
         Object::ReferenceGrant(grant) => {
             Accepted::ReferenceGrant(gateway_routes::reference_grant(key, grant)?)
@@ -1445,7 +1483,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
 
     let mut slices = Vec::new();
     let mut virtual_services = Vec::new();
-    let mut http_routes = Vec::new();
+    let mut route_objects = Vec::new();
     let mut grants = Vec::new();
     let mut destination_rules = Vec::new();
     let mut rate_limit_policies = Vec::new();
@@ -1531,7 +1569,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
                 );
             }
             Accepted::RateLimitPolicy(policy) => rate_limit_policies.push(policy),
-            Accepted::HttpRoute(route) => http_routes.push(route.as_ref()),
+            Accepted::GatewayRoute(route) => route_objects.push(route.as_ref()),
             Accepted::ReferenceGrant(grant) => grants.push(grant.clone()),
         }
     }
@@ -1576,11 +1614,11 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
             debug!(service = %service.key(), %waypoint, "the service's waypoint has no Service (yet)");
         }
     }
-    let from_http_routes = gateway_routes::attach(&state.services, &http_routes, &grants);
+    let from_gateway_routes = gateway_routes::attach(&state.services, &route_objects, &grants);
     let routes = networking::assemble_routes(
         &state.services,
         virtual_services,
-        from_http_routes,
+        from_gateway_routes,
         destination_rules,
     );
     state.virtual_services = routes.virtual_services;
@@ -1592,7 +1630,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
         &api_gateways,
         &state.waypoint_gateways,
         &state.namespaces,
-        &http_routes,
+        &route_objects,
         &grants,
     );
     state
@@ -1600,7 +1638,7 @@ fn assemble(config: &TranslateConfig, in_force: &BTreeMap<ObjectKey, Arc<Accepte
         .extend(gateway_routes::attach_to_gateways(
             &api_gateways,
             &state.namespaces,
-            &http_routes,
+            &route_objects,
             &grants,
         ));
     // Oldest first: of two Gateways claiming one port and host, the older wins.

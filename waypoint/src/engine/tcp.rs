@@ -100,6 +100,13 @@ where
         .get(&destination.destination.host)
         .and_then(|key| routing.state.services.get(key))
         .cloned();
+    if destination.destination.host == mesh::model::UNRESOLVED_BACKEND {
+        failed(
+            "NC",
+            "the route's backend cannot be resolved (not a Service, or in another namespace without a ReferenceGrant; see the route's status): connection refused".to_owned(),
+        );
+        return;
+    }
     let Some(target_service) = target_service else {
         failed(
             "NC",

@@ -54,19 +54,23 @@ use k8s_openapi::jiff::Timestamp;
 use tracing::debug;
 
 use super::networking::{Ctx, istio_default_retries};
-use super::{ObjectKey, TranslateConfig, TranslateError};
+use super::{Kind, ObjectKey, TranslateConfig, TranslateError};
 use crate::model::gateway_api_crd as gw;
 use crate::model::{
     Destination, DirectResponse, HeaderEdits, HeaderOperations, HttpAction, HttpMatch, HttpRoute,
-    Mirror, NamedMatch, Redirect, RedirectPort, Regex, Rewrite, RouteDestination, Service,
-    UNRESOLVED_BACKEND, ValueMatch, VirtualService, VirtualServiceOrigin,
+    L4Match, Mirror, NamedMatch, Redirect, RedirectPort, Regex, Rewrite, RouteDestination, Service,
+    TcpRoute, TlsMatch, TlsRoute, UNRESOLVED_BACKEND, ValueMatch, VirtualService,
+    VirtualServiceOrigin,
 };
 
 type Result<T> = std::result::Result<T, TranslateError>;
 
-/// One validated HTTPRoute, not yet attached (assembly does it, knowing the Services).
+/// One validated HTTPRoute, GRPCRoute, TCPRoute or TLSRoute, not yet attached (assembly does
+/// it, knowing the Services and Gateways).
 #[derive(Debug)]
-pub(super) struct AcceptedHttpRoute {
+pub(super) struct AcceptedGatewayRoute {
+    /// `key.kind`: [`Kind::HttpRoute`], [`Kind::GrpcRoute`], [`Kind::TcpRoute`] or
+    /// [`Kind::TlsRoute`].
     key: ObjectKey,
     created_at: Option<Timestamp>,
     parents: Vec<ServiceParent>,
@@ -78,8 +82,34 @@ pub(super) struct AcceptedHttpRoute {
     generation: Option<i64>,
     status_parents: Vec<crate::model::ParentRef>,
     backends: Vec<(String, String, String, String)>,
-    /// One entry per (rule, match), in the route's order.
+    /// HTTPRoute and GRPCRoute: one entry per (rule, match), in the route's order.
     routes: Vec<(Rank, HttpRoute)>,
+    /// TCPRoute and TLSRoute: the one rule's weighted backends (never empty: a rule without
+    /// usable backends holds one [`UNRESOLVED_BACKEND`], so its connections are refused).
+    l4: Vec<RouteDestination>,
+}
+
+impl AcceptedGatewayRoute {
+    /// `HTTPRoute ns/name`, for logs and the routes a VirtualService-shaped list came from.
+    fn describe(&self) -> String {
+        format!("{} {}", self.key.kind.as_str(), self.key.namespace_name())
+    }
+
+    /// Its place in GEP-1294's route type order for one Service port ("Route types": of routes
+    /// of different types on one Service and port, GRPCRoute wins, then HTTPRoute, TLSRoute,
+    /// TCPRoute; the others are `Conflicted`). Greater wins.
+    fn type_rank(&self) -> u8 {
+        match self.key.kind {
+            Kind::GrpcRoute => 3,
+            Kind::HttpRoute => 2,
+            Kind::TlsRoute => 1,
+            _ => 0,
+        }
+    }
+
+    fn is_l4(&self) -> bool {
+        matches!(self.key.kind, Kind::TcpRoute | Kind::TlsRoute)
+    }
 }
 
 /// A `parentRefs` entry naming a Gateway.
@@ -113,17 +143,69 @@ pub(super) fn http_route(
     config: &TranslateConfig,
     key: &ObjectKey,
     route: &gw::HttpRoute,
-) -> Result<AcceptedHttpRoute> {
-    let ctx = Ctx {
+) -> Result<AcceptedGatewayRoute> {
+    let ctx = ctx(config, key);
+    let spec = &route.spec;
+    let mut accepted = common(&ctx, &route.metadata, &spec.parent_refs, &spec.hostnames)?;
+    for (i, rule) in spec.rules.iter().enumerate() {
+        rule_routes(
+            &ctx,
+            &format!("spec.rules[{i}]"),
+            i,
+            rule,
+            &mut accepted.routes,
+        )?;
+    }
+    accepted.backends = backend_keys(
+        key,
+        spec.rules.iter().flat_map(|r| &r.backend_refs).map(|b| {
+            (
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                b.namespace.as_deref(),
+                b.name.as_str(),
+            )
+        }),
+    );
+    Ok(accepted)
+}
+
+fn ctx<'a>(config: &'a TranslateConfig, key: &'a ObjectKey) -> Ctx<'a> {
+    Ctx {
         config,
         key,
         binding: super::networking::Binding::Mesh,
-    };
-    let spec = &route.spec;
+    }
+}
+
+/// Each backend as (group, kind, namespace, name) with the defaults filled in, for the status.
+fn backend_keys<'b>(
+    key: &ObjectKey,
+    refs: impl Iterator<Item = (Option<&'b str>, Option<&'b str>, Option<&'b str>, &'b str)>,
+) -> Vec<(String, String, String, String)> {
+    refs.map(|(group, kind, namespace, name)| {
+        (
+            group.unwrap_or_default().to_owned(),
+            kind.unwrap_or("Service").to_owned(),
+            namespace.unwrap_or(&key.namespace).to_owned(),
+            name.to_owned(),
+        )
+    })
+    .collect()
+}
+
+/// What every route kind shares: `parentRefs` and `hostnames` ("CommonRouteSpec").
+fn common(
+    ctx: &Ctx<'_>,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    parent_refs: &[gw::ParentReference],
+    hostnames_in: &[String],
+) -> Result<AcceptedGatewayRoute> {
+    let key = ctx.key;
     let mut parents = Vec::new();
     let mut gateway_parents = Vec::new();
     let mut status_parents = Vec::new();
-    for (i, parent) in spec.parent_refs.iter().enumerate() {
+    for (i, parent) in parent_refs.iter().enumerate() {
         let p = format!("spec.parentRefs[{i}]");
         if parent.name.is_empty() {
             return Err(ctx.invalid(format!("{p}.name"), "a parentRef needs a name"));
@@ -172,13 +254,13 @@ pub(super) fn http_route(
                 port,
             }),
             _ => debug!(
-                http_route = %key, group, kind,
+                route = %key, group, kind,
                 "parentRef of a kind routes cannot attach to (Service or Gateway); ignored"
             ),
         }
     }
     let mut hostnames = Vec::new();
-    for (i, h) in spec.hostnames.iter().enumerate() {
+    for (i, h) in hostnames_in.iter().enumerate() {
         let lower = h.to_ascii_lowercase();
         if !super::ingress::is_host_name(&lower) {
             return Err(ctx.invalid(
@@ -190,34 +272,252 @@ pub(super) fn http_route(
         }
         hostnames.push(lower);
     }
-    let mut routes = Vec::new();
-    for (i, rule) in spec.rules.iter().enumerate() {
-        rule_routes(&ctx, &format!("spec.rules[{i}]"), i, rule, &mut routes)?;
-    }
-    let backends = spec
-        .rules
-        .iter()
-        .flat_map(|r| &r.backend_refs)
-        .map(|b| {
-            (
-                b.group.clone().unwrap_or_default(),
-                b.kind.clone().unwrap_or_else(|| "Service".to_owned()),
-                b.namespace.clone().unwrap_or_else(|| key.namespace.clone()),
-                b.name.clone(),
-            )
-        })
-        .collect();
-    Ok(AcceptedHttpRoute {
+    Ok(AcceptedGatewayRoute {
         key: key.clone(),
-        created_at: route.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        created_at: metadata.creation_timestamp.as_ref().map(|t| t.0),
         parents,
         gateway_parents,
         hostnames,
-        generation: route.metadata.generation,
+        generation: metadata.generation,
         status_parents,
-        backends,
-        routes,
+        backends: Vec::new(),
+        routes: Vec::new(),
+        l4: Vec::new(),
     })
+}
+
+/// A `GRPCRoute` (Gateway API v1.2, "GRPCRoute"). A gRPC call is an HTTP/2 `POST` to
+/// `/{service}/{method}`, so each match becomes the HTTP path match it means ("GRPCMethodMatch"):
+/// `Exact` service and method an exact path, a service alone the path prefix `/{service}`, a
+/// method alone or a `RegularExpression` a path regex (a missing part matches any name). The
+/// specification's precedence (the longest service, then the longest method, then the most
+/// headers; then the oldest route, then namespace/name) orders these as the HTTP ranks do: an
+/// exact path, then the longest prefix, then regexes, then the most headers. No matches: every
+/// request. Filters: `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestMirror`
+/// (`ExtensionRef` is refused); backends, weights, grants and 500 for an unresolvable backend's
+/// share as for HTTPRoute. gRPC has no timeouts or retries of its own here: Istio's defaults.
+pub(super) fn grpc_route(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    route: &gw::GrpcRoute,
+) -> Result<AcceptedGatewayRoute> {
+    let ctx = ctx(config, key);
+    let spec = &route.spec;
+    let mut accepted = common(&ctx, &route.metadata, &spec.parent_refs, &spec.hostnames)?;
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let p = format!("spec.rules[{i}]");
+        for (j, f) in rule.filters.iter().enumerate() {
+            if matches!(f.kind.as_str(), "RequestRedirect" | "URLRewrite") {
+                return Err(ctx.invalid(
+                    format!("{p}.filters[{j}].type"),
+                    format!(
+                        "{} is not a GRPCRoute filter (RequestHeaderModifier, ResponseHeaderModifier, RequestMirror)",
+                        f.kind
+                    ),
+                ));
+            }
+        }
+        if rule.session_persistence.is_some() {
+            debug!(route = %key, rule = p, "sessionPersistence (experimental) is not applied");
+        }
+        let mut matches = Vec::new();
+        for (j, m) in rule.matches.iter().enumerate() {
+            matches.push(grpc_match(&ctx, &format!("{p}.matches[{j}]"), m)?);
+        }
+        let as_http = gw::HttpRouteRule {
+            name: rule.name.clone(),
+            matches,
+            filters: rule.filters.clone(),
+            backend_refs: rule.backend_refs.clone(),
+            timeouts: None,
+            retry: None,
+            session_persistence: None,
+        };
+        rule_routes(&ctx, &p, i, &as_http, &mut accepted.routes)?;
+    }
+    accepted.backends = backend_keys(
+        key,
+        spec.rules.iter().flat_map(|r| &r.backend_refs).map(|b| {
+            (
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                b.namespace.as_deref(),
+                b.name.as_str(),
+            )
+        }),
+    );
+    Ok(accepted)
+}
+
+/// One `GRPCRouteMatch` as the HTTPRoute match it means (see [`grpc_route`]).
+fn grpc_match(ctx: &Ctx<'_>, p: &str, m: &gw::GrpcRouteMatch) -> Result<gw::HttpRouteMatch> {
+    let path = match &m.method {
+        None => None,
+        Some(method) => {
+            let service = method.service.as_deref().filter(|s| !s.is_empty());
+            let name = method.method.as_deref().filter(|s| !s.is_empty());
+            let kind = method.kind.as_deref().unwrap_or("Exact");
+            if service.is_none() && name.is_none() {
+                return Err(ctx.invalid(
+                    format!("{p}.method"),
+                    "a method match needs a service, a method or both",
+                ));
+            }
+            let (kind, value) = match kind {
+                "Exact" => {
+                    // "Service: [...] MUST be a valid fully qualified gRPC service name";
+                    // "Method: [...] MUST be a valid gRPC method name".
+                    let valid = |field: &str, v: &str, dots: bool| {
+                        let ok = v.split('.').all(|part| {
+                            !part.is_empty()
+                                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        }) && (dots || !v.contains('.'));
+                        if ok {
+                            Ok(())
+                        } else {
+                            Err(ctx.invalid(
+                                format!("{p}.method.{field}"),
+                                format!(
+                                    "{v:?} is not a gRPC {field} name (letters, digits, _{})",
+                                    if dots { " and . between parts" } else { "" }
+                                ),
+                            ))
+                        }
+                    };
+                    if let Some(s) = service {
+                        valid("service", s, true)?;
+                    }
+                    if let Some(n) = name {
+                        valid("method", n, false)?;
+                    }
+                    match (service, name) {
+                        (Some(s), Some(n)) => ("Exact", format!("/{s}/{n}")),
+                        (Some(s), None) => ("PathPrefix", format!("/{s}")),
+                        (None, Some(n)) => {
+                            ("RegularExpression", format!("/[^/]+/{}", regex::escape(n)))
+                        }
+                        (None, None) => unreachable!("checked above"),
+                    }
+                }
+                "RegularExpression" => (
+                    "RegularExpression",
+                    format!(
+                        "/(?:{})/(?:{})",
+                        service.unwrap_or("[^/]+"),
+                        name.unwrap_or("[^/]+")
+                    ),
+                ),
+                other => {
+                    return Err(ctx.not_one_of(
+                        format!("{p}.method.type"),
+                        other,
+                        "Exact, RegularExpression",
+                    ));
+                }
+            };
+            Some(gw::HttpPathMatch {
+                kind: Some(kind.to_owned()),
+                value: Some(value),
+            })
+        }
+    };
+    Ok(gw::HttpRouteMatch {
+        path,
+        headers: m.headers.clone(),
+        query_params: Vec::new(),
+        method: None,
+    })
+}
+
+/// A `TCPRoute` or `TLSRoute` (Gateway API, "TCPRoute", "TLSRoute"): a connection goes to one
+/// of the rule's backends by weight; a TLSRoute chooses by the ClientHello's SNI among its
+/// `hostnames` (at a TLS `Passthrough` listener, meeting the listener's hostname). Neither kind
+/// has matches, so one rule is all that can apply: a second is refused rather than ignored. A
+/// backend that cannot be resolved, or a rule with no backend of weight > 0, refuses its share
+/// of connections ("TCPRoute": "connections [...] MUST be rejected").
+pub(super) fn l4_route(
+    config: &TranslateConfig,
+    key: &ObjectKey,
+    route: &gw::L4Route,
+) -> Result<AcceptedGatewayRoute> {
+    let ctx = ctx(config, key);
+    let spec = &route.spec;
+    if key.kind == Kind::TcpRoute && !spec.hostnames.is_empty() {
+        return Err(ctx.invalid(
+            "spec.hostnames",
+            "a TCPRoute has no hostnames; route TLS by SNI with a TLSRoute",
+        ));
+    }
+    let mut accepted = common(&ctx, &route.metadata, &spec.parent_refs, &spec.hostnames)?;
+    let Some(rule) = spec.rules.first() else {
+        return Err(ctx.invalid("spec.rules", "one rule with backendRefs is required"));
+    };
+    if spec.rules.len() > 1 {
+        return Err(ctx.invalid(
+            "spec.rules[1]",
+            format!(
+                "a {} rule has no matches, so only one rule can apply; put every backend in spec.rules[0]",
+                key.kind.as_str()
+            ),
+        ));
+    }
+    for (j, b) in rule.backend_refs.iter().enumerate() {
+        let bp = format!("spec.rules[0].backendRefs[{j}]");
+        let weight = weight(&ctx, &bp, b.weight)?;
+        let reference = gw::BackendObjectReference {
+            group: b.group.clone(),
+            kind: b.kind.clone(),
+            name: b.name.clone(),
+            namespace: b.namespace.clone(),
+            port: b.port,
+        };
+        let destination = backend_destination(&ctx, &bp, &reference)?;
+        if weight > 0 {
+            accepted.l4.push(RouteDestination {
+                destination,
+                weight,
+                headers: HeaderOperations::default(),
+            });
+        }
+    }
+    if accepted.l4.is_empty() {
+        accepted.l4.push(RouteDestination {
+            destination: unresolved(),
+            weight: 1,
+            headers: HeaderOperations::default(),
+        });
+    }
+    accepted.backends = backend_keys(
+        key,
+        rule.backend_refs.iter().map(|b| {
+            (
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                b.namespace.as_deref(),
+                b.name.as_str(),
+            )
+        }),
+    );
+    Ok(accepted)
+}
+
+/// A backend's `weight`: default 1, between 0 and 1,000,000 ("BackendRef").
+fn weight(ctx: &Ctx<'_>, p: &str, weight: Option<i64>) -> Result<u32> {
+    match weight.unwrap_or(1) {
+        n if n < 0 => Err(ctx.invalid(format!("{p}.weight"), format!("{n} is negative"))),
+        n if n > 1_000_000 => {
+            Err(ctx.invalid(format!("{p}.weight"), format!("{n} is larger than 1000000")))
+        }
+        n => Ok(n as u32),
+    }
+}
+
+fn unresolved() -> Destination {
+    Destination {
+        host: UNRESOLVED_BACKEND.to_owned(),
+        subset: None,
+        port: None,
+    }
 }
 
 /// The filters of a rule, validated.
@@ -237,26 +537,16 @@ fn rule_routes(
     out: &mut Vec<(Rank, HttpRoute)>,
 ) -> Result<()> {
     if rule.retry.is_some() {
-        debug!(http_route = %ctx.key, rule = p, "retry (experimental) is not applied; Istio's default retries apply");
+        debug!(route = %ctx.key, rule = p, "retry (experimental) is not applied; Istio's default retries apply");
     }
     if rule.session_persistence.is_some() {
-        debug!(http_route = %ctx.key, rule = p, "sessionPersistence (experimental) is not applied");
+        debug!(route = %ctx.key, rule = p, "sessionPersistence (experimental) is not applied");
     }
     let filters = parse_filters(ctx, &format!("{p}.filters"), &rule.filters, true)?;
     let mut backends = Vec::new();
     for (j, backend) in rule.backend_refs.iter().enumerate() {
         let b = format!("{p}.backendRefs[{j}]");
-        let weight = match backend.weight.unwrap_or(1) {
-            n if n < 0 => {
-                return Err(ctx.invalid(format!("{b}.weight"), format!("{n} is negative")));
-            }
-            n if n > 1_000_000 => {
-                return Err(
-                    ctx.invalid(format!("{b}.weight"), format!("{n} is larger than 1000000"))
-                );
-            }
-            n => n as u32,
-        };
+        let weight = weight(ctx, &b, backend.weight)?;
         let backend_filters = parse_filters(ctx, &format!("{b}.filters"), &backend.filters, false)?;
         let reference = gw::BackendObjectReference {
             group: backend.group.clone(),
@@ -309,7 +599,8 @@ fn rule_routes(
         &rule.matches
     };
     let name = format!(
-        "HTTPRoute:{}:{}",
+        "{}:{}:{}",
+        ctx.key.kind.as_str(),
         ctx.key.namespace_name(),
         rule.name.clone().unwrap_or_else(|| index.to_string())
     );
@@ -527,7 +818,7 @@ fn parse_filters(
                 let destination =
                     backend_destination(ctx, &format!("{mp}.backendRef"), &m.backend_ref)?;
                 if destination.host == UNRESOLVED_BACKEND {
-                    debug!(http_route = %ctx.key, filter = f, "mirror backend cannot be resolved; not mirrored");
+                    debug!(route = %ctx.key, filter = f, "mirror backend cannot be resolved; not mirrored");
                 } else {
                     out.mirrors.push(Mirror {
                         destination,
@@ -713,14 +1004,9 @@ fn backend_destination(
         .namespace
         .clone()
         .unwrap_or_else(|| ctx.key.namespace.clone());
-    let unresolved = Destination {
-        host: UNRESOLVED_BACKEND.to_owned(),
-        subset: None,
-        port: None,
-    };
     if (group, kind) != ("", "Service") {
-        debug!(http_route = %ctx.key, backend = %b.name, group, kind, "backend is not a Service: its share of requests is answered 500 (InvalidKind)");
-        return Ok(unresolved);
+        debug!(route = %ctx.key, backend = %b.name, group, kind, "backend is not a Service: its share of requests is answered 500, of connections refused (InvalidKind)");
+        return Ok(unresolved());
     }
     let Some(port) = b.port else {
         return Err(ctx.invalid(format!("{p}.port"), "a Service backend needs a port"));
@@ -734,25 +1020,63 @@ fn backend_destination(
     })
 }
 
-/// The routes of every Service some HTTPRoute attaches to, as one VirtualService-shaped route
-/// list per Service, sorted by the Gateway API's precedence (see the module doc).
+/// The routes of every Service some HTTPRoute, GRPCRoute or TCPRoute attaches to, as one
+/// VirtualService-shaped route list per Service: `http` sorted by the Gateway API's
+/// precedence (see the module doc), `tcp` consumer routes first, then oldest first (a TCPRoute
+/// has no matches: the first that applies takes the connection). Of routes of different types
+/// on one Service port only the highest type applies (GEP-1294, "Route types": GRPCRoute,
+/// HTTPRoute, TLSRoute, TCPRoute; the others are `Conflicted`, see [`conflicting`]). TLSRoutes
+/// are not applied at waypoints (which do not route by SNI), only at ingress listeners.
 pub(super) fn attach(
     services: &BTreeMap<String, Arc<Service>>,
-    routes: &[&AcceptedHttpRoute],
+    routes: &[&AcceptedGatewayRoute],
     grants: &[Grant],
 ) -> Vec<VirtualService> {
     let routes = oldest_first(routes);
-    let mut by_service: BTreeMap<String, Vec<(bool, Rank, HttpRoute)>> = BTreeMap::new();
-    let mut sources: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for route in routes {
+    #[derive(Default)]
+    struct Lists {
+        http: Vec<(bool, Rank, HttpRoute)>,
+        tcp: Vec<(bool, TcpRoute)>,
+        sources: Vec<String>,
+    }
+    let mut by_service: BTreeMap<String, Lists> = BTreeMap::new();
+    for route in &routes {
         for parent in &route.parents {
             let service_key = format!("{}/{}", parent.namespace, parent.name);
             if !services.contains_key(&service_key) {
-                debug!(http_route = %route.key, service = service_key, "parent Service does not exist (yet); not attached");
+                debug!(route = %route.describe(), service = service_key, "parent Service does not exist (yet); not attached");
+                continue;
+            }
+            if route.key.kind == Kind::TlsRoute {
+                debug!(route = %route.describe(), service = service_key, "a TLSRoute applies at ingress Gateway listeners, not at a Service's waypoint; not attached");
+                continue;
+            }
+            if let Some(winner) = conflicting(&routes, route, parent) {
+                debug!(route = %route.describe(), service = service_key, winner = %winner.describe(), "a route of a higher type holds this Service port (GEP-1294: Conflicted); not attached");
                 continue;
             }
             let consumer = parent.namespace != route.key.namespace;
-            let list = by_service.entry(service_key.clone()).or_default();
+            let lists = by_service.entry(service_key).or_default();
+            if route.is_l4() {
+                let mut destinations = route.l4.clone();
+                check_destination_grants(&route.key, &mut destinations, grants);
+                let matches = if parent.port.is_some() || consumer {
+                    vec![L4Match {
+                        port: parent.port,
+                        source_namespace: consumer.then(|| route.key.namespace.clone()),
+                        ..L4Match::default()
+                    }]
+                } else {
+                    Vec::new()
+                };
+                lists.tcp.push((
+                    consumer,
+                    TcpRoute {
+                        matches,
+                        route: destinations,
+                    },
+                ));
+            }
             for (rank, r) in &route.routes {
                 let mut r = r.clone();
                 check_grants(&route.key, &mut r, grants);
@@ -762,39 +1086,59 @@ pub(super) fn attach(
                         m.source_namespace = Some(route.key.namespace.clone());
                     }
                 }
-                list.push((consumer, *rank, r));
+                lists.http.push((consumer, *rank, r));
             }
-            let names = sources.entry(service_key).or_default();
-            let name = route.key.namespace_name();
-            if !names.contains(&name) {
-                names.push(name);
+            let name = route.describe();
+            if !lists.sources.contains(&name) {
+                lists.sources.push(name);
             }
         }
     }
     by_service
         .into_iter()
-        .map(|(service_key, mut list)| {
+        .map(|(service_key, mut lists)| {
             // Stable: equal ranks keep the oldest-route, rule and match order.
-            list.sort_by_key(|(consumer, rank, _)| std::cmp::Reverse((*consumer, *rank)));
+            lists
+                .http
+                .sort_by_key(|(consumer, rank, _)| std::cmp::Reverse((*consumer, *rank)));
+            lists.tcp.sort_by_key(|(consumer, _)| !*consumer);
             let service = &services[&service_key];
             VirtualService {
                 name: service.name.clone(),
                 namespace: service.namespace.clone(),
                 hosts: vec![service.hostname.clone()],
-                http: list.into_iter().map(|(_, _, r)| r).collect(),
-                tcp: Vec::new(),
+                http: lists.http.into_iter().map(|(_, _, r)| r).collect(),
+                tcp: lists.tcp.into_iter().map(|(_, r)| r).collect(),
                 tls: Vec::new(),
                 created: None,
-                origin: VirtualServiceOrigin::HttpRoutes(
-                    sources.remove(&service_key).unwrap_or_default(),
-                ),
+                origin: VirtualServiceOrigin::GatewayRoutes(lists.sources),
             }
         })
         .collect()
 }
 
+/// The route of a higher type (GEP-1294, "Route types": GRPCRoute, then HTTPRoute, TLSRoute,
+/// TCPRoute) that attaches to `parent`'s Service on an overlapping port (no port: every port),
+/// which makes `route` `Conflicted` there; the oldest such. TLSRoutes, not applied at
+/// waypoints, hold no Service.
+fn conflicting<'r>(
+    routes: &[&'r AcceptedGatewayRoute],
+    route: &AcceptedGatewayRoute,
+    parent: &ServiceParent,
+) -> Option<&'r AcceptedGatewayRoute> {
+    routes.iter().copied().find(|other| {
+        other.key.kind != Kind::TlsRoute
+            && other.type_rank() > route.type_rank()
+            && other.parents.iter().any(|p| {
+                p.namespace == parent.namespace
+                    && p.name == parent.name
+                    && (p.port.is_none() || parent.port.is_none() || p.port == parent.port)
+            })
+    })
+}
+
 /// Oldest first, then namespace/name: the order ties in precedence fall back to.
-fn oldest_first<'a>(routes: &[&'a AcceptedHttpRoute]) -> Vec<&'a AcceptedHttpRoute> {
+fn oldest_first<'a>(routes: &[&'a AcceptedGatewayRoute]) -> Vec<&'a AcceptedGatewayRoute> {
     let mut routes = routes.to_vec();
     routes.sort_by(|a, b| {
         a.created_at
@@ -826,60 +1170,85 @@ fn intersect(listener: Option<&str>, route: &str) -> Option<String> {
     }
 }
 
-/// The routes of every Gateway API listener (of the ingress class) that some HTTPRoute
-/// attaches to, keyed by the listener's routes key (`namespace/name:listener`): one
-/// VirtualService-shaped list per hostname, sorted by the Gateway API's precedence. The
-/// gateway picks the list of the most specific hostname a request matches, as Istio turns
-/// each hostname into one of Envoy's virtual hosts. A route attaches to a listener when it
-/// names the Gateway (and the listener's `sectionName` / `port`, if given), the listener's
-/// `allowedRoutes` admit its namespace and kind, and a hostname meets the listener's; routes
-/// that attach nowhere are logged with the reason (the specification's `NoMatchingParent`,
-/// `NotAllowedByListeners`, `NoMatchingListenerHostname`).
+/// The routes of every Gateway API listener (of the ingress class) that some route attaches
+/// to, keyed by the listener's routes key (`namespace/name:listener`): one VirtualService-shaped
+/// list per hostname. HTTPRoutes and GRPCRoutes give `http` routes sorted by the Gateway API's
+/// precedence; the gateway picks the list of the most specific hostname a request matches, as
+/// Istio turns each hostname into one of Envoy's virtual hosts. TLSRoutes give `tls` routes by
+/// SNI (the hostname), TCPRoutes `tcp` routes, oldest first. A route attaches to a listener
+/// when it names the Gateway (and the listener's `sectionName` / `port`, if given), the
+/// listener's `allowedRoutes` admit its namespace and kind, and a hostname meets the
+/// listener's; routes that attach nowhere are logged with the reason (the specification's
+/// `NoMatchingParent`, `NotAllowedByListeners`, `NoMatchingListenerHostname`).
 pub(super) fn attach_to_gateways(
     gateways: &[&super::ingress::ApiGateway],
     namespaces: &BTreeMap<String, crate::model::Labels>,
-    routes: &[&AcceptedHttpRoute],
+    routes: &[&AcceptedGatewayRoute],
     grants: &[Grant],
 ) -> BTreeMap<String, Vec<Arc<VirtualService>>> {
     let by_key = by_key(gateways);
-    // (listener routes key, hostname) -> the routes, and the HTTPRoutes they come from.
-    type Lists = BTreeMap<(String, String), (Vec<(Rank, HttpRoute)>, Vec<String>)>;
-    let mut lists: Lists = BTreeMap::new();
+    #[derive(Default)]
+    struct Lists {
+        http: Vec<(Rank, HttpRoute)>,
+        tcp: Vec<TcpRoute>,
+        tls: Vec<TlsRoute>,
+        sources: Vec<String>,
+    }
+    // (listener routes key, hostname) -> the routes, and the routes they come from.
+    let mut lists: BTreeMap<(String, String), Lists> = BTreeMap::new();
     for route in oldest_first(routes) {
         for parent in &route.gateway_parents {
             let Some(gateway) = by_key.get(&parent.gateway) else {
-                debug!(http_route = %route.key, gateway = parent.gateway, "no ingress Gateway of that name (NoMatchingParent)");
+                debug!(route = %route.describe(), gateway = parent.gateway, "no ingress Gateway of that name (NoMatchingParent)");
                 continue;
             };
             let listeners = match attachment(gateway, parent, route, namespaces) {
                 Ok(listeners) => listeners,
                 Err((reason, why)) => {
-                    debug!(http_route = %route.key, gateway = parent.gateway, reason, "{why}");
+                    debug!(route = %route.describe(), gateway = parent.gateway, reason, "{why}");
                     continue;
                 }
             };
             for (listener, hosts) in listeners {
                 for host in hosts {
-                    let (list, sources) = lists
-                        .entry((listener.routes_key.clone(), host))
+                    let list = lists
+                        .entry((listener.routes_key.clone(), host.clone()))
                         .or_default();
                     for (rank, r) in &route.routes {
                         let mut r = r.clone();
                         check_grants(&route.key, &mut r, grants);
-                        list.push((*rank, r));
+                        list.http.push((*rank, r));
                     }
-                    let name = route.key.namespace_name();
-                    if !sources.contains(&name) {
-                        sources.push(name);
+                    if route.is_l4() {
+                        let mut destinations = route.l4.clone();
+                        check_destination_grants(&route.key, &mut destinations, grants);
+                        if route.key.kind == Kind::TlsRoute {
+                            list.tls.push(TlsRoute {
+                                matches: vec![TlsMatch {
+                                    sni_hosts: vec![host],
+                                    l4: L4Match::default(),
+                                }],
+                                route: destinations,
+                            });
+                        } else {
+                            list.tcp.push(TcpRoute {
+                                matches: Vec::new(),
+                                route: destinations,
+                            });
+                        }
+                    }
+                    let name = route.describe();
+                    if !list.sources.contains(&name) {
+                        list.sources.push(name);
                     }
                 }
             }
         }
     }
     let mut out: BTreeMap<String, Vec<Arc<VirtualService>>> = BTreeMap::new();
-    for ((routes_key, host), (mut list, sources)) in lists {
+    for ((routes_key, host), mut list) in lists {
         // Stable: equal ranks keep the oldest-route, rule and match order.
-        list.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
+        list.http.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
         let (namespace, name) = routes_key
             .split_once('/')
             .map(|(ns, rest)| (ns.to_owned(), rest.to_owned()))
@@ -890,11 +1259,11 @@ pub(super) fn attach_to_gateways(
                 name,
                 namespace,
                 hosts: vec![host],
-                http: list.into_iter().map(|(_, r)| r).collect(),
-                tcp: Vec::new(),
-                tls: Vec::new(),
+                http: list.http.into_iter().map(|(_, r)| r).collect(),
+                tcp: list.tcp,
+                tls: list.tls,
                 created: None,
-                origin: VirtualServiceOrigin::HttpRoutes(sources),
+                origin: VirtualServiceOrigin::GatewayRoutes(list.sources),
             }));
     }
     out
@@ -919,7 +1288,7 @@ type Attachment<'g> = std::result::Result<
 fn attachment<'g>(
     gateway: &'g super::ingress::ApiGateway,
     parent: &GatewayParent,
-    route: &AcceptedHttpRoute,
+    route: &AcceptedGatewayRoute,
     namespaces: &BTreeMap<String, crate::model::Labels>,
 ) -> Attachment<'g> {
     let named: Vec<&super::ingress::ApiListener> = gateway
@@ -948,7 +1317,7 @@ fn attachment<'g>(
     let allowed: Vec<&super::ingress::ApiListener> = named
         .into_iter()
         .filter(|l| {
-            l.http_routes
+            l.kinds.contains(&route.key.kind)
                 && l.namespaces.allow(
                     &gateway.gateway.namespace,
                     &route.key.namespace,
@@ -960,8 +1329,10 @@ fn attachment<'g>(
         return Err((
             "NotAllowedByListeners",
             format!(
-                "no listener of Gateway {} admits HTTPRoutes of namespace {} (check its allowedRoutes)",
-                parent.gateway, route.key.namespace
+                "no listener of Gateway {} admits {}s of namespace {} (check its allowedRoutes and protocol)",
+                parent.gateway,
+                route.key.kind.as_str(),
+                route.key.namespace
             ),
         ));
     }
@@ -1004,11 +1375,11 @@ pub(super) fn route_statuses(
     gateways: &[&super::ingress::ApiGateway],
     waypoint_gateways: &BTreeMap<String, crate::model::WaypointGateway>,
     namespaces: &BTreeMap<String, crate::model::Labels>,
-    routes: &[&AcceptedHttpRoute],
+    routes: &[&AcceptedGatewayRoute],
     grants: &[Grant],
 ) -> Vec<crate::model::RouteStatus> {
     use crate::model::{RouteCondition, RouteParentStatus, RouteStatus};
-    let resolved = |route: &AcceptedHttpRoute| -> RouteCondition {
+    let resolved = |route: &AcceptedGatewayRoute| -> RouteCondition {
         for (group, kind, namespace, name) in &route.backends {
             if (group.as_str(), kind.as_str()) != ("", "Service") {
                 return RouteCondition::new(
@@ -1018,13 +1389,14 @@ pub(super) fn route_statuses(
                     format!("backend {name} is a {group}/{kind}, not a Service"),
                 );
             }
-            if !granted(grants, &route.key.namespace, namespace, name) {
+            if !granted(grants, &route.key, namespace, name) {
                 return RouteCondition::new(
                     "ResolvedRefs",
                     false,
                     "RefNotPermitted",
                     format!(
-                        "backend Service {namespace}/{name} is in another namespace and no ReferenceGrant there allows HTTPRoutes of {}",
+                        "backend Service {namespace}/{name} is in another namespace and no ReferenceGrant there allows {}s of {}",
+                        route.key.kind.as_str(),
                         route.key.namespace
                     ),
                 );
@@ -1056,13 +1428,31 @@ pub(super) fn route_statuses(
                 .map(|p| {
                     let key = format!("{}/{}", p.namespace, p.name);
                     let accepted = if p.kind == "Service" {
+                        let parent = ServiceParent {
+                            namespace: p.namespace.clone(),
+                            name: p.name.clone(),
+                            port: p.port,
+                        };
                         match services.get(&key) {
                             None => Err(("NoMatchingParent", format!("Service {key} does not exist"))),
                             Some(s) if p.port.is_some_and(|port| !s.ports.iter().any(|sp| sp.port == port)) => Err((
                                 "NoMatchingParent",
                                 format!("Service {key} has no port {}", p.port.unwrap_or_default()),
                             )),
-                            Some(_) => Ok(()),
+                            Some(_) if route.key.kind == Kind::TlsRoute => Err((
+                                "UnsupportedValue",
+                                "a TLSRoute applies at an ingress Gateway's TLS Passthrough listener; waypoints do not route by SNI (use a TCPRoute on the Service)".to_owned(),
+                            )),
+                            Some(_) => match conflicting(routes, route, &parent) {
+                                Some(winner) => Err((
+                                    "Conflicted",
+                                    format!(
+                                        "{} also attaches to Service {key} on this port and its type wins (GEP-1294: GRPCRoute, HTTPRoute, TLSRoute, TCPRoute)",
+                                        winner.describe()
+                                    ),
+                                )),
+                                None => Ok(()),
+                            },
                         }
                     } else if let Some(gateway) = by_key.get(&key) {
                         let parent = GatewayParent {
@@ -1074,7 +1464,7 @@ pub(super) fn route_statuses(
                     } else if waypoint_gateways.contains_key(&key) {
                         Err((
                             "NoMatchingParent",
-                            format!("Gateway {key} is a waypoint: HTTPRoutes attached to it are not applied yet; attach the route to the Service"),
+                            format!("Gateway {key} is a waypoint: routes attached to it are not applied; attach the route to the Service (parentRefs group \"\", kind Service)"),
                         ))
                     } else {
                         Err((
@@ -1100,7 +1490,7 @@ pub(super) fn route_statuses(
                 })
                 .collect();
             RouteStatus {
-                kind: "HTTPRoute".to_owned(),
+                kind: route.key.kind.as_str().to_owned(),
                 namespace: route.key.namespace.clone(),
                 name: route.key.name.clone(),
                 generation: route.generation,
@@ -1108,7 +1498,7 @@ pub(super) fn route_statuses(
             }
         })
         .collect();
-    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out.sort_by(|a, b| (&a.namespace, &a.name, &a.kind).cmp(&(&b.namespace, &b.name, &b.kind)));
     out
 }
 
@@ -1169,15 +1559,16 @@ pub(super) fn reference_grant(key: &ObjectKey, grant: &gw::ReferenceGrant) -> Re
     })
 }
 
-/// Whether HTTPRoutes of `route_namespace` may send to Service `namespace/name` (GEP-709).
-fn granted(grants: &[Grant], route_namespace: &str, namespace: &str, name: &str) -> bool {
-    namespace == route_namespace
+/// Whether routes of `route`'s kind and namespace may send to Service `namespace/name`
+/// (GEP-709: a ReferenceGrant in the Service's namespace `from` that kind and namespace).
+fn granted(grants: &[Grant], route: &ObjectKey, namespace: &str, name: &str) -> bool {
+    namespace == route.namespace
         || grants.iter().any(|g| {
             g.namespace == namespace
                 && g.from.iter().any(|(group, kind, ns)| {
                     group == "gateway.networking.k8s.io"
-                        && kind == "HTTPRoute"
-                        && ns == route_namespace
+                        && kind == route.kind.as_str()
+                        && *ns == route.namespace
                 })
                 && g.to.iter().any(|(group, kind, to)| {
                     group.is_empty() && kind == "Service" && to.as_deref().is_none_or(|n| n == name)
@@ -1191,27 +1582,37 @@ fn backend_service(host: &str) -> Option<(&str, &str)> {
     Some((labels.next()?, labels.next()?))
 }
 
-/// Backends and mirrors in other namespaces that no ReferenceGrant allows: a backend's share
-/// is answered 500 (`RefNotPermitted`), a mirror is dropped.
-fn check_grants(route: &ObjectKey, r: &mut HttpRoute, grants: &[Grant]) {
-    let allowed = |host: &str| {
-        host == UNRESOLVED_BACKEND
-            || backend_service(host)
-                .is_some_and(|(name, namespace)| granted(grants, &route.namespace, namespace, name))
-    };
-    if let HttpAction::Route(destinations) = &mut r.action {
-        for d in destinations {
-            if !allowed(&d.destination.host) {
-                debug!(http_route = %route, backend = %d.destination.host, "no ReferenceGrant lets this route use a Service of another namespace: its share of requests is answered 500 (RefNotPermitted)");
-                d.destination.host = UNRESOLVED_BACKEND.to_owned();
-                d.destination.port = None;
-            }
+/// Whether a destination host may be used by `route` (see [`granted`]).
+fn allowed(route: &ObjectKey, host: &str, grants: &[Grant]) -> bool {
+    host == UNRESOLVED_BACKEND
+        || backend_service(host)
+            .is_some_and(|(name, namespace)| granted(grants, route, namespace, name))
+}
+
+/// Backends in other namespaces that no ReferenceGrant allows become [`UNRESOLVED_BACKEND`]:
+/// their share of requests is answered 500, of connections refused (`RefNotPermitted`).
+fn check_destination_grants(
+    route: &ObjectKey,
+    destinations: &mut [RouteDestination],
+    grants: &[Grant],
+) {
+    for d in destinations {
+        if !allowed(route, &d.destination.host, grants) {
+            debug!(route = %route, backend = %d.destination.host, "no ReferenceGrant lets this route use a Service of another namespace: its share is answered 500 or refused (RefNotPermitted)");
+            d.destination = unresolved();
         }
     }
+}
+
+/// [`check_destination_grants`] for an HTTP route; a mirror no grant allows is dropped.
+fn check_grants(route: &ObjectKey, r: &mut HttpRoute, grants: &[Grant]) {
+    if let HttpAction::Route(destinations) = &mut r.action {
+        check_destination_grants(route, destinations, grants);
+    }
     r.mirrors.retain(|m| {
-        let ok = allowed(&m.destination.host);
+        let ok = allowed(route, &m.destination.host, grants);
         if !ok {
-            debug!(http_route = %route, mirror = %m.destination.host, "no ReferenceGrant lets this route mirror to a Service of another namespace; not mirrored");
+            debug!(route = %route, mirror = %m.destination.host, "no ReferenceGrant lets this route mirror to a Service of another namespace; not mirrored");
         }
         ok
     });

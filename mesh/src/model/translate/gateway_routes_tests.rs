@@ -58,7 +58,7 @@ fn getting_started_split_90_10() {
     let vs = reviews_routes(&t);
     assert_eq!(
         vs.origin,
-        VirtualServiceOrigin::HttpRoutes(vec!["bookinfo/reviews".into()])
+        VirtualServiceOrigin::GatewayRoutes(vec!["HTTPRoute bookinfo/reviews".into()])
     );
     assert_eq!(vs.http.len(), 1);
     let r = &vs.http[0];
@@ -127,7 +127,10 @@ fn precedence_across_rules_and_routes() {
     assert_eq!(order, expected);
     assert_eq!(
         vs.origin,
-        VirtualServiceOrigin::HttpRoutes(vec!["bookinfo/older".into(), "bookinfo/newer".into()])
+        VirtualServiceOrigin::GatewayRoutes(vec![
+            "HTTPRoute bookinfo/older".into(),
+            "HTTPRoute bookinfo/newer".into()
+        ])
     );
     // Rule-level header edits are the route's.
     let root_older = &vs.http[4];
@@ -272,7 +275,7 @@ fn http_routes_win_over_a_virtual_service() {
         .state
         .virtual_services
         .iter()
-        .position(|vs| matches!(vs.origin, VirtualServiceOrigin::HttpRoutes(_)))
+        .position(|vs| matches!(vs.origin, VirtualServiceOrigin::GatewayRoutes(_)))
         .expect("HTTPRoutes");
     let plain = t
         .state
@@ -517,5 +520,397 @@ fn route_status_names_the_specifications_reasons_per_parent() {
     assert_eq!(
         dump["route_statuses"][0]["parents"][0]["conditions"][0]["type"],
         "Accepted"
+    );
+}
+
+fn kind_route(
+    kind: &str,
+    version: &str,
+    ns: &str,
+    name: &str,
+    created: &str,
+    spec: &str,
+) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/{version}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}\nspec:\n{spec}\n---\n"
+    )
+}
+
+fn uri(route: &HttpRoute) -> String {
+    match &route.matches[0].uri {
+        Some(ValueMatch::Exact(p)) => format!("exact {p}"),
+        Some(ValueMatch::PathPrefix(p)) => format!("prefix {p}"),
+        Some(ValueMatch::Regex(r)) => format!("regex {}", r.pattern),
+        other => format!("{other:?}"),
+    }
+}
+
+/// GRPCRoute matches become the HTTP path matches a gRPC call (`POST /{service}/{method}`) is
+/// matched by, ranked as the specification orders them: exact service and method first, then
+/// the service alone, then method-only and regex matches; no match: every call.
+#[test]
+fn grpc_route_matches_service_and_method() {
+    let spec = format!(
+        "{PARENT}  rules:\n  - matches: [{{method: {{service: demo.Echo}}}}]\n    backendRefs: [{{name: reviews-v1, port: 9080}}]\n  - matches: [{{method: {{service: demo.Echo, method: Shout}}}}]\n    backendRefs: [{{name: reviews-v2, port: 9080}}]\n  - matches: [{{method: {{method: Ping}}}}, {{method: {{type: RegularExpression, service: 'demo\\..*', method: 'Get.*'}}}}]\n    backendRefs: [{{name: reviews-v2, port: 9080}}]\n  - backendRefs: [{{name: reviews-v1, port: 9080}}]\n"
+    );
+    let yaml = service("bookinfo", "reviews")
+        + &service("bookinfo", "reviews-v1")
+        + &service("bookinfo", "reviews-v2")
+        + &kind_route(
+            "GRPCRoute",
+            "v1",
+            "bookinfo",
+            "echo",
+            "2026-01-01T00:00:00Z",
+            &spec,
+        );
+    let t = translate(&yaml);
+    let vs = reviews_routes(&t);
+    assert_eq!(
+        vs.origin,
+        VirtualServiceOrigin::GatewayRoutes(vec!["GRPCRoute bookinfo/echo".into()])
+    );
+    let order: Vec<String> = vs.http.iter().map(uri).collect();
+    assert_eq!(
+        order,
+        [
+            "exact /demo.Echo/Shout",
+            "prefix /demo.Echo",
+            "prefix /",
+            // Regexes of equal kind: the longer first, as for paths.
+            "regex /(?:demo\\..*)/(?:Get.*)",
+            "regex /[^/]+/Ping",
+        ],
+        "{:?}",
+        vs.http
+    );
+    assert_eq!(
+        vs.http[0].name.as_deref(),
+        Some("GRPCRoute:bookinfo/echo:1")
+    );
+    let regex = |i: usize, path: &str| match &vs.http[i].matches[0].uri {
+        Some(ValueMatch::Regex(r)) => r.compiled.is_match(path),
+        other => panic!("{other:?}"),
+    };
+    assert!(regex(4, "/demo.Echo/Ping") && !regex(4, "/demo.Echo/Pingx"));
+    assert!(regex(3, "/demo.Echo/GetAll") && !regex(3, "/other.Echo/GetAll"));
+    // What a GRPCRoute cannot say is refused with the field named.
+    for (what, spec, field) in [
+        (
+            "redirect",
+            format!(
+                "{PARENT}  rules:\n  - filters: [{{type: RequestRedirect, requestRedirect: {{hostname: x}}}}]\n    backendRefs: [{{name: reviews-v1, port: 9080}}]\n"
+            ),
+            "spec.rules[0].filters[0].type",
+        ),
+        (
+            "empty method",
+            format!("{PARENT}  rules:\n  - matches: [{{method: {{}}}}]\n"),
+            "spec.rules[0].matches[0].method",
+        ),
+        (
+            "bad service",
+            format!("{PARENT}  rules:\n  - matches: [{{method: {{service: 'demo/Echo'}}}}]\n"),
+            "spec.rules[0].matches[0].method.service",
+        ),
+        (
+            "bad type",
+            format!(
+                "{PARENT}  rules:\n  - matches: [{{method: {{type: Prefix, service: demo.Echo}}}}]\n"
+            ),
+            "spec.rules[0].matches[0].method.type",
+        ),
+    ] {
+        let t = translate(
+            &(service("bookinfo", "reviews")
+                + &kind_route(
+                    "GRPCRoute",
+                    "v1",
+                    "bookinfo",
+                    "bad",
+                    "2026-01-01T00:00:00Z",
+                    &spec,
+                )),
+        );
+        let m = messages(&t).join("\n");
+        assert!(m.contains(field), "{what}: {m}");
+    }
+}
+
+/// GEP-1294 "Route types": of routes of different types on one Service port, GRPCRoute wins
+/// over HTTPRoute, which wins over TCPRoute; the loser is `Conflicted` and not applied. Routes
+/// on different ports of the Service do not conflict.
+#[test]
+fn route_types_on_one_service_port_conflict() {
+    let backend = "  rules:\n  - backendRefs: [{name: reviews-v1, port: 9080}]\n";
+    let yaml = service("bookinfo", "reviews")
+        + &service("bookinfo", "reviews-v1")
+        + &route(
+            "bookinfo",
+            "web",
+            "2026-01-01T00:00:00Z",
+            &format!("{PARENT}{backend}"),
+        )
+        + &kind_route(
+            "GRPCRoute",
+            "v1",
+            "bookinfo",
+            "rpc",
+            "2026-02-01T00:00:00Z",
+            &format!("  parentRefs: [{{group: \"\", kind: Service, name: reviews}}]\n{backend}"),
+        )
+        + &kind_route(
+            "TCPRoute",
+            "v1alpha2",
+            "bookinfo",
+            "raw",
+            "2026-01-01T00:00:00Z",
+            &format!(
+                "  parentRefs: [{{group: \"\", kind: Service, name: reviews, port: 9080}}]\n{backend}"
+            ),
+        );
+    let t = translate(&yaml);
+    let vs = reviews_routes(&t);
+    assert_eq!(
+        vs.origin,
+        VirtualServiceOrigin::GatewayRoutes(vec!["GRPCRoute bookinfo/rpc".into()])
+    );
+    assert!(vs.tcp.is_empty());
+    let resolved = ("ResolvedRefs", "True", "ResolvedRefs");
+    assert_eq!(
+        conditions(&t, "web"),
+        [("Accepted", "False", "Conflicted"), resolved]
+    );
+    assert_eq!(
+        conditions(&t, "raw"),
+        [("Accepted", "False", "Conflicted"), resolved]
+    );
+    assert_eq!(conditions(&t, "rpc")[0], ("Accepted", "True", "Accepted"));
+    // An HTTPRoute on port 9080 and a TCPRoute on another port both apply.
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec: {ports: [{port: 9080, name: http}, {port: 5432, name: tcp}]}\n---\n".to_owned()
+        + &service("bookinfo", "reviews-v1")
+        + &route("bookinfo", "web", "2026-01-01T00:00:00Z", &format!("{PARENT}{backend}"))
+        + &kind_route(
+            "TCPRoute",
+            "v1alpha2",
+            "bookinfo",
+            "db",
+            "2026-01-01T00:00:00Z",
+            "  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 5432}]\n  rules:\n  - backendRefs: [{name: reviews-v1, port: 5432}]\n",
+        );
+    let t = translate(&yaml);
+    let vs = reviews_routes(&t);
+    assert_eq!(vs.http.len(), 1);
+    assert_eq!(vs.tcp.len(), 1);
+    assert_eq!(vs.tcp[0].matches[0].port, Some(5432));
+    assert_eq!(conditions(&t, "db")[0], ("Accepted", "True", "Accepted"));
+}
+
+/// A TCPRoute on a Service: weighted backends at its waypoint; an unresolvable backend or one
+/// of another namespace without a ReferenceGrant *for TCPRoutes* refuses its share; a rule
+/// with no backend of weight > 0 refuses every connection.
+#[test]
+fn tcp_route_on_a_service_splits_connections() {
+    let parent = "  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n";
+    let tcp = |name: &str, rules: &str| {
+        kind_route(
+            "TCPRoute",
+            "v1alpha2",
+            "bookinfo",
+            name,
+            "2026-01-01T00:00:00Z",
+            &format!("{parent}  rules:\n{rules}"),
+        )
+    };
+    let base = service("bookinfo", "reviews")
+        + &service("bookinfo", "reviews-v1")
+        + &service("other", "ratings");
+    let t = translate(
+        &(base.clone()
+            + &tcp(
+                "split",
+                "  - backendRefs:\n    - {name: reviews-v1, port: 9080, weight: 80}\n    - {name: ratings, namespace: other, port: 9080, weight: 20}\n    - {name: idle, port: 9080, weight: 0}\n",
+            )),
+    );
+    let vs = reviews_routes(&t);
+    assert!(vs.http.is_empty());
+    assert_eq!(vs.tcp.len(), 1);
+    assert!(vs.tcp[0].matches.is_empty());
+    let got: Vec<(&str, u32)> = vs.tcp[0]
+        .route
+        .iter()
+        .map(|d| (d.destination.host.as_str(), d.weight))
+        .collect();
+    // No grant: the other namespace's share is refused (UNRESOLVED_BACKEND).
+    assert_eq!(
+        got,
+        [
+            ("reviews-v1.bookinfo.svc.cluster.local", 80),
+            (UNRESOLVED_BACKEND, 20)
+        ]
+    );
+    assert_eq!(
+        conditions(&t, "split")[1],
+        ("ResolvedRefs", "False", "RefNotPermitted")
+    );
+    // A grant for HTTPRoutes does not cover TCPRoutes; one for TCPRoutes does.
+    let grant = |from_kind: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: other}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: bookinfo}}]\n  to: [{{group: \"\", kind: Service}}]\n---\n"
+        )
+    };
+    let cross = tcp(
+        "cross",
+        "  - backendRefs: [{name: ratings, namespace: other, port: 9080}]\n",
+    );
+    for (from_kind, host) in [
+        ("HTTPRoute", UNRESOLVED_BACKEND),
+        ("TCPRoute", "ratings.other.svc.cluster.local"),
+    ] {
+        let t = translate(&(base.clone() + &grant(from_kind) + &cross));
+        let vs = reviews_routes(&t);
+        assert_eq!(vs.tcp[0].route[0].destination.host, host, "{from_kind}");
+    }
+    // Only weight 0: every connection is refused, never sent to the Service itself.
+    let t = translate(
+        &(base.clone()
+            + &tcp(
+                "zero",
+                "  - backendRefs: [{name: reviews-v1, port: 9080, weight: 0}]\n",
+            )),
+    );
+    let vs = reviews_routes(&t);
+    assert_eq!(vs.tcp[0].route.len(), 1);
+    assert_eq!(vs.tcp[0].route[0].destination.host, UNRESOLVED_BACKEND);
+    // Refused with the field named: a second rule (nothing tells them apart), hostnames.
+    for (spec, field) in [
+        (
+            format!(
+                "{parent}  rules:\n  - backendRefs: [{{name: reviews-v1, port: 9080}}]\n  - backendRefs: [{{name: reviews-v1, port: 9080}}]\n"
+            ),
+            "spec.rules[1]",
+        ),
+        (
+            format!(
+                "{parent}  hostnames: [a.example.com]\n  rules:\n  - backendRefs: [{{name: reviews-v1, port: 9080}}]\n"
+            ),
+            "spec.hostnames",
+        ),
+        (format!("{parent}  rules: []\n"), "spec.rules"),
+    ] {
+        let t = translate(
+            &(base.clone()
+                + &kind_route(
+                    "TCPRoute",
+                    "v1alpha2",
+                    "bookinfo",
+                    "bad",
+                    "2026-01-01T00:00:00Z",
+                    &spec,
+                )),
+        );
+        let m = messages(&t).join("\n");
+        assert!(m.contains(field), "{field}: {m}");
+    }
+}
+
+/// At an ingress Gateway: a TLSRoute attaches to a TLS Passthrough listener and routes by SNI
+/// (its hostnames meeting the listener's), a TCPRoute to a TCP listener; each only where the
+/// listener's kinds admit it. A TLSRoute on a Service is not applied (waypoints do not route by
+/// SNI) and its status says so.
+#[test]
+fn tls_and_tcp_routes_attach_to_ingress_listeners() {
+    let gateway = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: bookinfo}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {name: tls, port: 443, protocol: TLS, hostname: '*.example.com', tls: {mode: Passthrough}}\n  - {name: db, port: 5432, protocol: TCP}\n  - {name: web, port: 80, protocol: HTTP}\n---\n";
+    let base = service("bookinfo", "reviews") + &service("bookinfo", "reviews-v1") + gateway;
+    let tls = kind_route(
+        "TLSRoute",
+        "v1alpha3",
+        "bookinfo",
+        "sni",
+        "2026-01-01T00:00:00Z",
+        "  parentRefs: [{name: edge, sectionName: tls}]\n  hostnames: [shop.example.com, other.net]\n  rules:\n  - backendRefs: [{name: reviews-v1, port: 8443}]\n",
+    );
+    let tcp = kind_route(
+        "TCPRoute",
+        "v1alpha2",
+        "bookinfo",
+        "pg",
+        "2026-01-01T00:00:00Z",
+        "  parentRefs: [{name: edge}]\n  rules:\n  - backendRefs: [{name: reviews, port: 5432}]\n",
+    );
+    let t = translate(&(base.clone() + &tls + &tcp));
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    let listener = |name: &str| {
+        t.state
+            .gateway_virtual_services
+            .get(&format!("bookinfo/edge:{name}"))
+            .unwrap_or_else(|| panic!("{name}: {:?}", t.state.gateway_virtual_services.keys()))
+    };
+    let sni = listener("tls");
+    assert_eq!(sni.len(), 1, "{sni:?}");
+    assert_eq!(sni[0].hosts, ["shop.example.com"]);
+    assert_eq!(sni[0].tls[0].matches[0].sni_hosts, ["shop.example.com"]);
+    assert_eq!(
+        sni[0].tls[0].route[0].destination.host,
+        "reviews-v1.bookinfo.svc.cluster.local"
+    );
+    // The TCPRoute names no section: it attaches where its kind is admitted, the TCP listener.
+    let db = listener("db");
+    assert_eq!(db[0].tcp.len(), 1);
+    assert_eq!(db[0].tcp[0].route[0].destination.port, Some(5432));
+    assert!(
+        !t.state
+            .gateway_virtual_services
+            .contains_key("bookinfo/edge:web")
+    );
+    assert_eq!(conditions(&t, "sni")[0], ("Accepted", "True", "Accepted"));
+    assert_eq!(conditions(&t, "pg")[0], ("Accepted", "True", "Accepted"));
+    // A TCPRoute on the HTTP listener only: not allowed by it.
+    let t = translate(
+        &(base.clone()
+            + &kind_route(
+                "TCPRoute",
+                "v1alpha2",
+                "bookinfo",
+                "wrong",
+                "2026-01-01T00:00:00Z",
+                "  parentRefs: [{name: edge, sectionName: web}]\n  rules:\n  - backendRefs: [{name: reviews, port: 80}]\n",
+            )),
+    );
+    assert_eq!(
+        conditions(&t, "wrong")[0],
+        ("Accepted", "False", "NotAllowedByListeners")
+    );
+    // A TLSRoute on a Service.
+    let t = translate(
+        &(base
+            + &kind_route(
+                "TLSRoute",
+                "v1alpha2",
+                "bookinfo",
+                "mesh",
+                "2026-01-01T00:00:00Z",
+                &format!("{PARENT}  rules:\n  - backendRefs: [{{name: reviews-v1, port: 9080}}]\n"),
+            )),
+    );
+    assert_eq!(
+        conditions(&t, "mesh")[0],
+        ("Accepted", "False", "UnsupportedValue")
+    );
+    assert!(
+        t.state
+            .virtual_services
+            .iter()
+            .all(|vs| vs.hosts != [REVIEWS])
+    );
+    // allowedRoutes naming a kind the protocol cannot carry is refused.
+    let t = translate(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: bookinfo}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {name: web, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: TCPRoute}]}}\n---\n",
+    );
+    let m = messages(&t).join("\n");
+    assert!(
+        m.contains("spec.listeners[0].allowedRoutes.kinds[0]")
+            && m.contains("HTTPRoute, GRPCRoute"),
+        "{m}"
     );
 }

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1 as corev1;
 use tracing::debug;
 
 use super::networking::{AcceptedRoute, Binding, resolve_gateway_name, virtual_service_for};
-use super::{ObjectKey, TranslateConfig, TranslateError, invalid, port_number};
+use super::{Kind, ObjectKey, TranslateConfig, TranslateError, invalid, port_number};
 use crate::model::ingress_crd as icrd;
 use crate::model::networking_crd as ncrd;
 use crate::model::{
@@ -522,9 +522,10 @@ pub(super) struct ApiListener {
     /// Lower case; `None`: every hostname.
     pub(super) hostname: Option<String>,
     pub(super) namespaces: AllowedNamespaces,
-    /// `HTTPRoute`s may attach (an `HTTP` or `HTTPS` listener whose `allowedRoutes.kinds` is
-    /// empty or names `HTTPRoute`).
-    pub(super) http_routes: bool,
+    /// The route kinds that may attach: `allowedRoutes.kinds`, or by protocol when it is
+    /// empty (`HTTP`/`HTTPS`: HTTPRoute and GRPCRoute; `TLS` Passthrough: TLSRoute; `TLS`
+    /// Terminate and `TCP`: TCPRoute).
+    pub(super) kinds: Vec<Kind>,
     /// The key its routes go under ([`GatewayServer::routes`]).
     pub(super) routes_key: String,
 }
@@ -614,8 +615,8 @@ pub(super) fn api_gateway(key: &ObjectKey, gw: &ncrd::Gateway) -> Result<ApiGate
             }
         };
         let (protocol, tls) = listener_tls(key, &p, l)?;
-        let http = matches!(protocol, ServerProtocol::Http | ServerProtocol::Https);
-        let (namespaces, http_routes) = allowed_routes(key, &p, l, http)?;
+        let passthrough = tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough);
+        let (namespaces, kinds) = allowed_routes(key, &p, l, route_kinds(protocol, passthrough))?;
         if let Some(other) = servers
             .iter()
             .find(|s| s.port == port && s.protocol.port_class() != protocol.port_class())
@@ -650,7 +651,7 @@ pub(super) fn api_gateway(key: &ObjectKey, gw: &ncrd::Gateway) -> Result<ApiGate
             port,
             hostname,
             namespaces,
-            http_routes,
+            kinds,
             routes_key,
         });
     }
@@ -681,14 +682,12 @@ fn listener_tls(
         "HTTP" => ServerProtocol::Http,
         "HTTPS" => ServerProtocol::Https,
         "TLS" => ServerProtocol::Tls,
-        "TCP" | "UDP" => {
+        "TCP" => ServerProtocol::Tcp,
+        "UDP" => {
             return Err(invalid(
                 key,
                 format!("{p}.protocol"),
-                format!(
-                    "{} listeners are not served by this gateway yet (TCPRoute/UDPRoute); use an Istio Gateway with a TCP server",
-                    l.protocol
-                ),
+                "UDP listeners are not served by this gateway (UDPRoute); the ingress carries TCP only",
             ));
         }
         other => {
@@ -696,17 +695,20 @@ fn listener_tls(
                 object: Box::new(key.clone()),
                 field: format!("{p}.protocol"),
                 value: other.to_owned(),
-                expected: "HTTP, HTTPS, TLS".to_owned(),
+                expected: "HTTP, HTTPS, TLS, TCP".to_owned(),
             });
         }
     };
     let tls = match (&l.tls, protocol) {
-        (None, ServerProtocol::Http) => return Ok((protocol, None)),
-        (Some(_), ServerProtocol::Http) => {
+        (None, ServerProtocol::Http | ServerProtocol::Tcp) => return Ok((protocol, None)),
+        (Some(_), ServerProtocol::Http | ServerProtocol::Tcp) => {
             return Err(invalid(
                 key,
                 format!("{p}.tls"),
-                "an HTTP listener takes no tls; use protocol HTTPS",
+                format!(
+                    "a {} listener takes no tls; use protocol HTTPS or TLS",
+                    l.protocol
+                ),
             ));
         }
         (None, _) => {
@@ -807,15 +809,28 @@ fn listener_tls(
     ))
 }
 
-/// `allowedRoutes`: which namespaces, and whether HTTPRoutes may attach.
+/// The route kinds a listener takes ("Listener.allowedRoutes": "When unspecified or empty,
+/// the kinds of Routes selected are determined using the Listener protocol"). A TLS listener
+/// that terminates hands the decrypted bytes to TCPRoutes; one passing TLS through chooses a
+/// TLSRoute by SNI.
+fn route_kinds(protocol: ServerProtocol, passthrough: bool) -> &'static [Kind] {
+    match protocol {
+        ServerProtocol::Http | ServerProtocol::Https => &[Kind::HttpRoute, Kind::GrpcRoute],
+        ServerProtocol::Tls if passthrough => &[Kind::TlsRoute],
+        _ => &[Kind::TcpRoute],
+    }
+}
+
+/// `allowedRoutes`: which namespaces, and which of the route kinds the protocol can carry
+/// (`compatible`) may attach.
 fn allowed_routes(
     key: &ObjectKey,
     p: &str,
     l: &ncrd::GatewayListener,
-    http: bool,
-) -> Result<(AllowedNamespaces, bool)> {
+    compatible: &[Kind],
+) -> Result<(AllowedNamespaces, Vec<Kind>)> {
     let Some(allowed) = &l.allowed_routes else {
-        return Ok((AllowedNamespaces::Same, http));
+        return Ok((AllowedNamespaces::Same, compatible.to_vec()));
     };
     let namespaces = match &allowed.namespaces {
         None => AllowedNamespaces::Same,
@@ -850,28 +865,34 @@ fn allowed_routes(
         },
     };
     if allowed.kinds.is_empty() {
-        return Ok((namespaces, http));
+        return Ok((namespaces, compatible.to_vec()));
     }
-    let mut http_routes = false;
+    let mut kinds = Vec::new();
     for (j, k) in allowed.kinds.iter().enumerate() {
         let group = k.group.as_deref().unwrap_or("gateway.networking.k8s.io");
-        match (group, k.kind.as_str(), http) {
-            ("gateway.networking.k8s.io", "HTTPRoute", true) => http_routes = true,
-            ("gateway.networking.k8s.io", "GRPCRoute", true)
-            | ("gateway.networking.k8s.io", "TLSRoute" | "TCPRoute", false) => {
-                debug!(gateway = %key, listener = l.name, kind = k.kind, "route kind allowed but not served at the ingress yet");
+        let kind = compatible
+            .iter()
+            .find(|c| group == "gateway.networking.k8s.io" && c.as_str() == k.kind);
+        match kind {
+            Some(kind) => {
+                if !kinds.contains(kind) {
+                    kinds.push(*kind);
+                }
             }
-            _ => {
+            None => {
+                let names: Vec<&str> = compatible.iter().map(|c| c.as_str()).collect();
                 return Err(invalid(
                     key,
                     format!("{p}.allowedRoutes.kinds[{j}]"),
                     format!(
-                        "{group}/{} cannot attach to a {} listener (InvalidRouteKinds)",
-                        k.kind, l.protocol
+                        "{group}/{} cannot attach to this {} listener (InvalidRouteKinds); it takes {}",
+                        k.kind,
+                        l.protocol,
+                        names.join(", ")
                     ),
                 ));
             }
         }
     }
-    Ok((namespaces, http_routes))
+    Ok((namespaces, kinds))
 }

@@ -369,12 +369,16 @@ fn bad_gateway_api_gateways_are_refused_naming_the_field_and_other_classes_ignor
             "spec.listeners[0].hostname: \"10.0.0.1:80\" is not a hostname",
         ),
         (
-            "  - {name: x, port: 9000, protocol: TCP}\n",
-            "spec.listeners[0].protocol: TCP listeners are not served by this gateway yet",
+            "  - {name: x, port: 9000, protocol: UDP}\n",
+            "spec.listeners[0].protocol: UDP listeners are not served by this gateway",
+        ),
+        (
+            "  - {name: x, port: 9000, protocol: TCP, tls: {mode: Terminate}}\n",
+            "spec.listeners[0].tls: a TCP listener takes no tls",
         ),
         (
             "  - {name: x, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: TLSRoute}]}}\n",
-            "spec.listeners[0].allowedRoutes.kinds[0]: gateway.networking.k8s.io/TLSRoute cannot attach to a HTTP listener",
+            "spec.listeners[0].allowedRoutes.kinds[0]: gateway.networking.k8s.io/TLSRoute cannot attach to this HTTP listener (InvalidRouteKinds); it takes HTTPRoute, GRPCRoute",
         ),
         (
             "  - {name: x, port: 80, protocol: HTTP}\n  - {name: y, port: 80, protocol: TLS, tls: {mode: Passthrough}}\n",
