@@ -17,6 +17,14 @@
 //! protocol. The servers are a lean hyper server in this file (HTTP/1.1 and HTTP/2, a fixed
 //! 2-byte body); `BENCH_SAMPLE_BACKEND=1` uses the tests' chattier sample backend instead.
 //!
+//! Route table size (`BENCH_ROUTE_COUNTS`, default `10,1000`; empty skips it): for each count
+//! N, service `mesh-rt` gets N routes written once as a VirtualService and once as an
+//! HTTPRoute (N-1 header matches the requests never satisfy, alternately exact and regex,
+//! then a catch-all to `mesh-l4`), applied in turn; each is measured over HTTP/1.1 keep-alive
+//! like the cells above. One engine and one table serve both, so the two rows of a count
+//! should cost the same; the table prints the waypoint's CPU per request and p50/p99 with
+//! the HTTPRoute/VirtualService ratio.
+//!
 //! Prints requests/s and p50/p99 latency with ratios to the direct path, CPU time per request of
 //! each process of the path (from `/proc/<pid>/stat`), the requests the waypoint counted and the
 //! v1/v2 split it made, and the resident memory of the waypoint and both ztunnels after the run.
@@ -114,16 +122,16 @@ fn virtual_service() -> String {
     )
 }
 
-/// A second EndpointSlice for `mesh-l4` listing the pods of `mesh-l7` (the harness's services
-/// select `app=<service>`, so both services fronting the same pods needs this one by hand).
-fn mesh_l4_endpoints(pods: &[&Pod]) -> String {
+/// An EndpointSlice for `service` listing the pods of `mesh-l7` (the harness's services
+/// select `app=<service>`, so more services fronting the same pods need this one by hand).
+fn shared_endpoints(service: &str, pods: &[&Pod]) -> String {
     json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": "mesh-l4-shared",
+            "name": format!("{service}-shared"),
             "namespace": NAMESPACE,
-            "labels": {"kubernetes.io/service-name": "mesh-l4"},
+            "labels": {"kubernetes.io/service-name": service},
         },
         "addressType": "IPv4",
         "endpoints": pods.iter().map(|p| json!({
@@ -411,17 +419,19 @@ async fn run() {
         .http_service(NAMESPACE, "mesh-l7", PORT, PORT)
         .http_service(NAMESPACE, "mesh-l4", PORT, PORT)
         .service_label("istio.io/use-waypoint", "none")
+        .http_service(NAMESPACE, "mesh-rt", PORT, PORT)
         .yaml("destination-rule", DESTINATION_RULE)
         .yaml("virtual-service", &virtual_service())
         .log_filter(&log)
         .build()
         .await
         .expect("virtual cluster");
+    let pods = [cluster.pod("server-v1"), cluster.pod("server-v2")];
     cluster
-        .apply(
-            "mesh-l4-endpoints",
-            &mesh_l4_endpoints(&[cluster.pod("server-v1"), cluster.pod("server-v2")]),
-        )
+        .apply("mesh-l4-endpoints", &shared_endpoints("mesh-l4", &pods))
+        .await;
+    cluster
+        .apply("mesh-rt-endpoints", &shared_endpoints("mesh-rt", &pods))
         .await;
     let v1 = serve(cluster.pod("server-v1"), "v1").await;
     let v2 = serve(cluster.pod("server-v2"), "v2").await;
@@ -578,5 +588,116 @@ async fn run() {
             mib(load::status_kib(pid, "VmRSS")),
             mib(load::status_kib(pid, "VmHWM"))
         );
+    }
+    route_table_sizes(&cluster, &bench).await;
+}
+
+/// `n` routes for `mesh-rt` as a VirtualService or as an HTTPRoute: `n - 1` header matches
+/// the benchmark's requests never satisfy (exact and regex in turn), then a catch-all to
+/// `mesh-l4`. The same table either way.
+fn route_table(n: usize, http_route: bool) -> String {
+    let mut out = String::new();
+    if http_route {
+        out.push_str(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: \
+             mesh-rt, namespace: demo}\nspec:\n  parentRefs: [{group: \"\", kind: Service, \
+             name: mesh-rt, port: 9080}]\n  rules:\n",
+        );
+        for i in 1..n {
+            let (kind, value) = if i % 2 == 0 {
+                ("RegularExpression", format!("'^group-{i}-[0-9]+$'"))
+            } else {
+                ("Exact", format!("user-{i}"))
+            };
+            out.push_str(&format!(
+                "  - matches: [{{headers: [{{name: x-bench-route-{i}, type: {kind}, value: \
+                 {value}}}]}}]\n    backendRefs: [{{name: mesh-l4, port: 9080}}]\n"
+            ));
+        }
+        out.push_str("  - backendRefs: [{name: mesh-l4, port: 9080}]\n");
+    } else {
+        out.push_str(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: \
+             mesh-rt, namespace: demo}\nspec:\n  hosts: [mesh-rt]\n  http:\n",
+        );
+        for i in 1..n {
+            let condition = if i % 2 == 0 {
+                format!("{{regex: '^group-{i}-[0-9]+$'}}")
+            } else {
+                format!("{{exact: user-{i}}}")
+            };
+            out.push_str(&format!(
+                "  - match: [{{headers: {{x-bench-route-{i}: {condition}}}}}]\n    route: \
+                 [{{destination: {{host: mesh-l4, port: {{number: 9080}}}}}}]\n"
+            ));
+        }
+        out.push_str("  - route: [{destination: {host: mesh-l4, port: {number: 9080}}}]\n");
+    }
+    out
+}
+
+/// The waypoint's cost per request with `BENCH_ROUTE_COUNTS` routes on one service, written as
+/// a VirtualService and as an HTTPRoute, in one run (see the module doc).
+async fn route_table_sizes(cluster: &Cluster, bench: &Bench) {
+    let counts: Vec<usize> = std::env::var("BENCH_ROUTE_COUNTS")
+        .unwrap_or_else(|_| "10,1000".to_owned())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .collect();
+    if counts.is_empty() {
+        return;
+    }
+    let client = cluster.pod("client");
+    let addr = cluster.service_addr(NAMESPACE, "mesh-rt", PORT);
+    let mut rows = Vec::new();
+    for n in counts {
+        let mut pair = Vec::new();
+        for (api, http_route) in [("VirtualService", false), ("HTTPRoute", true)] {
+            cluster
+                .apply("route-table", &route_table(n, http_route))
+                .await;
+            let warm = bench
+                .cell(client, addr, Protocol::Http1, bench.warmup)
+                .await;
+            assert!(
+                warm.requests > 0,
+                "no answer from mesh-rt with {n} routes as {api} ({} errors)",
+                warm.errors
+            );
+            let cell = bench
+                .cell(client, addr, Protocol::Http1, bench.seconds)
+                .await;
+            pair.push((api, cell));
+        }
+        cluster.remove("route-table").await;
+        rows.push((n, pair));
+    }
+    println!();
+    println!(
+        "Route table size, service mesh-rt through the waypoint, HTTP/1.1 keep-alive, {} \
+         workers: N routes (N-1 unmatched header rules, then a catch-all)",
+        bench.concurrency
+    );
+    println!(
+        "{:<8}{:<16}{:>10}{:>10}{:>10}{:>16}{:>8}",
+        "routes", "written as", "req/s", "p50 us", "p99 us", "waypoint us/req", "ratio"
+    );
+    for (n, pair) in rows {
+        let per = |c: &Cell| c.cpu[2] * 1e6 / c.requests.max(1) as f64;
+        let base = per(&pair[0].1);
+        for (api, cell) in &pair {
+            println!(
+                "{n:<8}{api:<16}{:>10.0}{:>10.1}{:>10.1}{:>16.1}{:>8.2}",
+                cell.rps(),
+                cell.p50_us,
+                cell.p99_us,
+                per(cell),
+                per(cell) / base
+            );
+            if cell.errors > 0 {
+                println!("        errors: {}", cell.errors);
+            }
+        }
     }
 }

@@ -593,6 +593,56 @@ async fn canary_split_and_fault_delay_from_the_seed_flow() {
     let _ = (&bi.v1, &bi.v2);
 }
 
+/// A TLS backend in `pod` on 8443 with its own certificate for `name` from `pki` (the gateway
+/// never holds it): answers the first line it reads with `my-nginx: <line>`.
+async fn tls_backend(
+    pod: &mesh_tests::vcluster::Pod,
+    pki: &WebPki,
+    name: &str,
+) -> mesh_tests::vcluster::AppServer {
+    let backend_tls = tokio_rustls::TlsAcceptor::from(WebPki::server_config(&pki.server(&[name])));
+    pod.serve(8443, move |stream, _| {
+        let acceptor = backend_tls.clone();
+        async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            let mut tls = BufReader::new(tls);
+            let mut line = String::new();
+            if tls.read_line(&mut line).await.is_ok() {
+                let _ = tls
+                    .get_mut()
+                    .write_all(format!("my-nginx: {line}").as_bytes())
+                    .await;
+                let _ = tls.get_mut().shutdown().await;
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// From `client`, TLS to `addr` with SNI `name` (verified with `config`), `hello` sent and
+/// the whole answer read.
+async fn passthrough_hello(
+    client: &mesh_tests::vcluster::Pod,
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = client.connect(addr).await?;
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await?;
+    tls.write_all(b"hello\n").await?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
 /// Istio's "ingress gateway without TLS termination" task, beside an HTTPS server on the same
 /// port and a TCP server: the gateway passes `nginx.example.com`'s TLS through by SNI to a
 /// backend holding its own certificate, terminates `bookinfo.example.com`, and carries TCP on
@@ -669,32 +719,7 @@ spec:
             .yaml("tcp", &tcp_vs),
     )
     .await;
-    // The TLS backend: answers the first line it reads with its name.
-    let backend_tls =
-        tokio_rustls::TlsAcceptor::from(WebPki::server_config(&nginx_pki.server(&[NGINX])));
-    let _nginx = bi
-        .cluster
-        .pod("my-nginx")
-        .serve(8443, move |stream, _| {
-            let acceptor = backend_tls.clone();
-            async move {
-                use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let mut tls = BufReader::new(tls);
-                let mut line = String::new();
-                if tls.read_line(&mut line).await.is_ok() {
-                    let _ = tls
-                        .get_mut()
-                        .write_all(format!("my-nginx: {line}").as_bytes())
-                        .await;
-                    let _ = tls.get_mut().shutdown().await;
-                }
-            }
-        })
-        .await
-        .unwrap();
+    let _nginx = tls_backend(bi.cluster.pod("my-nginx"), &nginx_pki, NGINX).await;
     let _echo = bi.cluster.pod("tcp-echo").serve_echo(9000).await.unwrap();
 
     // Passed through: the client sees the backend's own certificate, from the backend's CA.
@@ -702,19 +727,7 @@ spec:
     let curl = bi.cluster.pod("curl");
     let through = nginx_pki.client_config(&[], None);
     let answer = eventually(SHOW_UP, || {
-        let through = through.clone();
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let stream = curl.connect(gateway).await?;
-            let name = ServerName::try_from(NGINX.to_owned()).unwrap();
-            let mut tls = tokio_rustls::TlsConnector::from(through)
-                .connect(name, stream)
-                .await?;
-            tls.write_all(b"hello\n").await?;
-            let mut answer = String::new();
-            tls.read_to_string(&mut answer).await?;
-            Ok::<_, std::io::Error>(answer)
-        }
+        passthrough_hello(curl, gateway, through.clone(), NGINX)
     })
     .await
     .unwrap_or_else(|e| {
@@ -781,6 +794,114 @@ spec:
         ],
     );
     assert!(opened >= 1.0, "{}", metrics.text());
+}
+
+/// The Gateway API's L4 routes at the ingress: a `TLS` listener in `Passthrough` mode whose
+/// `TLSRoute` sends `nginx.example.com` by SNI to a backend holding its own certificate (the
+/// gateway never terminates it; another name is refused), and a `TCP` listener whose `TCPRoute`
+/// carries bytes intact to an echo server in the mesh, over HBONE with the gateway's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_tls_and_tcp_routes_pass_through_the_ingress() {
+    if !needs_root() {
+        return;
+    }
+    const NGINX: &str = "nginx.example.com";
+    const TCP_PORT: u16 = 31400;
+    let nginx_pki = WebPki::new("nginx root");
+    let yaml = format!(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: demo}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: tls
+    port: {HTTPS_PORT}
+    protocol: TLS
+    hostname: "*.example.com"
+    tls: {{mode: Passthrough}}
+  - name: tcp
+    port: {TCP_PORT}
+    protocol: TCP
+---
+apiVersion: gateway.networking.k8s.io/v1alpha3
+kind: TLSRoute
+metadata: {{name: nginx, namespace: demo}}
+spec:
+  parentRefs: [{{name: edge, sectionName: tls}}]
+  hostnames: ["{NGINX}"]
+  rules:
+  - backendRefs: [{{name: my-nginx, port: 443}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: echo, namespace: demo}}
+spec:
+  parentRefs: [{{name: edge, sectionName: tcp}}]
+  rules:
+  - backendRefs: [{{name: tcp-echo, port: 9000}}]
+"#
+    );
+    let bi = start(
+        reviews(Cluster::builder().node("a").node("b"))
+            .ingress_gateway("a", "demo", "edge-istio")
+            .label("gateway.networking.k8s.io/gateway-name", "edge")
+            .label("istio.io/dataplane-mode", "none")
+            .pod("b", "demo", "my-nginx")
+            .label("app", "my-nginx")
+            .service("demo", "my-nginx", 443, 8443)
+            .pod("b", "demo", "tcp-echo")
+            .label("app", "tcp-echo")
+            .service("demo", "tcp-echo", 9000, 9000)
+            .yaml("routes", &yaml),
+    )
+    .await;
+    let _nginx = tls_backend(bi.cluster.pod("my-nginx"), &nginx_pki, NGINX).await;
+    let _echo = bi.cluster.pod("tcp-echo").serve_echo(9000).await.unwrap();
+    let ingress = bi.cluster.ingress("edge-istio");
+    let addr = |port| SocketAddr::new(ingress.ip(), port);
+    let curl = bi.cluster.pod("curl");
+    let through = nginx_pki.client_config(&[], None);
+    let answer = eventually(SHOW_UP, || {
+        passthrough_hello(curl, addr(HTTPS_PORT), through.clone(), NGINX)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "no answer through the Passthrough listener: {e}\n{}",
+            ingress.logs()
+        )
+    });
+    assert_eq!(answer, "my-nginx: hello\n");
+    // A name the listener covers but no TLSRoute takes: closed.
+    let other = nginx_pki.client_config(&[], None);
+    assert!(
+        passthrough_hello(curl, addr(HTTPS_PORT), other, "shop.example.com")
+            .await
+            .is_err()
+    );
+    let data = mesh_tests::vcluster::pattern(256 * 1024, 3);
+    let echoed = eventually(SHOW_UP, || async {
+        curl.exchange(addr(TCP_PORT), &data).await
+    })
+    .await
+    .unwrap();
+    assert!(echoed == data, "TCP bytes changed on the way");
+    let node_b = bi.cluster.node("b").metrics().await;
+    for workload in ["my-nginx", "tcp-echo"] {
+        let seen = node_b.sum(
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_workload", workload),
+            ],
+        );
+        assert!(seen >= 1.0, "{workload}: {}", node_b.text());
+    }
+    let dump = ingress.try_config_dump().await.unwrap().to_string();
+    assert!(dump.contains("TLSRoute demo/nginx"), "{dump}");
+    assert!(dump.contains("TCPRoute demo/echo"), "{dump}");
 }
 
 /// Istio's `istio.io/ingress-use-waypoint`: with it on the service, the gateway sends the

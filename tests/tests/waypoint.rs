@@ -820,6 +820,207 @@ async fn a_service_without_a_waypoint_label_bypasses_it() {
     );
 }
 
+/// A Gateway API `GRPCRoute` on a Service routes gRPC calls by service and method at the
+/// waypoint: `demo.Echo/Shout` to v2, every other call to v1; the calls' messages and
+/// `grpc-status` trailers come through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_grpc_route_routes_by_method() {
+    if !needs_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("demo")
+        .ambient()
+        .namespace_label("istio.io/use-waypoint", "waypoint")
+        .waypoint("a", "demo", "waypoint")
+        .pod("a", "demo", "sleep")
+        .pod("b", "demo", "echo-v1")
+        .label("app", "echo-v1")
+        .pod("b", "demo", "echo-v2")
+        .label("app", "echo-v2")
+        .service_with_protocol("demo", "echo", PORT, PORT, "grpc")
+        .service_with_protocol("demo", "echo-v1", PORT, PORT, "grpc")
+        .service_with_protocol("demo", "echo-v2", PORT, PORT, "grpc")
+        .build()
+        .await
+        .unwrap();
+    let _v1 = serve_backend(cluster.pod("echo-v1"), PORT, "v1")
+        .await
+        .unwrap();
+    let _v2 = serve_backend(cluster.pod("echo-v2"), PORT, "v2")
+        .await
+        .unwrap();
+    cluster
+        .apply(
+            "route",
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: echo
+  namespace: demo
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: echo
+    port: 9080
+  rules:
+  - matches:
+    - method:
+        service: demo.Echo
+        method: Shout
+    backendRefs:
+    - name: echo-v2
+      port: 9080
+  - backendRefs:
+    - name: echo-v1
+      port: 9080
+"#,
+        )
+        .await;
+    let addr = cluster.service_addr("demo", "echo", PORT);
+    let mut client = HttpClient::connect(cluster.pod("sleep"), addr, HttpVersion::Http2)
+        .await
+        .unwrap();
+    for (method, version) in [
+        ("/demo.Echo/Shout", "v2"),
+        ("/demo.Echo/Echo", "v1"),
+        ("/demo.Other/Shout", "v1"),
+    ] {
+        for _ in 0..20 {
+            let message = b"a gRPC message";
+            let answer = client
+                .send(
+                    "POST",
+                    method,
+                    &[("content-type", "application/grpc"), ("te", "trailers")],
+                    grpc_frame(message),
+                )
+                .await
+                .unwrap();
+            assert_eq!(answer.status, 200, "{method}: {}", answer.text());
+            assert_eq!(answer.version(), version, "{method}");
+            assert_eq!(
+                grpc_unframe(answer.body.clone()).as_deref(),
+                Some(&message[..])
+            );
+            let trailers = answer.trailers.clone().expect("gRPC trailers");
+            assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        }
+    }
+    let dump = cluster
+        .waypoint("waypoint")
+        .try_config_dump()
+        .await
+        .unwrap();
+    assert!(
+        dump.to_string()
+            .contains("GRPCRoute demo/echo (Service demo/echo)"),
+        "{dump}"
+    );
+}
+
+/// A Gateway API `TCPRoute` on a Service splits its connections by weight at the waypoint
+/// (80/20 over 400 connections); the bytes arrive intact both ways. Moving all the weight to
+/// v2 sends every new connection there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_tcp_route_splits_connections() {
+    if !needs_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("demo")
+        .ambient()
+        .namespace_label("istio.io/use-waypoint", "waypoint")
+        .waypoint("a", "demo", "waypoint")
+        .pod("a", "demo", "sleep")
+        .pod("b", "demo", "db-v1")
+        .label("app", "db-v1")
+        .pod("b", "demo", "db-v2")
+        .label("app", "db-v2")
+        .service("demo", "db", PORT, PORT)
+        .service("demo", "db-v1", PORT, PORT)
+        .service("demo", "db-v2", PORT, PORT)
+        .build()
+        .await
+        .unwrap();
+    // The backends speak HTTP/1.1 so each connection can say which one it reached; the
+    // service's port is plain TCP, so the waypoint forwards the bytes without reading them.
+    let _v1 = serve_backend(cluster.pod("db-v1"), PORT, "v1")
+        .await
+        .unwrap();
+    let _v2 = serve_backend(cluster.pod("db-v2"), PORT, "v2")
+        .await
+        .unwrap();
+    let route = |v1: u32, v2: u32| {
+        format!(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata:
+  name: db
+  namespace: demo
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: db
+  rules:
+  - backendRefs:
+    - name: db-v1
+      port: 9080
+      weight: {v1}
+    - name: db-v2
+      port: 9080
+      weight: {v2}
+"#
+        )
+    };
+    let connections = |n: usize| {
+        let cluster = &cluster;
+        async move {
+            let addr = cluster.service_addr("demo", "db", PORT);
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            for _ in 0..n {
+                let mut client =
+                    HttpClient::connect(cluster.pod("sleep"), addr, HttpVersion::Http1)
+                        .await
+                        .unwrap();
+                let answer = client.get("/db", &[]).await.unwrap();
+                assert_eq!(answer.status, 200, "{}", answer.text());
+                *seen.entry(answer.version().to_owned()).or_default() += 1;
+            }
+            seen
+        }
+    };
+    cluster.apply("route", &route(80, 20)).await;
+    let seen = connections(400).await;
+    let v2 = seen.get("v2").copied().unwrap_or(0);
+    assert_eq!(seen.values().sum::<usize>(), 400, "{seen:?}");
+    // binomial(400, 0.2): 80 +- 34 is 4.2 standard deviations.
+    assert!(
+        (46..=114).contains(&v2),
+        "80/20 over 400 connections gave {seen:?}"
+    );
+    cluster.apply("route", &route(0, 1)).await;
+    assert_eq!(connections(30).await.get("v2"), Some(&30));
+    let dump = cluster
+        .waypoint("waypoint")
+        .try_config_dump()
+        .await
+        .unwrap();
+    assert!(
+        dump.to_string()
+            .contains("TCPRoute demo/db (Service demo/db)"),
+        "{dump}"
+    );
+}
+
 /// Istio's ambient getting-started guide routes `reviews` with a Gateway API `HTTPRoute` whose
 /// parent is the Service, not with a VirtualService: 90 % to `reviews-v1`, 10 % to
 /// `reviews-v2`, then everything to v1, and `end-user: jason` to v2. The YAML is the guide's.
