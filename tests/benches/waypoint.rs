@@ -23,7 +23,7 @@
 //! then a catch-all to `mesh-l4`), applied in turn; each is measured over HTTP/1.1 keep-alive
 //! like the cells above. One engine and one table serve both, so the two rows of a count
 //! should cost the same; the table prints the waypoint's CPU per request and p50/p99 with
-//! the HTTPRoute/VirtualService ratio.
+//! the HTTPRoute/VirtualService ratio. `BENCH_ONLY_ROUTES=1` measures only this table.
 //!
 //! Prints requests/s and p50/p99 latency with ratios to the direct path, CPU time per request of
 //! each process of the path (from `/proc/<pid>/stat`), the requests the waypoint counted and the
@@ -448,6 +448,10 @@ async fn run() {
             cluster.node("b").pid(),
         ],
     };
+    if env("BENCH_ONLY_ROUTES", 0) != 0 {
+        route_table_sizes(&cluster, &bench).await;
+        return;
+    }
     let counted_before = waypoint.metrics().await.sum("istio_requests_total", &[]);
     let node_b = cluster.node("b");
     let opened = || async { node_b.metrics().await.sum(OPENED, &[]) };
