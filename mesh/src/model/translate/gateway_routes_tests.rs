@@ -914,3 +914,33 @@ fn tls_and_tcp_routes_attach_to_ingress_listeners() {
         "{m}"
     );
 }
+
+/// The yaml_translate fuzz seed with every route kind is valid as a whole (so the fuzzer starts
+/// from objects that get past validation) and attaches where it says.
+#[test]
+fn the_route_kinds_fuzz_seed_translates_cleanly() {
+    let t = translate(include_str!(
+        "../../../../fuzz/corpus/yaml_translate/gateway_api_l4_grpc_routes.yaml"
+    ));
+    assert!(t.rejections.is_empty(), "{:?}", messages(&t));
+    let echo = t
+        .state
+        .virtual_services
+        .iter()
+        .find(|vs| vs.hosts == ["echo.demo.svc.cluster.local"])
+        .expect("routes for echo");
+    assert_eq!(echo.http.len(), 2);
+    assert_eq!(echo.tcp.len(), 1);
+    for listener in ["tls", "tcp", "web"] {
+        assert!(
+            t.state
+                .gateway_virtual_services
+                .contains_key(&format!("demo/edge:{listener}")),
+            "{listener}"
+        );
+    }
+    assert!(t.state.route_statuses.iter().all(|s| s
+        .parents
+        .iter()
+        .all(|p| p.conditions[0].status == "True")));
+}
