@@ -820,6 +820,160 @@ async fn a_service_without_a_waypoint_label_bypasses_it() {
     );
 }
 
+/// An HTTPRoute's filters through real ztunnels and a waypoint: a redirect (301 with the new
+/// path), a prefix rewrite with request and response header edits and a mirror to another
+/// version; a backend in another namespace answers 500 until a `ReferenceGrant` there allows
+/// it; and a VirtualService for the same service is shadowed by the HTTPRoute (reported in
+/// `waypoint_config_conflicts`), as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_http_route_filters_grants_and_a_shadowed_virtual_service() {
+    if !needs_root() {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("demo")
+        .ambient()
+        .namespace_label("istio.io/use-waypoint", "waypoint")
+        .namespace("other")
+        .ambient()
+        .waypoint("a", "demo", "waypoint")
+        .pod("a", "demo", "sleep")
+        .pod("b", "demo", "reviews-v1")
+        .label("app", "reviews-v1")
+        .pod("b", "demo", "reviews-v2")
+        .label("app", "reviews-v2")
+        .pod("b", "other", "ratings")
+        .label("app", "ratings")
+        .http_service("demo", "reviews", PORT, PORT)
+        .http_service("demo", "reviews-v1", PORT, PORT)
+        .http_service("demo", "reviews-v2", PORT, PORT)
+        .http_service("other", "ratings", PORT, PORT)
+        .build()
+        .await
+        .unwrap();
+    let v1 = serve_backend(cluster.pod("reviews-v1"), PORT, "v1")
+        .await
+        .unwrap();
+    let v2 = serve_backend(cluster.pod("reviews-v2"), PORT, "v2")
+        .await
+        .unwrap();
+    let _ratings = serve_backend(cluster.pod("ratings"), PORT, "ratings")
+        .await
+        .unwrap();
+    cluster
+        .apply(
+            "route",
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2api}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-added, value: "yes"}], remove: [x-drop]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-resp, value: r}]}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: reviews-v2, port: 9080}}
+    backendRefs: [{name: reviews-v1, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /ratings}}]
+    backendRefs: [{name: ratings, namespace: other, port: 9080}]
+"#,
+        )
+        .await;
+    let addr = cluster.service_addr("demo", "reviews", PORT);
+    let mut client = HttpClient::connect(cluster.pod("sleep"), addr, HttpVersion::Http1)
+        .await
+        .unwrap();
+
+    let moved = client.get("/old/page", &[]).await.unwrap();
+    assert_eq!(moved.status, 301, "{}", moved.text());
+    let location = moved.header("location").unwrap_or_default().to_owned();
+    assert!(location.ends_with("/new"), "Location {location:?}");
+
+    let n = 10;
+    for _ in 0..n {
+        let answer = client
+            .get("/api/items", &[("x-drop", "secret")])
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.version(), "v1");
+        assert_eq!(answer.header("x-resp"), Some("r"));
+    }
+    let received = v1.received();
+    let last = received.last().expect("v1 got the requests");
+    assert_eq!(last.path, "/v2api/items");
+    assert_eq!(last.headers.get("x-added").unwrap(), "yes");
+    assert!(last.headers.get("x-drop").is_none(), "{:?}", last.headers);
+    // Every request was mirrored to v2 (its answers are dropped); nothing else goes there.
+    let mirrored = eventually(Duration::from_secs(5), || async {
+        let seen = v2.requests();
+        if seen >= n { Ok(seen) } else { Err(seen) }
+    })
+    .await;
+    assert!(
+        mirrored.is_ok(),
+        "v2 saw {mirrored:?} of {n} mirrored requests"
+    );
+
+    // Another namespace's Service: 500 without a ReferenceGrant there, 200 with one.
+    let answer = client.get("/ratings/1", &[]).await.unwrap();
+    assert_eq!(answer.status, 500, "{}", answer.text());
+    cluster
+        .apply(
+            "grant",
+            r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: reviews-to-ratings, namespace: other}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: demo}]
+  to: [{group: "", kind: Service, name: ratings}]
+"#,
+        )
+        .await;
+    let answer = client.get("/ratings/1", &[]).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.version(), "ratings");
+
+    // A VirtualService for the same service: the HTTPRoute stays in force, the VirtualService
+    // is reported shadowed.
+    cluster
+        .apply(
+            "vs",
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews-v2}}]
+"#,
+        )
+        .await;
+    let answer = client.get("/api/items", &[]).await.unwrap();
+    assert_eq!(answer.version(), "v1");
+    let metrics = cluster.waypoint("waypoint").metrics().await;
+    assert!(
+        metrics.sum("waypoint_config_conflicts", &[]) >= 1.0,
+        "{}",
+        metrics.text()
+    );
+}
+
 /// A Gateway API `GRPCRoute` on a Service routes gRPC calls by service and method at the
 /// waypoint: `demo.Echo/Shout` to v2, every other call to v1; the calls' messages and
 /// `grpc-status` trailers come through.
