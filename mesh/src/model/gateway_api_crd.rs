@@ -4,8 +4,8 @@
 //! Closed (`deny_unknown_fields`) like Istio's kinds: a `backendRef:` for `backendRefs:` must be
 //! an error naming the field, not a rule that silently forwards nowhere. Values stay as written
 //! (enums are strings, integers signed) so errors can name the field and the value. Fields of
-//! the experimental channel that the waypoint does not apply (`retry`, `sessionPersistence`,
-//! `cors`, `externalAuth`) are accepted as opaque values and reported by the translation.
+//! the experimental channel that the waypoint does not apply (`sessionPersistence`,
+//! `externalAuth`) are accepted as opaque values and reported by the translation.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
@@ -75,8 +75,8 @@ pub struct HttpRouteRule {
     #[serde(default, deserialize_with = "null_as_default")]
     pub backend_refs: Vec<HttpBackendRef>,
     pub timeouts: Option<HttpRouteTimeouts>,
-    /// Experimental channel; not applied (reported).
-    pub retry: Option<Value>,
+    /// Experimental channel (GEP-1731).
+    pub retry: Option<HttpRouteRetry>,
     /// Experimental channel; not applied (reported).
     pub session_persistence: Option<Value>,
 }
@@ -127,8 +127,8 @@ pub struct HttpRouteFilter {
     pub url_rewrite: Option<UrlRewrite>,
     /// Not applied: refused by the translation.
     pub extension_ref: Option<Value>,
-    /// Experimental channel; refused by the translation.
-    pub cors: Option<Value>,
+    /// Experimental channel (GEP-1767).
+    pub cors: Option<HttpCorsFilter>,
     /// Experimental channel; refused by the translation.
     pub external_auth: Option<Value>,
 }
@@ -228,6 +228,37 @@ pub struct HttpBackendRef {
     pub weight: Option<i64>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub filters: Vec<HttpRouteFilter>,
+}
+
+/// `retry` of a rule (experimental channel, GEP-1731).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRetry {
+    /// Response codes (400-599) that are retried.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub codes: Vec<i64>,
+    /// Retries after the first try.
+    pub attempts: Option<i64>,
+    /// A Gateway API duration: the base of the back-off between attempts.
+    pub backoff: Option<String>,
+}
+
+/// The `CORS` filter (experimental channel, GEP-1767).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCorsFilter {
+    /// `*`, or `scheme://host[:port]` with an optional leading `*.` wildcard in the host.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub allow_origins: Vec<String>,
+    pub allow_credentials: Option<bool>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub allow_methods: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub allow_headers: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub expose_headers: Vec<String>,
+    /// Seconds (default 5).
+    pub max_age: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

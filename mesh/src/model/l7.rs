@@ -263,6 +263,10 @@ pub struct RetryPolicy {
     /// Retries after the first try (0 disables).
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
+    /// The base of the jittered exponential back-off between attempts (the ceiling is ten
+    /// times it, as Envoy's `max_interval` default); `None`: Envoy's 25 ms (250 ms ceiling).
+    /// Set by a Gateway API `retry.backoff`; Istio's `retries` has no such field.
+    pub backoff: Option<Duration>,
     pub retry_on: RetryOn,
 }
 
@@ -273,6 +277,7 @@ impl RetryPolicy {
         RetryPolicy {
             attempts: 2,
             per_try_timeout: None,
+            backoff: None,
             retry_on: RetryOn {
                 conditions: vec![
                     RetryCondition::ConnectFailure,

@@ -536,7 +536,7 @@ impl Attempts<'_> {
                                 let _ = response.response.into_body().collect().await;
                             });
                         }
-                        let wait = retry_backoff(attempt, rng);
+                        let wait = retry_backoff(attempt, route.retries.backoff, rng);
                         tracing::debug!(attempt, ?outcome, ?wait, cluster = ?key, "retrying");
                         tokio::time::sleep(wait).await;
                         continue;

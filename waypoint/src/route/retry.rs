@@ -87,11 +87,16 @@ fn condition_holds(
 }
 
 /// The wait before retry number `retry` (1 for the first retry): Envoy's fully jittered
-/// exponential back-off, uniform in `[0, min((2^retry - 1) * 25 ms, 250 ms))`, so 0-24 ms,
-/// 0-74 ms, 0-174 ms, then 0-249 ms.
-pub fn retry_backoff(retry: u32, rng: &mut fastrand::Rng) -> Duration {
-    let base = BASE_BACKOFF.as_millis() as u64;
-    let max = MAX_BACKOFF.as_millis() as u64;
+/// exponential back-off, uniform in `[0, min((2^retry - 1) * base, 10 * base))`; with the
+/// default base of 25 ms 0-24 ms, 0-74 ms, 0-174 ms, then 0-249 ms. `base`: the route's
+/// [`RetryPolicy::backoff`](mesh::model::RetryPolicy::backoff).
+pub fn retry_backoff(retry: u32, base: Option<Duration>, rng: &mut fastrand::Rng) -> Duration {
+    let (base, max) = match base {
+        Some(base) => (base, base.saturating_mul(10)),
+        None => (BASE_BACKOFF, MAX_BACKOFF),
+    };
+    let base = (base.as_millis() as u64).max(1);
+    let max = (max.as_millis() as u64).max(1);
     let multiplier = 1u64
         .checked_shl(retry.clamp(1, 63))
         .map_or(u64::MAX, |m| m - 1);

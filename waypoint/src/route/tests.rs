@@ -1561,7 +1561,10 @@ fn istio_default_policy_decisions() {
 fn backoff_is_jittered_exponential_capped_at_250ms() {
     let mut rng = rng();
     let max_of = |retry, rng: &mut fastrand::Rng| {
-        (0..2000).map(|_| retry_backoff(retry, rng)).max().unwrap()
+        (0..2000)
+            .map(|_| retry_backoff(retry, None, rng))
+            .max()
+            .unwrap()
     };
     let ms = Duration::from_millis;
     let first = max_of(1, &mut rng);
@@ -1574,7 +1577,19 @@ fn backoff_is_jittered_exponential_capped_at_250ms() {
         let m = max_of(retry, &mut rng);
         assert!(m < ms(250) && m >= ms(230), "retry {retry}: {m:?}");
     }
-    assert!(retry_backoff(0, &mut rng) < ms(25));
+    assert!(retry_backoff(0, None, &mut rng) < ms(25));
+    // A route's own base (Gateway API `retry.backoff`): the ceiling is ten times it.
+    let base = Some(ms(100));
+    let first = (0..2000)
+        .map(|_| retry_backoff(1, base, &mut rng))
+        .max()
+        .unwrap();
+    assert!(first < ms(100) && first >= ms(90), "{first:?}");
+    let late = (0..2000)
+        .map(|_| retry_backoff(10, base, &mut rng))
+        .max()
+        .unwrap();
+    assert!(late < ms(1000) && late >= ms(920), "{late:?}");
 }
 
 // ---------------------------------------------------------------- grpc

@@ -36,13 +36,14 @@
 //! - Filters: `RequestHeaderModifier` / `ResponseHeaderModifier` (rule and backend level),
 //!   `RequestRedirect` (scheme, hostname, port, `ReplaceFullPath`, status 301/302, default
 //!   302), `URLRewrite` (hostname, `ReplaceFullPath`, `ReplacePrefixMatch` with a `PathPrefix`
-//!   match only), `RequestMirror` (`percent` or `fraction`). `ExtensionRef`, `CORS`,
-//!   `ExternalAuth` and a redirect's `ReplacePrefixMatch` are refused with the field named, so
-//!   a route never silently does less than it says.
+//!   match only), `RequestMirror` (`percent` or `fraction`), `CORS` (experimental, GEP-1767,
+//!   see [`cors`]). `ExtensionRef`, `ExternalAuth` and a redirect's `ReplacePrefixMatch` are
+//!   refused with the field named, so a route never silently does less than it says.
 //! - `timeouts.request` is the whole request's timeout, `timeouts.backendRequest` each attempt's;
-//!   `0s` disables. Retries are Istio's default policy, as for a VirtualService without
-//!   `retries` (Istio converts HTTPRoutes to its own routes the same way); the experimental
-//!   `retry` and `sessionPersistence` fields are not applied (logged).
+//!   `0s` disables. Without `retry`, retries are Istio's default policy, as for a
+//!   VirtualService without `retries` (Istio converts HTTPRoutes to its own routes the same
+//!   way); the experimental `retry` (GEP-1731: attempts, codes, backoff) replaces it
+//!   ([`route_retry`]); `sessionPersistence` is not applied (logged).
 //! - An HTTPRoute and a VirtualService for one Service: the HTTPRoutes apply and the
 //!   VirtualService is reported shadowed (`waypoint_config_conflicts`). Gateway API is the API
 //!   Istio's ambient mode documents; a VirtualService there is alpha.
@@ -57,10 +58,10 @@ use super::networking::{Ctx, istio_default_retries};
 use super::{Kind, ObjectKey, TranslateConfig, TranslateError};
 use crate::model::gateway_api_crd as gw;
 use crate::model::{
-    Destination, DirectResponse, HeaderEdits, HeaderOperations, HttpAction, HttpMatch, HttpRoute,
-    L4Match, Mirror, NamedMatch, Redirect, RedirectPort, Regex, Rewrite, RouteDestination, Service,
-    TcpRoute, TlsMatch, TlsRoute, UNRESOLVED_BACKEND, ValueMatch, VirtualService,
-    VirtualServiceOrigin,
+    CorsPolicy, Destination, DirectResponse, HeaderEdits, HeaderOperations, HttpAction, HttpMatch,
+    HttpRoute, L4Match, Mirror, NamedMatch, Redirect, RedirectPort, Regex, RetryCondition, RetryOn,
+    RetryPolicy, Rewrite, RouteDestination, Service, TcpRoute, TlsMatch, TlsRoute,
+    UNRESOLVED_BACKEND, ValueMatch, VirtualService, VirtualServiceOrigin,
 };
 
 type Result<T> = std::result::Result<T, TranslateError>;
@@ -527,6 +528,7 @@ struct RuleFilters {
     redirect: Option<Redirect>,
     rewrite: Option<gw::UrlRewrite>,
     mirrors: Vec<Mirror>,
+    cors: Option<CorsPolicy>,
 }
 
 fn rule_routes(
@@ -536,9 +538,6 @@ fn rule_routes(
     rule: &gw::HttpRouteRule,
     out: &mut Vec<(Rank, HttpRoute)>,
 ) -> Result<()> {
-    if rule.retry.is_some() {
-        debug!(route = %ctx.key, rule = p, "retry (experimental) is not applied; Istio's default retries apply");
-    }
     if rule.session_persistence.is_some() {
         debug!(route = %ctx.key, rule = p, "sessionPersistence (experimental) is not applied");
     }
@@ -590,7 +589,10 @@ fn rule_routes(
             body: None,
         }),
     };
-    let mut retries = istio_default_retries();
+    let mut retries = match &rule.retry {
+        None => istio_default_retries(),
+        Some(retry) => route_retry(ctx, &format!("{p}.retry"), retry)?,
+    };
     retries.per_try_timeout = backend_timeout;
     let default_match = [gw::HttpRouteMatch::default()];
     let matches: &[gw::HttpRouteMatch] = if rule.matches.is_empty() {
@@ -623,7 +625,7 @@ fn rule_routes(
                 retries: retries.clone(),
                 fault: None,
                 mirrors: filters.mirrors.clone(),
-                cors: None,
+                cors: filters.cors.clone(),
                 headers: filters.headers.clone(),
             },
         ));
@@ -835,7 +837,11 @@ fn parse_filters(
                     ),
                 ));
             }
-            "ExtensionRef" | "CORS" | "ExternalAuth" => {
+            "CORS" if rule_level => {
+                let c = filter.cors.as_ref().ok_or_else(|| missing("cors"))?;
+                out.cors = Some(cors(ctx, &format!("{f}.cors"), c)?);
+            }
+            "ExtensionRef" | "ExternalAuth" => {
                 return Err(ctx.invalid(
                     format!("{f}.type"),
                     format!(
@@ -941,6 +947,107 @@ fn redirect(ctx: &Ctx<'_>, p: &str, r: &gw::RequestRedirect) -> Result<Redirect>
         port,
         scheme,
         code,
+    })
+}
+
+/// A rule's `retry` (GEP-1731, "HTTPRouteRetry"): `attempts` retries after the first try
+/// (default Istio's 2), on the listed response `codes` (400-599) and, as the GEP allows, on
+/// connection failures; no codes keeps Istio's default conditions. `backoff` is the base of the
+/// jittered exponential back-off (its ceiling ten times it).
+fn route_retry(ctx: &Ctx<'_>, p: &str, r: &gw::HttpRouteRetry) -> Result<RetryPolicy> {
+    let mut policy = istio_default_retries();
+    if let Some(attempts) = r.attempts {
+        if !(0..=100).contains(&attempts) {
+            return Err(ctx.invalid(
+                format!("{p}.attempts"),
+                format!("{attempts} is not between 0 and 100"),
+            ));
+        }
+        policy.attempts = attempts as u32;
+    }
+    if !r.codes.is_empty() {
+        let mut codes = Vec::new();
+        for (i, code) in r.codes.iter().enumerate() {
+            if !(400..=599).contains(code) {
+                return Err(ctx.invalid(
+                    format!("{p}.codes[{i}]"),
+                    format!("{code} is not a status code between 400 and 599"),
+                ));
+            }
+            codes.push(*code as u16);
+        }
+        policy.retry_on = RetryOn {
+            conditions: vec![
+                RetryCondition::ConnectFailure,
+                RetryCondition::RefusedStream,
+                RetryCondition::RetriableStatusCodes,
+            ],
+            status_codes: codes,
+        };
+    }
+    policy.backoff = r
+        .backoff
+        .as_deref()
+        .map(|b| ctx.duration(format!("{p}.backoff"), b))
+        .transpose()?
+        .filter(|d| !d.is_zero());
+    Ok(policy)
+}
+
+/// The `CORS` filter (GEP-1767, "HTTPCORSFilter"): `allowOrigins` `*` or
+/// `scheme://host[:port]`, whose host may start with a `*.` wildcard (one or more labels);
+/// methods and headers as listed (`*`: whatever the preflight asks), `maxAge` seconds (default
+/// 5), `allowCredentials`. The waypoint applies it as it applies a VirtualService's
+/// `corsPolicy`.
+fn cors(ctx: &Ctx<'_>, p: &str, c: &gw::HttpCorsFilter) -> Result<CorsPolicy> {
+    let mut allow_origins = Vec::new();
+    for (i, origin) in c.allow_origins.iter().enumerate() {
+        let field = format!("{p}.allowOrigins[{i}]");
+        if origin == "*" {
+            allow_origins.push(ValueMatch::Exact("*".to_owned()));
+            continue;
+        }
+        let not_an_origin = || {
+            ctx.invalid(
+                field.clone(),
+                format!("{origin:?} is not `*` or scheme://host[:port]"),
+            )
+        };
+        let (scheme, host) = origin.split_once("://").ok_or_else(not_an_origin)?;
+        if scheme.is_empty() || host.is_empty() || host.contains('/') {
+            return Err(not_an_origin());
+        }
+        match host.strip_prefix("*.") {
+            Some(rest) if !rest.contains('*') => {
+                let pattern = format!(
+                    "{}://[^/]+\\.{}",
+                    regex::escape(scheme),
+                    regex::escape(rest)
+                );
+                allow_origins.push(ValueMatch::Regex(ctx.regex(field, &pattern)?));
+            }
+            None if !host.contains('*') => allow_origins.push(ValueMatch::Exact(origin.clone())),
+            _ => {
+                return Err(ctx.invalid(
+                    field,
+                    format!("{origin:?}: a wildcard may only be the host's first label (*.)"),
+                ));
+            }
+        }
+    }
+    let max_age = match c.max_age.unwrap_or(5) {
+        n if n < 0 => {
+            return Err(ctx.invalid(format!("{p}.maxAge"), format!("{n} is negative")));
+        }
+        n => std::time::Duration::from_secs(n as u64),
+    };
+    Ok(CorsPolicy {
+        allow_origins,
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age: Some(max_age),
+        allow_credentials: c.allow_credentials,
     })
 }
 

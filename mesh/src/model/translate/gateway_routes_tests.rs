@@ -939,8 +939,74 @@ fn the_route_kinds_fuzz_seed_translates_cleanly() {
             "{listener}"
         );
     }
-    assert!(t.state.route_statuses.iter().all(|s| s
-        .parents
-        .iter()
-        .all(|p| p.conditions[0].status == "True")));
+    assert!(
+        t.state
+            .route_statuses
+            .iter()
+            .all(|s| s.parents.iter().all(|p| p.conditions[0].status == "True"))
+    );
+}
+
+/// The experimental `retry` (GEP-1731) and `CORS` filter (GEP-1767) become the route's retry
+/// policy and CORS policy; what they cannot say is refused with the field named.
+#[test]
+fn retry_and_cors_of_the_experimental_channel() {
+    let spec = format!(
+        "{PARENT}  rules:\n  - retry: {{attempts: 4, codes: [500, 503], backoff: 100ms}}\n    timeouts: {{backendRequest: 2s}}\n    filters:\n    - type: CORS\n      cors: {{allowOrigins: ['https://*.example.com', 'http://app.test:8080'], allowMethods: [GET, POST], allowHeaders: [x-a], exposeHeaders: [x-b], allowCredentials: true, maxAge: 60}}\n    backendRefs: [{{name: reviews-v1, port: 9080}}]\n  - backendRefs: [{{name: reviews-v1, port: 9080}}]\n"
+    );
+    let yaml = service("bookinfo", "reviews")
+        + &service("bookinfo", "reviews-v1")
+        + &route("bookinfo", "r", "2026-01-01T00:00:00Z", &spec);
+    let t = translate(&yaml);
+    let vs = reviews_routes(&t);
+    let retries = &vs.http[0].retries;
+    assert_eq!(retries.attempts, 4);
+    assert_eq!(retries.retry_on.status_codes, [500, 503]);
+    assert!(
+        retries
+            .retry_on
+            .conditions
+            .contains(&RetryCondition::RetriableStatusCodes)
+    );
+    assert_eq!(retries.backoff, Some(Duration::from_millis(100)));
+    assert_eq!(retries.per_try_timeout, Some(Duration::from_secs(2)));
+    // The rule without `retry` keeps Istio's default policy.
+    assert_eq!(vs.http[1].retries, RetryPolicy::istio_default());
+    let cors = vs.http[0].cors.as_ref().expect("a CORS policy");
+    let allowed = |origin: &str| {
+        cors.allow_origins.iter().any(|m| match m {
+            ValueMatch::Exact(e) => e == origin,
+            ValueMatch::Regex(r) => r.compiled.is_match(origin),
+            _ => false,
+        })
+    };
+    assert!(allowed("https://shop.example.com") && allowed("https://a.b.example.com"));
+    assert!(!allowed("https://example.com") && !allowed("http://shop.example.com"));
+    assert!(allowed("http://app.test:8080") && !allowed("http://app.test"));
+    assert_eq!(cors.max_age, Some(Duration::from_secs(60)));
+    assert_eq!(cors.allow_credentials, Some(true));
+    assert!(vs.http[1].cors.is_none());
+    for (rule, field) in [
+        ("retry: {attempts: -1}", "spec.rules[0].retry.attempts"),
+        ("retry: {codes: [200]}", "spec.rules[0].retry.codes[0]"),
+        ("retry: {backoff: soon}", "spec.rules[0].retry.backoff"),
+        (
+            "filters: [{type: CORS, cors: {allowOrigins: ['example.com']}}]",
+            "spec.rules[0].filters[0].cors.allowOrigins[0]",
+        ),
+        (
+            "filters: [{type: CORS, cors: {allowOrigins: ['https://a.*.com']}}]",
+            "spec.rules[0].filters[0].cors.allowOrigins[0]",
+        ),
+    ] {
+        let spec = format!(
+            "{PARENT}  rules:\n  - {rule}\n    backendRefs: [{{name: reviews-v1, port: 9080}}]\n"
+        );
+        let t = translate(
+            &(service("bookinfo", "reviews")
+                + &route("bookinfo", "bad", "2026-01-01T00:00:00Z", &spec)),
+        );
+        let m = messages(&t).join("\n");
+        assert!(m.contains(field), "{rule}: {m}");
+    }
 }

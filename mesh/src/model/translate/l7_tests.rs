@@ -303,6 +303,7 @@ fn fault_delay_abort_timeout_and_retries() {
         RetryPolicy {
             attempts: 3,
             per_try_timeout: Some(Duration::from_secs(2)),
+            backoff: None,
             retry_on: RetryOn {
                 conditions: vec![RetryCondition::FiveXx],
                 status_codes: vec![],
@@ -386,6 +387,7 @@ fn retry_policies() {
             RetryPolicy {
                 attempts: 0,
                 per_try_timeout: None,
+                backoff: None,
                 retry_on: RetryOn::default(),
             },
         ),
@@ -394,6 +396,7 @@ fn retry_policies() {
             RetryPolicy {
                 attempts: 0,
                 per_try_timeout: None,
+                backoff: None,
                 retry_on: RetryOn::default(),
             },
         ),
@@ -403,6 +406,7 @@ fn retry_policies() {
             RetryPolicy {
                 attempts: 1,
                 per_try_timeout: None,
+                backoff: None,
                 retry_on: condition(
                     &[GatewayError, ConnectFailure, RetriableStatusCodes],
                     &[503, 409],
@@ -414,6 +418,7 @@ fn retry_policies() {
             RetryPolicy {
                 attempts: 2,
                 per_try_timeout: None,
+                backoff: None,
                 retry_on: condition(
                     &[
                         Reset,
@@ -436,6 +441,7 @@ fn retry_policies() {
             RetryPolicy {
                 attempts: 2,
                 per_try_timeout: None,
+                backoff: None,
                 retry_on: condition(&[FiveXx], &[]),
             },
         ),
@@ -456,6 +462,7 @@ fn retry_policies() {
         RetryPolicy {
             attempts: 2,
             per_try_timeout: None,
+            backoff: None,
             retry_on: condition(
                 &[
                     ConnectFailure,

@@ -140,6 +140,7 @@ fn no_retries() -> RetryPolicy {
     RetryPolicy {
         attempts: 0,
         per_try_timeout: None,
+        backoff: None,
         retry_on: RetryOn::default(),
     }
 }
@@ -1080,6 +1081,7 @@ fn retries(ctx: &Ctx<'_>, p: &str, r: Option<&ncrd::HttpRetry>) -> Result<RetryP
     Ok(RetryPolicy {
         attempts,
         per_try_timeout,
+        backoff: None,
         retry_on,
     })
 }
