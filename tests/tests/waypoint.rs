@@ -820,6 +820,52 @@ async fn a_service_without_a_waypoint_label_bypasses_it() {
     );
 }
 
+/// Nodes a and b; namespace `demo` in the mesh, behind waypoint `waypoint` on node a; `sleep`
+/// on a; `<app>-v1` and `<app>-v2` on b; Services `<app>` (no pods), `<app>-v1` and `<app>-v2`,
+/// their ports named `<protocol>-9080`.
+fn two_versions(app: &str, protocol: &'static str) -> ClusterBuilder {
+    let mut builder = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("demo")
+        .ambient()
+        .namespace_label("istio.io/use-waypoint", "waypoint")
+        .waypoint("a", "demo", "waypoint")
+        .pod("a", "demo", "sleep");
+    for version in ["v1", "v2"] {
+        let name = format!("{app}-{version}");
+        builder = builder.pod("b", "demo", &name).label("app", &name);
+    }
+    for name in [app.to_owned(), format!("{app}-v1"), format!("{app}-v2")] {
+        builder = builder.service_with_protocol("demo", &name, PORT, PORT, protocol);
+    }
+    builder
+}
+
+/// Builds `builder` (from [`two_versions`]) and serves `<app>-v1` and `<app>-v2` with the
+/// sample backend, answering `x-version: v1` / `v2`.
+async fn running(builder: ClusterBuilder, app: &str) -> (Cluster, Backend, Backend) {
+    let cluster = builder.build().await.unwrap();
+    let v1 = serve_backend(cluster.pod(&format!("{app}-v1")), PORT, "v1")
+        .await
+        .unwrap();
+    let v2 = serve_backend(cluster.pod(&format!("{app}-v2")), PORT, "v2")
+        .await
+        .unwrap();
+    (cluster, v1, v2)
+}
+
+/// The waypoint's `/config_dump` names `routes` (e.g. `HTTPRoute demo/reviews (Service
+/// demo/reviews)`) as what routes a service.
+async fn assert_routed_by(cluster: &Cluster, routes: &str) {
+    let dump = cluster
+        .waypoint("waypoint")
+        .try_config_dump()
+        .await
+        .unwrap();
+    assert!(dump.to_string().contains(routes), "{routes}: {dump}");
+}
+
 /// An HTTPRoute's filters through real ztunnels and a waypoint: a redirect (301 with the new
 /// path), a prefix rewrite with request and response header edits and a mirror to another
 /// version; a backend in another namespace answers 500 until a `ReferenceGrant` there allows
@@ -830,35 +876,16 @@ async fn gateway_api_http_route_filters_grants_and_a_shadowed_virtual_service() 
     if !needs_root() {
         return;
     }
-    let cluster = Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("demo")
-        .ambient()
-        .namespace_label("istio.io/use-waypoint", "waypoint")
-        .namespace("other")
-        .ambient()
-        .waypoint("a", "demo", "waypoint")
-        .pod("a", "demo", "sleep")
-        .pod("b", "demo", "reviews-v1")
-        .label("app", "reviews-v1")
-        .pod("b", "demo", "reviews-v2")
-        .label("app", "reviews-v2")
-        .pod("b", "other", "ratings")
-        .label("app", "ratings")
-        .http_service("demo", "reviews", PORT, PORT)
-        .http_service("demo", "reviews-v1", PORT, PORT)
-        .http_service("demo", "reviews-v2", PORT, PORT)
-        .http_service("other", "ratings", PORT, PORT)
-        .build()
-        .await
-        .unwrap();
-    let v1 = serve_backend(cluster.pod("reviews-v1"), PORT, "v1")
-        .await
-        .unwrap();
-    let v2 = serve_backend(cluster.pod("reviews-v2"), PORT, "v2")
-        .await
-        .unwrap();
+    let (cluster, v1, v2) = running(
+        two_versions("reviews", "http")
+            .namespace("other")
+            .ambient()
+            .pod("b", "other", "ratings")
+            .label("app", "ratings")
+            .http_service("other", "ratings", PORT, PORT),
+        "reviews",
+    )
+    .await;
     let _ratings = serve_backend(cluster.pod("ratings"), PORT, "ratings")
         .await
         .unwrap();
@@ -982,30 +1009,7 @@ async fn gateway_api_grpc_route_routes_by_method() {
     if !needs_root() {
         return;
     }
-    let cluster = Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("demo")
-        .ambient()
-        .namespace_label("istio.io/use-waypoint", "waypoint")
-        .waypoint("a", "demo", "waypoint")
-        .pod("a", "demo", "sleep")
-        .pod("b", "demo", "echo-v1")
-        .label("app", "echo-v1")
-        .pod("b", "demo", "echo-v2")
-        .label("app", "echo-v2")
-        .service_with_protocol("demo", "echo", PORT, PORT, "grpc")
-        .service_with_protocol("demo", "echo-v1", PORT, PORT, "grpc")
-        .service_with_protocol("demo", "echo-v2", PORT, PORT, "grpc")
-        .build()
-        .await
-        .unwrap();
-    let _v1 = serve_backend(cluster.pod("echo-v1"), PORT, "v1")
-        .await
-        .unwrap();
-    let _v2 = serve_backend(cluster.pod("echo-v2"), PORT, "v2")
-        .await
-        .unwrap();
+    let (cluster, _v1, _v2) = running(two_versions("echo", "grpc"), "echo").await;
     cluster
         .apply(
             "route",
@@ -1065,16 +1069,7 @@ spec:
             assert_eq!(trailers.get("grpc-status").unwrap(), "0");
         }
     }
-    let dump = cluster
-        .waypoint("waypoint")
-        .try_config_dump()
-        .await
-        .unwrap();
-    assert!(
-        dump.to_string()
-            .contains("GRPCRoute demo/echo (Service demo/echo)"),
-        "{dump}"
-    );
+    assert_routed_by(&cluster, "GRPCRoute demo/echo (Service demo/echo)").await;
 }
 
 /// A Gateway API `TCPRoute` on a Service splits its connections by weight at the waypoint
@@ -1085,32 +1080,9 @@ async fn gateway_api_tcp_route_splits_connections() {
     if !needs_root() {
         return;
     }
-    let cluster = Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("demo")
-        .ambient()
-        .namespace_label("istio.io/use-waypoint", "waypoint")
-        .waypoint("a", "demo", "waypoint")
-        .pod("a", "demo", "sleep")
-        .pod("b", "demo", "db-v1")
-        .label("app", "db-v1")
-        .pod("b", "demo", "db-v2")
-        .label("app", "db-v2")
-        .service("demo", "db", PORT, PORT)
-        .service("demo", "db-v1", PORT, PORT)
-        .service("demo", "db-v2", PORT, PORT)
-        .build()
-        .await
-        .unwrap();
     // The backends speak HTTP/1.1 so each connection can say which one it reached; the
     // service's port is plain TCP, so the waypoint forwards the bytes without reading them.
-    let _v1 = serve_backend(cluster.pod("db-v1"), PORT, "v1")
-        .await
-        .unwrap();
-    let _v2 = serve_backend(cluster.pod("db-v2"), PORT, "v2")
-        .await
-        .unwrap();
+    let (cluster, _v1, _v2) = running(two_versions("db", "tcp"), "db").await;
     let route = |v1: u32, v2: u32| {
         format!(
             r#"
@@ -1163,16 +1135,7 @@ spec:
     );
     cluster.apply("route", &route(0, 1)).await;
     assert_eq!(connections(30).await.get("v2"), Some(&30));
-    let dump = cluster
-        .waypoint("waypoint")
-        .try_config_dump()
-        .await
-        .unwrap();
-    assert!(
-        dump.to_string()
-            .contains("TCPRoute demo/db (Service demo/db)"),
-        "{dump}"
-    );
+    assert_routed_by(&cluster, "TCPRoute demo/db (Service demo/db)").await;
 }
 
 /// Istio's ambient getting-started guide routes `reviews` with a Gateway API `HTTPRoute` whose
@@ -1183,30 +1146,7 @@ async fn gateway_api_http_route_splits_90_10_as_the_getting_started_guide() {
     if !needs_root() {
         return;
     }
-    let cluster = Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("demo")
-        .ambient()
-        .namespace_label("istio.io/use-waypoint", "waypoint")
-        .waypoint("a", "demo", "waypoint")
-        .pod("a", "demo", "sleep")
-        .pod("b", "demo", "reviews-v1")
-        .label("app", "reviews-v1")
-        .pod("b", "demo", "reviews-v2")
-        .label("app", "reviews-v2")
-        .http_service("demo", "reviews", PORT, PORT)
-        .http_service("demo", "reviews-v1", PORT, PORT)
-        .http_service("demo", "reviews-v2", PORT, PORT)
-        .build()
-        .await
-        .unwrap();
-    let _v1 = serve_backend(cluster.pod("reviews-v1"), PORT, "v1")
-        .await
-        .unwrap();
-    let _v2 = serve_backend(cluster.pod("reviews-v2"), PORT, "v2")
-        .await
-        .unwrap();
+    let (cluster, _v1, _v2) = running(two_versions("reviews", "http"), "reviews").await;
     let route = |rules: &str| {
         format!(
             r#"
@@ -1293,14 +1233,5 @@ spec:
     );
 
     // The waypoint names the HTTPRoute as what routes the service.
-    let dump = cluster
-        .waypoint("waypoint")
-        .try_config_dump()
-        .await
-        .unwrap();
-    assert!(
-        dump.to_string()
-            .contains("HTTPRoute demo/reviews (Service demo/reviews)"),
-        "{dump}"
-    );
+    assert_routed_by(&cluster, "HTTPRoute demo/reviews (Service demo/reviews)").await;
 }

@@ -157,17 +157,7 @@ pub(super) fn http_route(
             &mut accepted.routes,
         )?;
     }
-    accepted.backends = backend_keys(
-        key,
-        spec.rules.iter().flat_map(|r| &r.backend_refs).map(|b| {
-            (
-                b.group.as_deref(),
-                b.kind.as_deref(),
-                b.namespace.as_deref(),
-                b.name.as_str(),
-            )
-        }),
-    );
+    accepted.backends = http_backend_keys(key, spec.rules.iter().flat_map(|r| &r.backend_refs));
     Ok(accepted)
 }
 
@@ -193,6 +183,24 @@ fn backend_keys<'b>(
         )
     })
     .collect()
+}
+
+/// [`backend_keys`] of HTTPRoute and GRPCRoute backends.
+fn http_backend_keys<'b>(
+    key: &ObjectKey,
+    refs: impl Iterator<Item = &'b gw::HttpBackendRef>,
+) -> Vec<(String, String, String, String)> {
+    backend_keys(
+        key,
+        refs.map(|b| {
+            (
+                b.group.as_deref(),
+                b.kind.as_deref(),
+                b.namespace.as_deref(),
+                b.name.as_str(),
+            )
+        }),
+    )
 }
 
 /// What every route kind shares: `parentRefs` and `hostnames` ("CommonRouteSpec").
@@ -336,17 +344,7 @@ pub(super) fn grpc_route(
         };
         rule_routes(&ctx, &p, i, &as_http, &mut accepted.routes)?;
     }
-    accepted.backends = backend_keys(
-        key,
-        spec.rules.iter().flat_map(|r| &r.backend_refs).map(|b| {
-            (
-                b.group.as_deref(),
-                b.kind.as_deref(),
-                b.namespace.as_deref(),
-                b.name.as_str(),
-            )
-        }),
-    );
+    accepted.backends = http_backend_keys(key, spec.rules.iter().flat_map(|r| &r.backend_refs));
     Ok(accepted)
 }
 
