@@ -16,6 +16,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -899,5 +900,12 @@ fn route(table: &RouteTable, case: Case) {
     let mut response = HeaderMap::new();
     selected.apply_response_headers(&mut response);
     let _ = is_retriable(&selected.route.retries.retry_on, &outcome);
-    let _ = retry_backoff(attempt, &mut rng);
+    // Whatever base a route sets (a Gateway API `retry.backoff`), the wait stays under its
+    // ceiling of ten times the base.
+    let base = selected.route.retries.backoff;
+    let wait = retry_backoff(attempt, base, &mut rng);
+    let ceiling = base.map_or(Duration::from_millis(250), |b| {
+        b.saturating_mul(10).max(Duration::from_millis(1))
+    });
+    assert!(wait < ceiling, "back-off {wait:?} not under {ceiling:?}");
 }
