@@ -593,6 +593,18 @@ async fn canary_split_and_fault_delay_from_the_seed_flow() {
     let _ = (&bi.v1, &bi.v2);
 }
 
+/// The L4 backends of the passthrough tests on node b of `demo`: `my-nginx` (Service port 443
+/// to the pod's 8443, see [`tls_backend`]) and `tcp-echo` (9000).
+fn l4_backends(builder: ClusterBuilder) -> ClusterBuilder {
+    builder
+        .pod("b", "demo", "my-nginx")
+        .label("app", "my-nginx")
+        .service("demo", "my-nginx", 443, 8443)
+        .pod("b", "demo", "tcp-echo")
+        .label("app", "tcp-echo")
+        .service("demo", "tcp-echo", 9000, 9000)
+}
+
 /// A TLS backend in `pod` on 8443 with its own certificate for `name` from `pki` (the gateway
 /// never holds it): answers the first line it reads with `my-nginx: <line>`.
 async fn tls_backend(
@@ -697,13 +709,7 @@ spec:
 "#
     );
     let bi = start(
-        bookinfo()
-            .pod("b", "demo", "my-nginx")
-            .label("app", "my-nginx")
-            .service("demo", "my-nginx", 443, 8443)
-            .pod("b", "demo", "tcp-echo")
-            .label("app", "tcp-echo")
-            .service("demo", "tcp-echo", 9000, 9000)
+        l4_backends(bookinfo())
             .yaml(
                 "credential",
                 &WebPki::secret_yaml(
@@ -844,17 +850,13 @@ spec:
 "#
     );
     let bi = start(
-        reviews(Cluster::builder().node("a").node("b"))
-            .ingress_gateway("a", "demo", "edge-istio")
-            .label("gateway.networking.k8s.io/gateway-name", "edge")
-            .label("istio.io/dataplane-mode", "none")
-            .pod("b", "demo", "my-nginx")
-            .label("app", "my-nginx")
-            .service("demo", "my-nginx", 443, 8443)
-            .pod("b", "demo", "tcp-echo")
-            .label("app", "tcp-echo")
-            .service("demo", "tcp-echo", 9000, 9000)
-            .yaml("routes", &yaml),
+        l4_backends(
+            reviews(Cluster::builder().node("a").node("b"))
+                .ingress_gateway("a", "demo", "edge-istio")
+                .label("gateway.networking.k8s.io/gateway-name", "edge")
+                .label("istio.io/dataplane-mode", "none"),
+        )
+        .yaml("routes", &yaml),
     )
     .await;
     let _nginx = tls_backend(bi.cluster.pod("my-nginx"), &nginx_pki, NGINX).await;

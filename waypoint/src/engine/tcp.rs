@@ -95,11 +95,6 @@ where
             return;
         }
     };
-    let target_service = routing
-        .hosts
-        .get(&destination.destination.host)
-        .and_then(|key| routing.state.services.get(key))
-        .cloned();
     if destination.destination.host == mesh::model::UNRESOLVED_BACKEND {
         failed(
             "NC",
@@ -107,6 +102,11 @@ where
         );
         return;
     }
+    let target_service = routing
+        .hosts
+        .get(&destination.destination.host)
+        .and_then(|key| routing.state.services.get(key))
+        .cloned();
     let Some(target_service) = target_service else {
         failed(
             "NC",

@@ -536,6 +536,12 @@ fn kind_route(
     )
 }
 
+/// `yaml` is refused with a message naming `field` (`what`: the case, for the failure).
+fn assert_refused(yaml: &str, field: &str, what: &str) {
+    let m = messages(&translate(yaml)).join("\n");
+    assert!(m.contains(field), "{what}: {m}");
+}
+
 fn uri(route: &HttpRoute) -> String {
     match &route.matches[0].uri {
         Some(ValueMatch::Exact(p)) => format!("exact {p}"),
@@ -621,19 +627,16 @@ fn grpc_route_matches_service_and_method() {
             "spec.rules[0].matches[0].method.type",
         ),
     ] {
-        let t = translate(
-            &(service("bookinfo", "reviews")
-                + &kind_route(
-                    "GRPCRoute",
-                    "v1",
-                    "bookinfo",
-                    "bad",
-                    "2026-01-01T00:00:00Z",
-                    &spec,
-                )),
-        );
-        let m = messages(&t).join("\n");
-        assert!(m.contains(field), "{what}: {m}");
+        let yaml = service("bookinfo", "reviews")
+            + &kind_route(
+                "GRPCRoute",
+                "v1",
+                "bookinfo",
+                "bad",
+                "2026-01-01T00:00:00Z",
+                &spec,
+            );
+        assert_refused(&yaml, field, what);
     }
 }
 
@@ -798,19 +801,16 @@ fn tcp_route_on_a_service_splits_connections() {
         ),
         (format!("{parent}  rules: []\n"), "spec.rules"),
     ] {
-        let t = translate(
-            &(base.clone()
-                + &kind_route(
-                    "TCPRoute",
-                    "v1alpha2",
-                    "bookinfo",
-                    "bad",
-                    "2026-01-01T00:00:00Z",
-                    &spec,
-                )),
-        );
-        let m = messages(&t).join("\n");
-        assert!(m.contains(field), "{field}: {m}");
+        let yaml = base.clone()
+            + &kind_route(
+                "TCPRoute",
+                "v1alpha2",
+                "bookinfo",
+                "bad",
+                "2026-01-01T00:00:00Z",
+                &spec,
+            );
+        assert_refused(&yaml, field, field);
     }
 }
 
@@ -1002,11 +1002,8 @@ fn retry_and_cors_of_the_experimental_channel() {
         let spec = format!(
             "{PARENT}  rules:\n  - {rule}\n    backendRefs: [{{name: reviews-v1, port: 9080}}]\n"
         );
-        let t = translate(
-            &(service("bookinfo", "reviews")
-                + &route("bookinfo", "bad", "2026-01-01T00:00:00Z", &spec)),
-        );
-        let m = messages(&t).join("\n");
-        assert!(m.contains(field), "{rule}: {m}");
+        let yaml = service("bookinfo", "reviews")
+            + &route("bookinfo", "bad", "2026-01-01T00:00:00Z", &spec);
+        assert_refused(&yaml, field, rule);
     }
 }
